@@ -1,0 +1,44 @@
+"""``SHARE/loraspool.json``: the settings every worker and submitter on this share reads."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ShareSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layout_version: int = 1
+    heartbeat_interval: float = Field(2.0, gt=0, le=300, description="Seconds between a worker's heartbeats.")
+    stale_after: float = Field(
+        15.0, gt=0, description="A worker whose heartbeat seq has not advanced for this long is stale."
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts before a job orphaned by dead workers fails.")
+    file_mode: str = Field("0664", description="Octal mode for files the system writes (safetensors uses 0600).")
+    dir_mode: str = Field("0775", description="Octal mode for folders the system makes.")
+    max_job_bytes: int = Field(256 * 1024, ge=1024, description="Larger job files are rejected unread.")
+    settle_seconds: float = Field(
+        3.0, ge=0, description="An inbox file that fails to parse is only rejected once unchanged this long."
+    )
+    rescan_interval: float = Field(5.0, gt=0, description="Full rescan of the folders, whatever the watcher saw.")
+    poll_interval: float = Field(0.5, gt=0, description="Polling observer period on network filesystems.")
+
+    @field_validator("file_mode", "dir_mode")
+    @classmethod
+    def _octal(cls, v: str) -> str:
+        try:
+            mode = int(v, 8)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an octal mode like \"0664\"") from None
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"{v!r} is outside 0000-0777")
+        return v
+
+    @model_validator(mode="after")
+    def _stale_after_spans_beats(self) -> ShareSettings:
+        if self.stale_after < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"stale_after ({self.stale_after}s) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}s), or a live worker would look stale between two writes"
+            )
+        return self

@@ -1,0 +1,1 @@
+"""The share protocol: folders, claims, heartbeats, submit and status. Imports no torch, so it starts fast."""

@@ -1,0 +1,20 @@
+"""Errors that decide a job's terminal state."""
+
+from __future__ import annotations
+
+
+class Rejected(Exception):  # noqa: N818 - the name is the job state it leads to
+    """Bad input: the job ends ``rejected`` with a message that names the field and the problem."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ClaimLost(Exception):  # noqa: N818
+    """This worker no longer holds the job: a reaper requeued it while we looked dead. Drop the outcome."""
+
+
+class Cancelled(Exception):  # noqa: N818
+    """A person asked to cancel the job (``loraspool cancel``); the training loop stops at its next step."""

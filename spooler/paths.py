@@ -1,0 +1,36 @@
+"""Paths that come from job files. No path named by a job may leave the share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from spooler.errors import Rejected
+
+
+def share_path_problem(value: str) -> str | None:
+    """Why ``value`` is not a share-relative path, judged on its text alone (symlinks are checked later)."""
+    if not value or value.strip() != value:
+        return f"{value!r} is empty or has leading/trailing spaces"
+    if "\x00" in value:
+        return "contains a NUL byte"
+    win = PureWindowsPath(value)
+    if PurePosixPath(value).is_absolute() or win.is_absolute() or win.drive or value.startswith(("\\", "/")):
+        return f"{value!r} is absolute; give a path relative to the share, like \"models/my-model\""
+    parts = value.replace("\\", "/").split("/")
+    if ".." in parts:
+        return f"{value!r} has a '..' component; paths must stay inside the share"
+    return None
+
+
+def resolve_in_share(root: Path, value: str, field: str) -> Path:
+    """The real path of ``value`` under ``root``, refusing any that a symlink or '..' takes outside it."""
+    if problem := share_path_problem(value):
+        raise Rejected(field, problem)
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(real_root / value.replace("\\", "/")))
+    if target != real_root and real_root not in target.parents:
+        raise Rejected(field, f"{value!r} resolves to {target}, outside the share (a symlink leads out)")
+    if not target.exists():
+        raise Rejected(field, f"{value!r} does not exist on the share; copy it there or fix the path")
+    return target

@@ -1,0 +1,1 @@
+"""The worker daemon and the training it runs in a child process."""
