@@ -1,0 +1,43 @@
+"""Write every share record as JSON Schema, so people can check a job file in their editor.
+
+Point an editor at ``schemas/json/job.schema.json`` by file pattern (VS Code: ``json.schemas``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas.heartbeat import Heartbeat
+from schemas.job import JobSpec
+from schemas.result import Result
+from schemas.settings import ShareSettings
+
+RECORDS: dict[str, type[BaseModel]] = {
+    "job": JobSpec, "result": Result, "heartbeat": Heartbeat, "share-settings": ShareSettings,
+}
+DEFAULT_DIR = Path(__file__).parent / "json"
+
+
+def schema_text(model: type[BaseModel]) -> str:
+    schema = model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def export(folder: Path | None = None) -> list[Path]:
+    folder = folder or DEFAULT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, model in RECORDS.items():
+        path = folder / f"{name}.schema.json"
+        path.write_text(schema_text(model))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in export():
+        print(p)

@@ -1,0 +1,82 @@
+"""Atomic writes: a temp file in the same folder, fsync, then ``os.replace``.
+
+A reader on another machine sees the old bytes or the new, never half. On Windows ``os.replace`` fails with
+a sharing violation while any process holds the target open (an antivirus scan, a person's editor, another
+machine's status reading the heartbeat), so we retry for a while instead of losing the write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+REPLACE_RETRY_SECONDS = 5.0
+
+
+def tmp_name(target: Path) -> Path:
+    # A dot name with a .tmp suffix: every reader of the share skips such names, and a leftover one is
+    # harmless and says where it came from.
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def replace_with_retry(src: Path, dst: Path, deadline_s: float = REPLACE_RETRY_SECONDS) -> None:
+    end = time.monotonic() + deadline_s
+    delay = 0.01
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if sys.platform != "win32" or time.monotonic() > end:
+                raise
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EBUSY) or time.monotonic() > end:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable. Not possible on Windows or some network filesystems; best effort."""
+    if sys.platform == "win32":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes(target: Path, data: bytes, mode: int = 0o664) -> None:
+    tmp = tmp_name(target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, mode)
+        replace_with_retry(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # our own temp file, never a person's
+        raise
+    fsync_dir(target.parent)
+
+
+def write_json(target: Path, record: BaseModel | dict[str, Any], mode: int = 0o664) -> None:
+    if isinstance(record, BaseModel):
+        text = record.model_dump_json(indent=2)
+    else:
+        text = json.dumps(record, indent=2, sort_keys=True)
+    write_bytes(target, (text + "\n").encode(), mode)

@@ -1,0 +1,85 @@
+"""``loraspool cancel ID``: a queued job is cancelled at once, a running one at its next step.
+
+The request is a file, ``cancel/<id>.json``, so it works whoever holds the job and wherever they are. A queued
+job is cancelled here by the same rename a worker would use to claim it: exactly one of us wins. If a worker
+wins, the request file is what it sees at its next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from schemas.result import Result, Terminal
+from spooler import claim, states
+from spooler.clock import Clock, iso
+from spooler.errors import ClaimLost
+from spooler.intake import Intake
+from spooler.jobfile import looks_temporary
+from spooler.share import Share, read_model
+
+log = logging.getLogger(__name__)
+
+
+def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
+    """Cancel ``job_id``; returns a sentence for the person saying what happened."""
+    done = read_model(share.result_dir(job_id) / "result.json", Result)
+    if done is not None:
+        return f"job {job_id} already ended: {done.status.value}"
+    me = f"cancel-{socket.gethostname()}-{os.getpid()}"
+    share.write_json(share.cancel_file(job_id), {"id": job_id, "by": me, "at": iso(clock.wall())})
+    _accept_from_inbox(share, job_id, me, clock)
+    for key, path in claim.queued(share):
+        if key.job_id == job_id:
+            return _cancel_queued(share, path, key, me, clock)
+    if any(key.job_id == job_id for key, _ in _running(share)):
+        return f"job {job_id} is running; its worker will stop it at the next step"
+    return f"job {job_id} is not queued or running; the request stays in cancel/ in case it arrives later"
+
+
+def _cancel_queued(share: Share, path: Path, key: states.QueueKey, me: str, clock: Clock) -> str:
+    now = iso(clock.wall())
+    result = Result(id=key.job_id, status=Terminal.cancelled, error=f"cancelled by a person ({me}) while queued",
+                    attempts=key.attempt - 1, finished_at=now)
+    try:
+        states.conclude(share, path, result)
+    except ClaimLost:
+        return f"job {key.job_id} was just claimed by a worker; it will stop at its next step"
+    file_request(share, key.job_id)
+    log.info("job %s cancelled while queued [%s]", key.job_id, me)
+    return f"job {key.job_id} cancelled"
+
+
+def file_request(share: Share, job_id: str) -> None:
+    """Move a handled request next to the result it caused, rather than delete it."""
+    with contextlib.suppress(OSError):
+        os.rename(share.cancel_file(job_id), share.result_dir(job_id) / "cancel-request.json")
+
+
+def requested(share: Share, job_id: str) -> bool:
+    return share.cancel_file(job_id).exists()
+
+
+def _running(share: Share) -> list[tuple[states.QueueKey, Path]]:
+    out = []
+    for worker_dir in (share.root / "running").glob("*"):
+        out += [(k, p) for p in claim.held(share, worker_dir.name) if (k := states.QueueKey.parse(p.name))]
+    return out
+
+
+def _accept_from_inbox(share: Share, job_id: str, me: str, clock: Clock) -> None:
+    """A job still in the inbox has no queue entry yet: accept it now, so it can be cancelled at once."""
+    intake = Intake(share, me, clock)
+    for path in share.inbox.glob("*.json"):
+        if looks_temporary(path.name):
+            continue
+        try:
+            named = json.loads(path.read_bytes()).get("id", path.stem)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if named == job_id:
+            intake.take(path)

@@ -1,0 +1,200 @@
+"""The ``loraspool`` command. Subcommands import lazily, so ``submit`` and ``status`` start fast on a laptop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from spooler.clock import SystemClock
+
+
+def _share_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--share", default=os.environ.get("LORASPOOL_SHARE"),
+                   help="the share's root folder (default: $LORASPOOL_SHARE)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loraspool", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("init", help="create a share's layout and settings (idempotent)")
+    p.add_argument("share", help="the share's root folder")
+    p.add_argument("--heartbeat-interval", type=float)
+    p.add_argument("--stale-after", type=float)
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--file-mode", help='octal mode for files the system writes, e.g. "0664"')
+
+    p = sub.add_parser("worker", help="run a worker in the foreground until SIGTERM or SIGINT")
+    _share_arg(p)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--id", help="worker id (default: the host name)")
+    p.add_argument("--watch", choices=["auto", "native", "polling"],
+                   help="folder watcher; auto uses polling on network filesystems")
+    p.add_argument("--only", dest="only_job", help=argparse.SUPPRESS)
+    p.add_argument("--fallback", action="store_true", default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("submit", help="validate a job file and drop it into the inbox")
+    p.add_argument("job", type=Path)
+    _share_arg(p)
+    p.add_argument("--wait", action="store_true", help="show progress; exit non-zero unless it succeeded")
+    p.add_argument("--fallback", choices=["auto", "never"], default="auto",
+                   help="auto: run a local CPU worker when no worker's heartbeat is fresh")
+
+    p = sub.add_parser("status", help="workers, queued and running jobs, recent results")
+    _share_arg(p)
+    p.add_argument("--json", action="store_true", help="the stable machine-readable format")
+    p.add_argument("--no-wait", action="store_true", help="never watch heartbeats, even briefly")
+
+    p = sub.add_parser("cancel", help="cancel a job: queued at once, running at its next step")
+    p.add_argument("id")
+    _share_arg(p)
+
+    p = sub.add_parser("ping", help="round trip of a probe job through the workers")
+    _share_arg(p)
+    p.add_argument("--timeout", type=float, default=60.0)
+
+    p = sub.add_parser("demo", help="a whole run on a temp share with a tiny model built on the spot")
+    p.add_argument("--keep", type=Path, help="use this folder as the share and keep it")
+    p.add_argument("--steps", type=int, default=30)
+
+    p = sub.add_parser("schema", help="write the JSON Schemas of every record on the share")
+    p.add_argument("--out", type=Path, default=None, help="folder (default: the package's schemas/json)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    from spooler.errors import Rejected
+    from spooler.share import ShareError
+
+    try:
+        return COMMANDS[args.cmd](args)
+    except Rejected as e:
+        print(f"loraspool: job rejected: {e}", file=sys.stderr)
+        return 2
+    except ShareError as e:
+        print(f"loraspool: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _share(args: argparse.Namespace):  # noqa: ANN202 - Share, imported lazily
+    from spooler.share import Share, ShareError
+
+    if not args.share:
+        raise ShareError("no share given: pass --share PATH or set LORASPOOL_SHARE")
+    return Share.open(args.share)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from spooler.share import init_share
+
+    share = init_share(args.share, heartbeat_interval=args.heartbeat_interval, stale_after=args.stale_after,
+                       max_attempts=args.max_attempts, file_mode=args.file_mode)
+    print(f"share ready at {share.root}: {share.settings.model_dump_json()}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from spooler.config import ConfigError, resolve
+
+    flags = {k: getattr(args, k, None) for k in ("share", "id", "device", "watch", "only_job", "fallback")}
+    try:
+        cfg, _sources = resolve(flags)
+    except ConfigError as e:
+        print(f"loraspool worker: {e}", file=sys.stderr)
+        return 2
+    from worker.daemon import run_worker
+
+    return run_worker(_share(args), cfg)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from spooler import submit
+
+    share = _share(args)
+    try:
+        job_id = submit.drop(share, args.job)
+    except submit.SubmitError as e:
+        print(f"loraspool submit: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"loraspool submit: cannot read {args.job} or write the inbox: {e}", file=sys.stderr)
+        return 2
+    print(job_id, flush=True)
+    fallback = args.fallback == "auto"
+    if not args.wait and not (fallback and not submit.live_workers(share, SystemClock())):
+        return 0
+    result = submit.wait_for(share, job_id, SystemClock(), fallback)
+    print(result.model_dump_json(indent=2))
+    return submit.exit_code(result)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from spooler import status
+
+    doc = status.gather(_share(args), SystemClock(), wait=not args.no_wait)
+    print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from spooler.cancel import request_cancel
+
+    print(request_cancel(_share(args), args.id, SystemClock()))
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    import socket
+    import tempfile
+
+    from spooler import submit
+
+    share = _share(args)
+    job_id = f"ping-{socket.gethostname().split('.')[0][:20]}-{os.getpid()}-{int(time.time())}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{job_id}.json"
+        path.write_text(json.dumps({"id": job_id, "kind": "probe", "priority": 1000}))
+        t0 = time.monotonic()
+        submit.drop(share, path)
+    while time.monotonic() - t0 < args.timeout:
+        result = submit.find_result(share, job_id)
+        if result is not None:
+            rtt = time.monotonic() - t0
+            print(f"{job_id}: {result.status.value} by worker {result.worker} on {result.host} in {rtt:.3f}s")
+            return 0
+        time.sleep(0.05)
+    print(f"{job_id}: no worker answered in {args.timeout:g}s; is a worker running? try: loraspool status",
+          file=sys.stderr)
+    return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(args.keep, args.steps)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from schemas.export import export
+
+    for path in export(args.out):
+        print(path)
+    return 0
+
+
+COMMANDS = {"init": cmd_init, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
+            "cancel": cmd_cancel, "ping": cmd_ping, "demo": cmd_demo, "schema": cmd_schema}
+
+if __name__ == "__main__":
+    sys.exit(main())

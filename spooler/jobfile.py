@@ -1,0 +1,123 @@
+"""Reading a job file that anyone with write access to the share may have written.
+
+Every way a file can be bad ends in ``Rejected`` naming the field and the problem; nothing here raises
+anything else on any input. A file still being copied is told apart from a bad one by the caller
+(``spooler.intake``), which only rejects a file that fails here *and* has stopped changing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.job import JobKind, JobSpec, id_problem
+from spooler.errors import Rejected
+
+MAX_DEPTH = 32
+
+
+def looks_temporary(name: str) -> bool:
+    """Names that copy tools, editors and our own writers use while a file is incomplete."""
+    lower = name.lower()
+    return (
+        name.startswith((".", "~"))
+        or not lower.endswith(".json")
+        or lower.endswith((".tmp.json", ".part.json", ".partial.json"))
+    )
+
+
+def _nesting_depth(text: str) -> int:
+    """Bracket depth outside strings, so a hostile file cannot exhaust the parser's recursion."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
+    """The JSON object in ``data``, or Rejected("file", ...)."""
+    if len(data) > max_bytes:
+        raise Rejected("file", f"{len(data)} bytes is over the {max_bytes}-byte limit for a job file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise Rejected("file", f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       "save it as UTF-8") from None
+    if (depth := _nesting_depth(text)) > MAX_DEPTH:
+        raise Rejected("file", f"nested {depth} levels deep; a job file needs at most {MAX_DEPTH}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Rejected("file", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # defence in depth; the depth check should have caught it
+        raise Rejected("file", "nested too deeply to parse") from None
+    if not isinstance(value, dict):
+        raise Rejected("file", f"the top level must be a JSON object {{...}}, not {type(value).__name__}")
+    return value
+
+
+def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid at ``loc``, to suggest the one a person probably meant."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _explain(error: dict[str, Any]) -> Rejected:
+    loc = tuple(error["loc"])
+    field = ".".join(str(p) for p in loc) or "job"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_of(JobSpec, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid fields here: {', '.join(valid)}"
+        return Rejected(field, f"unknown field{hint}")
+    if kind == "enum" and loc == ("kind",):
+        given = str(error.get("input"))
+        choices = [k.value for k in JobKind]
+        close = difflib.get_close_matches(given, choices, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return Rejected(field, f"{given!r} is not one of {', '.join(choices)}{hint}")
+    if kind == "missing":
+        return Rejected(field, "is required")
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict | list):
+        msg = f"{msg}, got {error['input']!r}"
+    return Rejected(field, msg)
+
+
+def parse_spec(data: bytes, file_name: str, max_bytes: int) -> JobSpec:
+    """A valid JobSpec with its id set (from the file name when the job names none), or Rejected."""
+    raw = decode(data, max_bytes)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e.errors()[0]) from None
+    if spec.id is None:
+        stem = Path(file_name).stem
+        if problem := id_problem(stem):
+            raise Rejected("id", f"no id given, and the file name {problem}; add an \"id\" or rename the file")
+        spec.id = stem
+    return spec

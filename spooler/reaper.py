@@ -1,0 +1,80 @@
+"""Giving a stale worker's jobs back: rq's expiry plus cleanup, done by whoever notices first.
+
+Every process that watches heartbeats (workers, a waiting submitter) runs ``reap``. It acts only on workers
+that ``Liveness`` has judged stale on the observer's own monotonic clock. Each requeue is one rename, so two
+observers reaping the same worker cannot both move a job; the loser's rename finds nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from schemas.result import Result, Terminal
+from spooler import claim, states
+from spooler.clock import Clock, iso
+from spooler.errors import ClaimLost
+from spooler.heartbeat import Liveness, WorkerView
+from spooler.intake import Intake
+from spooler.share import Share
+
+log = logging.getLogger(__name__)
+
+
+def worker_dirs(share: Share, sub: str) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(share.root / sub) if e.is_dir()}
+    except FileNotFoundError:
+        return set()
+
+
+def reap(share: Share, liveness: Liveness, me: str, clock: Clock) -> dict[str, WorkerView]:
+    """Requeue (or fail, past max_attempts) the jobs of stale workers; take over their half-done intake."""
+    views = liveness.observe(worker_dirs(share, "running") | worker_dirs(share, "intake"))
+    for wid, view in views.items():
+        if wid == me or not view.stale:
+            continue
+        for path in claim.held(share, wid):
+            release(share, path, me, clock, view.reason, count_attempt=True)
+        _adopt_intake(share, wid, me, clock)
+    return views
+
+
+def release(share: Share, running_file: Path, me: str, clock: Clock, why: str, count_attempt: bool) -> None:
+    """Give a running job back to the queue, or fail it once it has used up its attempts."""
+    key = states.QueueKey.parse(running_file.name)
+    if key is None:
+        return
+    owner = running_file.parent.name
+    nxt = key.attempt + 1 if count_attempt else key.attempt
+    if nxt <= share.settings.max_attempts:
+        if states.requeue(share, running_file, nxt):
+            log.warning("job %s requeued for attempt %d: worker %s: %s [worker %s]",
+                        key.job_id, nxt, owner, why, me)
+        return
+    error = (f"worker {owner} stopped during attempt {key.attempt} of {share.settings.max_attempts} ({why}); "
+             "no attempts are left: check that worker's log, then submit the job again under a new id")
+    now = iso(clock.wall())
+    result = Result(id=key.job_id, status=Terminal.failed, error=error, worker=owner, attempts=key.attempt,
+                    finished_at=now)
+    try:
+        states.conclude(share, running_file, result)
+        log.error("job %s failed: %s [worker %s]", key.job_id, error, me)
+    except ClaimLost:
+        pass  # another observer got there first
+
+
+def _adopt_intake(share: Share, dead: str, me: str, clock: Clock) -> None:
+    try:
+        files = [Path(e.path) for e in os.scandir(share.intake(dead)) if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return
+    intake = Intake(share, me, clock)
+    for path in files:
+        dest = share.makedirs(share.intake(me)) / path.name  # keep the token: the id reservation knows it
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            continue
+        intake.process(dest)

@@ -1,0 +1,136 @@
+"""The share: where every folder lives, and the share-wide settings. Passed to everything that touches it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.settings import ShareSettings
+from spooler import atomic
+
+SETTINGS_FILE = "loraspool.json"
+FOLDERS = ("inbox", "intake", "queue", "running", "results", "cancel", "heartbeats", "tmp", "models", "datasets")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ShareError(Exception):
+    """The share is missing, not initialised, or its settings are bad. The message says what to run."""
+
+
+@dataclass
+class Share:
+    root: Path
+    settings: ShareSettings
+
+    @classmethod
+    def open(cls, root: Path | str) -> Share:
+        root = Path(root)
+        path = root / SETTINGS_FILE
+        if not path.is_file():
+            raise ShareError(f"{root} is not a loraspool share (no {SETTINGS_FILE}); run: loraspool init {root}")
+        try:
+            settings = ShareSettings.model_validate_json(path.read_bytes())
+        except ValidationError as e:
+            raise ShareError(f"{path} has bad settings: {e}; fix the file or rerun loraspool init") from e
+        return cls(root, settings)
+
+    # Folders. Each is one state or one kind of record; share-layout.md explains them.
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def queue(self) -> Path:
+        return self.root / "queue"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def cancel(self) -> Path:
+        return self.root / "cancel"
+
+    @property
+    def heartbeats(self) -> Path:
+        return self.root / "heartbeats"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def intake(self, worker: str) -> Path:
+        return self.root / "intake" / worker
+
+    def running(self, worker: str) -> Path:
+        return self.root / "running" / worker
+
+    def result_dir(self, job_id: str) -> Path:
+        return self.results / job_id
+
+    def heartbeat_file(self, worker: str) -> Path:
+        return self.heartbeats / f"{worker}.json"
+
+    def cancel_file(self, job_id: str) -> Path:
+        return self.cancel / f"{job_id}.json"
+
+    @property
+    def file_mode(self) -> int:
+        return int(self.settings.file_mode, 8)
+
+    @property
+    def dir_mode(self) -> int:
+        return int(self.settings.dir_mode, 8)
+
+    def makedirs(self, path: Path) -> Path:
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.chmod(path, self.dir_mode)
+        return path
+
+    def write_json(self, target: Path, record: BaseModel | dict) -> None:
+        atomic.write_json(target, record, self.file_mode)
+
+    def write_bytes(self, target: Path, data: bytes) -> None:
+        atomic.write_bytes(target, data, self.file_mode)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def read_model(path: Path, model: type[M]) -> M | None:
+    """A record, or None when it is missing or half-visible (an NFS client may briefly show neither)."""
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError, ValueError):
+        return None
+
+
+def init_share(root: Path | str, **overrides: float | int | str) -> Share:
+    """Create the layout and write the settings. Idempotent: existing settings are kept unless overridden."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / SETTINGS_FILE
+    current: dict = {}
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            current = json.loads(path.read_bytes())
+    current.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = ShareSettings.model_validate(current)
+    except ValidationError as e:
+        raise ShareError(f"bad share settings: {e}") from e
+    share = Share(root, settings)
+    for name in FOLDERS:
+        share.makedirs(root / name)
+    if read_model(path, ShareSettings) != settings:
+        share.write_json(path, settings)
+    return share

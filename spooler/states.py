@@ -1,0 +1,213 @@
+"""The job state machine, written down once.
+
+A job's state is the folder its file is in; every transition is one rename of that file (or one exclusive
+mkdir, or one atomic write), so the file system is the state machine and a crash leaves each job in exactly
+one state. The original bytes a person dropped travel unchanged from ``inbox/`` to ``results/<id>/job.json``.
+share-layout.md explains why each step is safe on SMB and NFS.
+
+    inbox/x.json ──grab──▶ intake/<w>/<tok>__x.json ──enqueue──▶ queue/<key>.json ──claim──▶ running/<w>/<key>.json
+          │                        │ reject                        │ cancel_queued              │ conclude / requeue
+          ▼                        ▼                               ▼                            ▼
+    (cancel grabs too)      results/<id>/job.json + result.json (terminal: succeeded|failed|cancelled|rejected)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from schemas.result import Result, Terminal
+from spooler import atomic
+from spooler.errors import ClaimLost
+from spooler.share import Share
+
+
+class JobState(str, Enum):
+    incoming = "incoming"  # inbox/: dropped by a person, maybe still being copied
+    accepting = "accepting"  # intake/<worker>/: grabbed by one process, being validated
+    queued = "queued"  # queue/: valid, id reserved, waiting for a worker
+    running = "running"  # running/<worker>/: claimed by exactly one worker
+    succeeded = Terminal.succeeded.value
+    failed = Terminal.failed.value
+    cancelled = Terminal.cancelled.value
+    rejected = Terminal.rejected.value
+
+
+# queue/ and running/ names: <1000 - priority>_<accepted, writer's wall clock>_<id>.a<attempt>.json, so that
+# sorting the folder gives the dequeue order (higher priority first, then first come) like huey's FileStorage.
+# The clock only orders; it decides nothing.
+KEY = re.compile(r"^(?P<pri>\d{4})_(?P<stamp>\d{17})_(?P<id>[A-Za-z0-9][A-Za-z0-9._-]*)\.a(?P<attempt>\d+)\.json$")
+TOKEN_SEP = "__"
+ORIGIN = "origin.json"
+PENDING_SUFFIX = ".pending"
+
+
+@dataclass(frozen=True)
+class QueueKey:
+    priority: int
+    stamp: str
+    job_id: str
+    attempt: int
+
+    @classmethod
+    def parse(cls, name: str) -> QueueKey | None:
+        m = KEY.match(name)
+        if not m:
+            return None
+        return cls(1000 - int(m["pri"]), m["stamp"], m["id"], int(m["attempt"]))
+
+    @property
+    def name(self) -> str:
+        return f"{1000 - self.priority:04d}_{self.stamp}_{self.job_id}.a{self.attempt}.json"
+
+    def with_attempt(self, attempt: int) -> QueueKey:
+        return QueueKey(self.priority, self.stamp, self.job_id, attempt)
+
+
+def source_name(intake_file: Path) -> str:
+    """The inbox name a grabbed file arrived as."""
+    return intake_file.name.split(TOKEN_SEP, 1)[-1]
+
+
+# ── transitions ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def grab(share: Share, inbox_file: Path, worker: str) -> Path | None:
+    """incoming → accepting. Exactly one process wins the rename; the others get None.
+
+    The token in the new name makes this grab unique, so the id reservation can tell our own half-finished
+    intake (after a crash) from another job that wants the same id.
+    """
+    dest = share.makedirs(share.intake(worker)) / f"{uuid.uuid4().hex[:12]}{TOKEN_SEP}{inbox_file.name}"
+    try:
+        os.rename(inbox_file, dest)
+    except FileNotFoundError:
+        return None
+    atomic.fsync_dir(dest.parent)
+    return dest
+
+
+def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
+    """Reserve ``results/<id>/`` by exclusive mkdir: an id is used once, ever. True if it is ours."""
+    folder = share.result_dir(job_id)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        origin = _read_json(folder / ORIGIN)
+        return origin.get("token") == intake_file.name  # our own grab, resumed after a crash
+    with contextlib.suppress(OSError):
+        os.chmod(folder, share.dir_mode)
+    share.write_json(folder / ORIGIN, {"token": intake_file.name, "source_file": source_name(intake_file),
+                                       "accepted_by": worker})
+    return True
+
+
+def enqueue(share: Share, intake_file: Path, key: QueueKey) -> Path:
+    """accepting → queued."""
+    dest = share.queue / key.name
+    os.rename(intake_file, dest)
+    atomic.fsync_dir(share.queue)
+    return dest
+
+
+def claim(share: Share, queue_file: Path, worker: str) -> Path | None:
+    """queued → running. The rename is the source of truth: byte-range locks may be ignored by the share
+    (CIFS nobrl, NFS without lockd), but only one rename of a given source can succeed."""
+    dest = share.running(worker) / queue_file.name
+    try:
+        os.rename(queue_file, dest)
+    except FileNotFoundError:
+        return None
+    atomic.fsync_dir(dest.parent)
+    return dest
+
+
+def requeue(share: Share, running_file: Path, attempt: int) -> Path | None:
+    """running → queued, for another attempt. None if someone else moved it first."""
+    key = QueueKey.parse(running_file.name)
+    assert key is not None
+    dest = share.queue / key.with_attempt(attempt).name
+    try:
+        os.rename(running_file, dest)
+    except FileNotFoundError:
+        return None
+    atomic.fsync_dir(share.queue)
+    return dest
+
+
+def attempt_dir(share: Share, job_id: str, attempt: int, worker: str) -> Path:
+    """Where one attempt trains and checkpoints. Its adapter moves to ``results/<id>/adapter`` on success."""
+    return share.result_dir(job_id) / "attempts" / f"a{attempt}-{worker}"
+
+
+def conclude(share: Share, src: Path, result: Result) -> None:
+    """accepting|queued|running → terminal. Raises ClaimLost if ``src`` is no longer ours.
+
+    Three steps, each atomic: (1) the result is written beside its final name as a pending file; (2) the job
+    file is renamed into ``results/<id>/job.json``, which is the commit and fences off a worker that was
+    presumed dead while it was only slow; (3) the adapter and the pending result are renamed into place.
+    A crash after (2) leaves a pending file that ``complete_pending`` finishes; it never leaves two results.
+    """
+    folder = share.makedirs(share.result_dir(result.id))
+    pending = folder / f".result.{uuid.uuid4().hex[:12]}.json{PENDING_SUFFIX}"
+    share.write_json(pending, result)
+    job_json = folder / "job.json"
+    if job_json.exists():  # never overwrite a person's bytes; cannot happen unless ids were reused by hand
+        job_json = folder / f"job.{uuid.uuid4().hex[:8]}.json"
+    try:
+        os.rename(src, job_json)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            os.unlink(pending)  # our own record of an outcome that is no longer ours to report
+        raise ClaimLost(f"{src.name} was moved away (requeued by another worker?)") from None
+    atomic.fsync_dir(folder)
+    complete_pending(share, result.id)
+
+
+def complete_pending(share: Share, job_id: str) -> bool:
+    """Finish step (3) of ``conclude`` for a job whose concluder died after its commit. Idempotent."""
+    folder = share.result_dir(job_id)
+    final = folder / "result.json"
+    for pending in sorted(folder.glob(f".result.*.json{PENDING_SUFFIX}")):
+        if final.exists() or not (folder / "job.json").exists():
+            break
+        record = _read_json(pending)
+        if record.get("adapter") and record.get("worker"):
+            src = attempt_dir(share, job_id, int(record.get("attempts") or 0), record["worker"]) / "adapter"
+            _move_adapter(src, folder / "adapter")
+        try:
+            os.replace(pending, final)
+        except FileNotFoundError:
+            continue  # another process completed it first
+        atomic.fsync_dir(folder)
+        return True
+    return final.exists()
+
+
+def _move_adapter(src: Path, dest: Path) -> None:
+    if dest.exists() or not src.exists():
+        return
+    try:
+        os.rename(src, dest)  # write-once: dest does not exist, so nothing is replaced
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOENT):
+            raise
+
+
+def read_origin(share: Share, job_id: str) -> dict:
+    return _read_json(share.result_dir(job_id) / ORIGIN)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,157 @@
+"""``loraspool submit``: validate, drop into the inbox by temp name plus rename, and optionally wait.
+
+With ``--fallback auto``, when no worker's heartbeat is fresh, the submitter runs a local CPU worker that
+claims the job like any other worker (the result says ``fallback: true``). While waiting it also watches
+heartbeats: if the worker running the job goes stale, it requeues the job and falls back itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from schemas.heartbeat import Progress
+from schemas.result import Result, Terminal
+from spooler import atomic, claim
+from spooler.clock import Clock
+from spooler.heartbeat import Liveness, WorkerView, snapshot, watch_briefly
+from spooler.jobfile import parse_spec
+from spooler.reaper import reap
+from spooler.share import Share, read_model
+
+log = logging.getLogger(__name__)
+
+
+class SubmitError(Exception):
+    """The job was not submitted; the message says why and what to do."""
+
+
+def drop(share: Share, job_file: Path) -> str:
+    """Validate ``job_file`` and place its bytes, unchanged, in the inbox. Returns the job id."""
+    data = job_file.read_bytes()
+    spec = parse_spec(data, job_file.name, share.settings.max_job_bytes)
+    assert spec.id is not None
+    if share.result_dir(spec.id).exists():
+        raise SubmitError(f"id {spec.id!r} is already used (results/{spec.id}/ exists); ids are never reused, "
+                          "so set a new \"id\" in the job file")
+    dest = share.inbox / f"{spec.id}.json"
+    if dest.exists():
+        raise SubmitError(f"inbox/{dest.name} is already waiting to be taken; set a new \"id\" in the job file")
+    tmp = atomic.tmp_name(dest)  # a dot name ending .tmp: workers skip it until the rename
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, share.file_mode)
+    os.rename(tmp, dest)
+    atomic.fsync_dir(share.inbox)
+    return spec.id
+
+
+def find_result(share: Share, job_id: str) -> Result | None:
+    """The job's result, including a rejection filed under a fallback id (see share-layout.md)."""
+    result = read_model(share.result_dir(job_id) / "result.json", Result)
+    if result is not None:
+        return result
+    for path in share.results.glob(f"rejected-{job_id}-*/result.json"):
+        rejected = read_model(path, Result)
+        if rejected is not None and rejected.source_file == f"{job_id}.json":
+            return rejected
+    return None
+
+
+def live_workers(share: Share, clock: Clock) -> list[WorkerView]:
+    """Workers live right now, by one look at file times and, where that rests on clocks agreeing, a brief
+    watch of their seq (about one heartbeat interval, far shorter than stale_after)."""
+    views = watch_briefly(share, clock, snapshot(share, clock), limit=share.settings.stale_after / 2)
+    return [v for v in views.values() if not v.stale and not (v.heartbeat and v.heartbeat.fallback)]
+
+
+def fallback_command(share: Share, job_id: str) -> list[str]:
+    worker_id = f"{socket.gethostname().split('.')[0][:40]}-fallback-{os.getpid()}"
+    worker_id = "".join(c if c.isalnum() or c in "._-" else "-" for c in worker_id).strip("-._")
+    return [sys.executable, "-m", "spooler.cli", "worker", "--share", str(share.root), "--device", "cpu",
+            "--id", worker_id, "--only", job_id, "--fallback"]
+
+
+class Waiter:
+    """Waits for one job's result, reaping stale workers and starting the fallback when none is live."""
+
+    def __init__(self, share: Share, job_id: str, clock: Clock, fallback: bool) -> None:
+        self.share, self.job_id, self.clock, self.fallback = share, job_id, clock, fallback
+        self.me = f"submit-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+        self.liveness = Liveness(share, clock)
+        self.proc: subprocess.Popen | None = None
+
+    def start_fallback(self, why: str) -> None:
+        if self.proc is None:
+            log.warning("job %s: %s; running it on a local CPU worker", self.job_id, why)
+            self.proc = subprocess.Popen(fallback_command(self.share, self.job_id))
+
+    def updates(self, poll: float = 0.5) -> Iterator[tuple[str, Progress | None, Result | None]]:
+        """Yields (state line, progress, result) until the result exists; the last item has the result."""
+        if self.fallback and not live_workers(self.share, self.clock):
+            self.start_fallback("no worker's heartbeat is fresh")
+        try:
+            while True:
+                result = find_result(self.share, self.job_id)
+                if result is not None:
+                    yield "done", None, result
+                    return
+                views = reap(self.share, self.liveness, self.me, self.clock)
+                if self.fallback and self.proc is None and not self._any_live(views):
+                    self.start_fallback("every worker's heartbeat went stale")
+                if self.proc is not None and self.proc.poll() not in (None, 0, 1):
+                    raise SubmitError(f"the local fallback worker exited with code {self.proc.returncode}; "
+                                      "see its log above")
+                yield self._state(), read_model(self.share.result_dir(self.job_id) / "progress.json", Progress), None
+                self.clock.sleep(poll)
+        finally:
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=30)
+
+    def _any_live(self, views: dict[str, WorkerView]) -> bool:
+        return any(not v.stale and not (v.heartbeat and v.heartbeat.fallback) for v in views.values())
+
+    def _state(self) -> str:
+        for key, _path in claim.queued(self.share):
+            if key.job_id == self.job_id:
+                return f"queued (attempt {key.attempt})"
+        for worker_dir in (self.share.root / "running").glob("*"):
+            if any(p.name.split("_", 2)[-1].startswith(f"{self.job_id}.a") for p in worker_dir.glob("*.json")):
+                return f"running on {worker_dir.name}"
+        return "waiting to be taken from the inbox"
+
+
+def wait_for(share: Share, job_id: str, clock: Clock, fallback: bool, show: bool = True) -> Result:
+    """Wait with a progress bar on stderr; returns the terminal result."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=job_id, unit="step", file=sys.stderr, disable=not show, leave=True,
+               bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {postfix}")
+    try:
+        for state, progress, result in Waiter(share, job_id, clock, fallback).updates():
+            if result is not None:
+                bar.set_postfix_str(result.status.value)
+                return result
+            if progress is not None and progress.total_steps:
+                bar.total = progress.total_steps
+                bar.n = progress.step
+            loss = f" loss {progress.loss:.3f}" if progress and progress.loss is not None else ""
+            phase = f" {progress.phase}" if progress else ""
+            bar.set_postfix_str(f"{state}{phase}{loss}")
+    finally:
+        bar.close()
+    raise AssertionError("unreachable")
+
+
+def exit_code(result: Result) -> int:
+    return 0 if result.status is Terminal.succeeded else (2 if result.status is Terminal.rejected else 1)

@@ -1,0 +1,87 @@
+"""Waking up when a folder changes, on local disks and on network shares.
+
+inotify (watchdog's native observer on Linux) never sees a file that another machine wrote to an SMB or NFS
+mount: the client kernel only reports its own changes. On those filesystems we use watchdog's polling
+observer. Either way the caller rescans every ``rescan_interval`` too, because a poll can miss a file that
+came and went, and attribute caches (NFS ``actimeo``, SMB leases) can hide one for seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Literal
+
+import psutil
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+log = logging.getLogger(__name__)
+
+WatchMode = Literal["auto", "native", "polling"]
+NETWORK_FS = ("cifs", "smb", "smb2", "smb3", "smbfs", "nfs", "nfs4", "9p", "afs", "ceph", "glusterfs",
+              "lustre", "davfs", "fuse", "fuse.rclone", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse")
+
+
+def filesystem_type(path: Path) -> str:
+    """The fstype of the mount holding ``path`` ('' when unknown)."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    for part in psutil.disk_partitions(all=True):
+        mp = part.mountpoint
+        if (real == mp or real.startswith(mp.rstrip(os.sep) + os.sep)) and len(mp) > len(best):
+            best, fstype = mp, part.fstype
+    return fstype.lower()
+
+
+def is_network(path: Path) -> bool:
+    if sys.platform == "win32":
+        return str(path).startswith("\\\\")  # a UNC path; mapped drives are refused elsewhere
+    fstype = filesystem_type(path)
+    return fstype in NETWORK_FS or fstype.startswith("fuse")
+
+
+def choose_mode(path: Path, mode: WatchMode) -> Literal["native", "polling"]:
+    if mode != "auto":
+        return mode
+    return "polling" if is_network(path) else "native"
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.event.set()
+
+
+class FolderWatcher:
+    """Sets ``wake`` on any change in the watched folders; ``wait`` returns on a change or a timeout."""
+
+    def __init__(self, folders: list[Path], mode: WatchMode, poll_interval: float) -> None:
+        self.mode = choose_mode(folders[0], mode)
+        self.wake = threading.Event()
+        self.observer: BaseObserver = (
+            PollingObserver(timeout=poll_interval) if self.mode == "polling" else Observer()
+        )
+        handler = _Wake(self.wake)
+        for folder in folders:
+            self.observer.schedule(handler, str(folder), recursive=False)
+
+    def start(self) -> None:
+        self.observer.daemon = True
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=5)
+
+    def wait(self, timeout: float) -> bool:
+        woke = self.wake.wait(timeout)
+        self.wake.clear()
+        return woke

@@ -1,0 +1,130 @@
+"""The spool protocol with real worker processes on a real temp folder: claims, races, requeue, cancel."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+from tests.conftest import Procs, drop, log_of, result_of, wait_for, wait_result
+from spooler import states
+from spooler.share import Share
+
+
+def _leftovers(share: Share) -> list[str]:
+    left = [p.name for p in share.inbox.iterdir()] + [p.name for p in share.queue.iterdir()]
+    for sub in ("running", "intake"):
+        left += [str(p) for p in (share.root / sub).glob("*/*")]
+    return left
+
+
+def test_three_workers_race_for_300_probes(share: Share, procs: Procs) -> None:
+    workers = [procs.worker(share, f"w{i}") for i in range(3)]
+    wait_for(lambda: len(list(share.heartbeats.glob("w*.json"))) == 3, 30, "three heartbeats")
+    payloads = {}
+    for i in range(300):
+        data = json.dumps({"id": f"p{i:03d}", "kind": "probe"}).encode()
+        payloads[f"p{i:03d}"] = hashlib.sha256(data).hexdigest()
+        drop(share, f"p{i:03d}.json", data)
+    wait_for(lambda: all(result_of(share, j) for j in payloads), 120, "300 results")
+    procs.stop_all()
+
+    claims = collections.Counter()
+    for w in workers:
+        claims.update(re.findall(r"job (p\d{3}) claimed", log_of(w)))
+    assert set(claims) == set(payloads), "every job was claimed"
+    assert max(claims.values()) == 1, f"claimed more than once: {[j for j, n in claims.items() if n > 1]}"
+    by_worker = collections.Counter(result_of(share, j).worker for j in payloads)
+    assert len(by_worker) >= 2, f"the work was shared: {by_worker}"
+    for job_id, digest in payloads.items():
+        r = result_of(share, job_id)
+        assert r.status.value == "succeeded" and r.attempts == 1
+        kept = share.result_dir(job_id) / "job.json"
+        assert hashlib.sha256(kept.read_bytes()).hexdigest() == digest, "the original bytes are kept"
+    assert _leftovers(share) == []
+
+
+def test_half_copied_file_is_waited_for_not_rejected(share: Share, procs: Procs) -> None:
+    procs.worker(share, "w1")
+    data = json.dumps({"id": "slowcopy", "kind": "probe", "priority": 3}).encode()
+    path = share.inbox / "slowcopy.json"
+    with open(path, "wb") as f:  # a copy arriving in pieces over ~3x settle_seconds
+        for i in range(0, len(data), 4):
+            f.write(data[i:i + 4])
+            f.flush()
+            time.sleep(2.0 / (len(data) / 4))
+    r = wait_result(share, "slowcopy", 30)
+    assert r.status.value == "succeeded", r.error
+    assert not list(share.results.glob("rejected-slowcopy-*"))
+
+
+def test_temporary_names_are_never_taken(share: Share, procs: Procs) -> None:
+    procs.worker(share, "w1")
+    for name in (".hidden.json", "job.json.tmp", "~job.json", "job.json.part", "job.part.json", "notes.txt"):
+        drop(share, name, {"id": re.sub(r"\W", "", name), "kind": "probe"})
+    drop(share, "marker.json", {"kind": "probe"})
+    wait_result(share, "marker", 20)
+    time.sleep(1.0)
+    assert sorted(p.name for p in share.inbox.iterdir()) == sorted(
+        [".hidden.json", "job.json.tmp", "~job.json", "job.json.part", "job.part.json", "notes.txt"])
+
+
+def test_duplicate_id_is_rejected_and_the_first_is_kept(share: Share, procs: Procs) -> None:
+    drop(share, "a.json", {"id": "same", "kind": "probe"})
+    procs.worker(share, "w1")
+    first = wait_result(share, "same", 20)
+    drop(share, "b.json", {"id": "same", "kind": "probe", "priority": 5})
+    dup = wait_for(lambda: next((r for p in share.results.glob("rejected-b-*/result.json")
+                                 if (r := result_of(share, p.parent.name))), None), 20, "the duplicate's record")
+    assert first.status.value == "succeeded"
+    assert dup.status.value == "rejected" and dup.error.startswith("id: 'same' is already used")
+    assert json.loads((share.result_dir(dup.id) / "job.json").read_text())["priority"] == 5
+    assert result_of(share, "same") == first
+
+
+def test_priority_orders_the_queue(share: Share, procs: Procs) -> None:
+    for i, pri in enumerate([0, 5, -3, 9, 0]):
+        drop(share, f"q{i}.json", {"kind": "probe", "priority": pri})
+    w = procs.worker(share, "w1")
+    for i in range(5):
+        wait_result(share, f"q{i}", 20)
+    procs.stop_all()
+    order = re.findall(r"job (q\d) claimed", log_of(w))
+    assert order == ["q3", "q1", "q0", "q4", "q2"]
+
+
+def test_cancel_queued_job_at_once(share: Share, procs: Procs) -> None:
+    drop(share, "later.json", {"kind": "probe"})  # no worker is running: it stays in the inbox
+    out = procs.start("cancel", "later", "--share", str(share.root), name="cancel")
+    assert out.wait(30) == 0
+    assert b"cancelled" in out.stdout.read()
+    r = result_of(share, "later")
+    assert r is not None and r.status.value == "cancelled"
+    assert (share.result_dir("later") / "job.json").exists()
+    assert (share.result_dir("later") / "cancel-request.json").exists()
+
+
+def test_unfinished_conclude_is_completed_on_restart(share: Share, procs: Procs) -> None:
+    """A worker that died between its commit rename and the result's rename leaves a pending file."""
+    from schemas.result import Result, Terminal
+
+    folder = share.makedirs(share.result_dir("halfdone"))
+    (folder / "job.json").write_text('{"kind": "probe"}')
+    share.write_json(folder / f".result.abc.json{states.PENDING_SUFFIX}",
+                     Result(id="halfdone", status=Terminal.succeeded, worker="w1"))
+    procs.worker(share, "w1")
+    r = wait_result(share, "halfdone", 20)
+    assert r.status.value == "succeeded"
+
+
+def test_worker_restart_requeues_what_it_held(share: Share, procs: Procs, tmp_path: Path) -> None:
+    share.makedirs(share.running("w1"))
+    key = states.QueueKey(0, "20260101000000000", "orphan", 1)
+    (share.running("w1") / key.name).write_text('{"kind": "probe"}')
+    share.makedirs(share.result_dir("orphan"))
+    procs.worker(share, "w1")
+    r = wait_result(share, "orphan", 20)
+    assert r.status.value == "succeeded" and r.attempts == 2

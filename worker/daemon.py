@@ -1,0 +1,243 @@
+"""The worker daemon: ``Worker.work`` reads top to bottom like rq's.
+
+    bootstrap   recover what this worker id held before a crash, start the heartbeat and the watcher
+    loop        maintenance (reap stale workers) → stop requested? → intake → claim → perform
+    teardown    release a held job, final heartbeat "stopped"
+
+Broad exceptions are caught only at the loop boundary, with the job id in the log: no input can crash it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from schemas.heartbeat import Progress, WorkerState
+from schemas.result import Metrics, Result, Terminal
+from spooler import cancel, claim, states
+from spooler.clock import Clock, SystemClock, iso
+from spooler.config import WorkerSettings
+from spooler.errors import ClaimLost, Rejected
+from spooler.heartbeat import HeartbeatWriter, Liveness
+from spooler.intake import Intake
+from spooler.jobfile import parse_spec
+from spooler.paths import resolve_in_share
+from spooler.reaper import reap, release
+from spooler.share import Share
+from spooler.watch import FolderWatcher
+from worker import horse
+from worker.sysinfo import SystemSampler
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 1.0
+
+
+class Worker:
+    def __init__(self, share: Share, cfg: WorkerSettings, clock: Clock | None = None) -> None:
+        self.share, self.cfg, self.id = share, cfg, cfg.id
+        self.clock = clock or SystemClock()
+        self.sampler = SystemSampler()
+        self.device = self._pick_device(cfg.device)
+        self.hb = HeartbeatWriter(share, self.id, self.device, self.clock, cfg.fallback, self.sampler)
+        self.liveness = Liveness(share, self.clock)
+        self.intake = Intake(share, self.id, self.clock)
+        self.stopping = threading.Event()
+        self._last_maintenance = -1e9
+        self._last_progress_write = -1e9
+        self.watcher: FolderWatcher | None = None
+
+    # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
+    def work(self) -> int:
+        """Run until asked to stop (or, with ``only_job``, until that job has a result). Returns an exit code."""
+        self.bootstrap()
+        try:
+            while not self.stopping.is_set():
+                self.maintenance()
+                if self.cfg.only_job and self._only_job_done():
+                    break
+                self.intake.scan()
+                job = claim.next_job(self.share, self.id, self.cfg.only_job)
+                if job is not None:
+                    self.perform(job)
+                    continue
+                self.hb.state = WorkerState.idle
+                assert self.watcher is not None
+                self.watcher.wait(min(self.share.settings.rescan_interval, self.share.settings.heartbeat_interval))
+        finally:
+            self.teardown()
+        return self._exit_code()
+
+    def bootstrap(self) -> None:
+        for folder in (self.share.running(self.id), self.share.intake(self.id)):
+            self.share.makedirs(folder)
+        self.hb.start()
+        log.info("worker %s started on %s: device %s, share %s", self.id, socket.gethostname(), self.device,
+                 self.share.root)
+        for path in claim.held(self.share, self.id):  # we died holding these: give them back, attempt + 1
+            release(self.share, path, self.id, self.clock, "the worker restarted", count_attempt=True)
+        for path in sorted(self.share.intake(self.id).glob(f"*{states.TOKEN_SEP}*")):
+            self.intake.process(path)
+        for folder in self.share.results.glob("*"):
+            if any(folder.glob(f".result.*{states.PENDING_SUFFIX}")):
+                states.complete_pending(self.share, folder.name)
+        self.watcher = FolderWatcher([self.share.inbox, self.share.queue, self.share.cancel], self.cfg.watch,
+                                     self.share.settings.poll_interval)
+        self.watcher.start()
+        log.info("worker %s watching with the %s observer", self.id, self.watcher.mode)
+
+    def teardown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.hb.stop(WorkerState.stopped)
+        log.info("worker %s stopped", self.id)
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            log.info("worker %s got %s: finishing the current step, then stopping", self.id,
+                     signal.Signals(signum).name)
+            self.stopping.set()
+            if self.watcher is not None:
+                self.watcher.wake.set()
+
+        signal.signal(signal.SIGINT, handler)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, handler)
+
+    def maintenance(self, force: bool = False) -> None:
+        now = self.clock.monotonic()
+        if not force and now - self._last_maintenance < self.share.settings.heartbeat_interval:
+            return
+        self._last_maintenance = now
+        try:
+            reap(self.share, self.liveness, self.id, self.clock)
+        except OSError as e:
+            log.warning("could not check other workers' heartbeats: %s [worker %s]", e, self.id)
+
+    # ── one job ─────────────────────────────────────────────────────────────────────────────────────
+    def perform(self, running_file: Path) -> None:
+        key = states.QueueKey.parse(running_file.name)
+        assert key is not None
+        self.hb.state, self.hb.job, self.hb.progress = WorkerState.busy, key.job_id, None
+        started = self.clock.wall()
+        origin = states.read_origin(self.share, key.job_id)
+        log.info("job %s claimed, attempt %d [worker %s]", key.job_id, key.attempt, self.id)
+        base = Result(id=key.job_id, status=Terminal.failed, worker=self.id, host=socket.gethostname(),
+                      device=self.device, fallback=self.cfg.fallback, attempts=key.attempt,
+                      started_at=iso(started), source_file=origin.get("source_file"))
+        try:
+            result = self._run(running_file, key, base)
+        except ClaimLost as e:
+            log.warning("job %s dropped: %s [worker %s]", key.job_id, e, self.id)
+            return
+        except Exception as e:  # the loop boundary: a bug in one job must not stop the worker
+            log.exception("job %s crashed the worker's job handling [worker %s]", key.job_id, self.id)
+            result = base.model_copy(update={"error": f"internal error: {e}; see the worker log"})
+        finally:
+            self.hb.job, self.hb.progress = None, None
+        if result is None:  # released for a graceful stop
+            return
+        result.finished_at = iso(self.clock.wall())
+        try:
+            states.conclude(self.share, running_file, result)
+        except ClaimLost as e:
+            log.warning("job %s outcome dropped: %s [worker %s]", key.job_id, e, self.id)
+            return
+        if result.status is Terminal.cancelled:
+            cancel.file_request(self.share, key.job_id)
+        log.info("job %s %s%s [worker %s]", key.job_id, result.status.value,
+                 f": {result.error}" if result.error else "", self.id)
+
+    def _run(self, running_file: Path, key: states.QueueKey, base: Result) -> Result | None:
+        if cancel.requested(self.share, key.job_id):
+            return base.model_copy(update={"status": Terminal.cancelled, "error": "cancelled before it started"})
+        try:
+            spec = parse_spec(running_file.read_bytes(), f"{key.job_id}.json", self.share.settings.max_job_bytes)
+            spec.id = key.job_id
+            base.kind = spec.kind.value
+            if spec.kind.value == "probe":
+                return base.model_copy(update={"status": Terminal.succeeded, "metrics": Metrics(seconds=0.0)})
+            model_dir = resolve_in_share(self.share.root, spec.base_model or "", "base_model")
+            dataset = resolve_in_share(self.share.root, spec.dataset or "", "dataset")
+        except Rejected as e:
+            return base.model_copy(update={"status": Terminal.rejected, "error": str(e)})
+        out_dir = states.attempt_dir(self.share, key.job_id, key.attempt, self.id)
+        request = {"job": spec, "model_dir": model_dir, "dataset_path": dataset, "share_root": self.share.root,
+                   "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode}
+        t0 = time.monotonic()
+        outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id))
+        return self._result_of(outcome, base, running_file, time.monotonic() - t0)
+
+    def _result_of(self, out: horse.HorseResult, base: Result, running_file: Path, seconds: float) -> Result | None:
+        if out.kind == "done":
+            o = out.outcome
+            metrics = o.metrics.model_copy(update={"seconds": o.metrics.seconds or seconds})
+            adapter = {"path": self.share.rel(self.share.result_dir(base.id) / "adapter"), "files": o.files,
+                       "size_bytes": o.size_bytes}
+            return base.model_copy(update={"status": Terminal.succeeded, "metrics": metrics, "adapter": adapter,
+                                           "notes": list(o.notes)})
+        if out.kind == "rejected":
+            return base.model_copy(update={"status": Terminal.rejected, "error": f"{out.field}: {out.error}"})
+        if out.kind == "cancelled":
+            if out.error == "lost":
+                raise ClaimLost("another worker took the job over while this one looked dead")
+            if out.error == "shutdown":
+                release(self.share, running_file, self.id, self.clock, "the worker is shutting down",
+                        count_attempt=False)
+                return None
+            return base.model_copy(update={"status": Terminal.cancelled, "error": "cancelled by a person"})
+        return base.model_copy(update={"status": Terminal.failed, "error": out.error})
+
+    def _should_stop(self, running_file: Path, job_id: str) -> str | None:
+        self.maintenance()
+        if self.stopping.is_set():
+            return "shutdown"
+        if not running_file.exists():
+            return "lost"
+        if cancel.requested(self.share, job_id):
+            return "cancel"
+        return None
+
+    def _on_progress(self, progress: Progress) -> None:
+        self.hb.progress = progress
+        now = self.clock.monotonic()
+        if now - self._last_progress_write >= PROGRESS_EVERY:
+            self._last_progress_write = now
+            try:
+                self.share.write_json(self.share.result_dir(progress.job) / "progress.json", progress)
+            except OSError as e:
+                log.warning("progress of job %s not written: %s [worker %s]", progress.job, e, self.id)
+
+    # ── helpers ─────────────────────────────────────────────────────────────────────────────────────
+    def _pick_device(self, wanted: str) -> str:
+        if wanted != "auto":
+            return wanted
+        if self.sampler.gpu_count() == 0:
+            return "cpu"
+        import torch  # only on a machine that has an NVIDIA driver
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _only_job_done(self) -> bool:
+        assert self.cfg.only_job is not None
+        return (self.share.result_dir(self.cfg.only_job) / "result.json").exists()
+
+    def _exit_code(self) -> int:
+        if not self.cfg.only_job:
+            return 0
+        from spooler.share import read_model
+
+        result = read_model(self.share.result_dir(self.cfg.only_job) / "result.json", Result)
+        return 0 if result is not None and result.status is Terminal.succeeded else 1
+
+
+def run_worker(share: Share, cfg: WorkerSettings, clock: Clock | None = None) -> int:
+    worker = Worker(share, cfg, clock)
+    worker.install_signal_handlers()
+    log.debug("pid %d", os.getpid())
+    return worker.work()

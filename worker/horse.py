@@ -1,0 +1,152 @@
+"""The work horse: training runs in a child process, as rq runs a job.
+
+The daemon never imports torch for a job. A CUDA OOM, a segfault in a kernel or a leaked GPU context kills
+the child and fails that job; the daemon keeps heartbeating and goes on. Cancel and shutdown send the child a
+"stop" message, which the training loop sees at its next step; a child that does not stop in
+``STOP_GRACE`` seconds (stuck in a load, say) is terminated, then killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from schemas.heartbeat import Progress
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 60.0
+POLL = 0.5
+
+
+@dataclass
+class HorseResult:
+    kind: str  # "done" | "rejected" | "cancelled" | "failed" | "died"
+    outcome: Any = None  # worker.train.TrainOutcome when kind == "done"
+    field: str | None = None
+    error: str | None = None
+
+
+def _child(request: dict[str, Any], conn: Connection) -> None:
+    """Runs in the child. Everything it reports goes through ``conn``; it never writes a result itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the daemon's to handle, then ours via "stop"
+    stop = False
+    parent_pid = os.getppid()
+
+    def should_stop() -> bool:
+        nonlocal stop
+        while not stop and conn.poll():
+            stop = conn.recv() == "stop"
+        if os.getppid() != parent_pid:  # the daemon was killed (kill -9): its job will be requeued elsewhere
+            raise SystemExit(3)
+        return stop
+
+    from spooler.errors import Cancelled, Rejected
+
+    try:
+        from worker.train import TrainRequest, run_training
+
+        outcome = run_training(TrainRequest(**request), lambda p: conn.send(("progress", p)), should_stop)
+        conn.send(("done", outcome))
+    except Rejected as e:
+        conn.send(("rejected", e.field, e.problem))
+    except Cancelled:
+        conn.send(("cancelled",))
+    except BaseException as e:  # the child reports everything; the parent decides
+        conn.send(("failed", _describe(e), traceback.format_exc()))
+
+
+def _describe(e: BaseException) -> str:
+    name = type(e).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(e).lower():
+        return (f"out of GPU memory ({str(e).splitlines()[0][:200]}): lower training.batch_size or "
+                "training.max_length, or set quantization to \"4bit\"")
+    return f"{name}: {e}"
+
+
+def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
+        poll: Callable[[], str | None]) -> HorseResult:
+    """Run one training in a child. ``poll`` returns None to go on, or the reason to stop the child."""
+    ctx = mp.get_context("spawn")  # fork would copy the daemon's threads and any CUDA state
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(request, child), name="loraspool-horse", daemon=True)
+    proc.start()
+    child.close()
+    stop_sent_at: float | None = None
+    stop_reason: str | None = None
+    try:
+        while True:
+            msg = _recv(parent)
+            if msg is not None:
+                if msg[0] == "progress":
+                    on_progress(msg[1])
+                    continue
+                return _final(msg, stop_reason)
+            if not proc.is_alive() and not parent.poll():
+                proc.join()
+                return HorseResult("died", error=_death(proc.exitcode))
+            if stop_reason is None and (stop_reason := poll()) is not None:
+                log.info("stopping the training process: %s", stop_reason)
+                _send(parent, "stop")
+                stop_sent_at = time.monotonic()
+            elif stop_sent_at is not None and time.monotonic() - stop_sent_at > STOP_GRACE:
+                _end(proc)
+                return HorseResult("cancelled", error=f"stopped ({stop_reason}); the child had to be killed")
+    finally:
+        if proc.is_alive():
+            _end(proc)
+        parent.close()
+
+
+def _recv(conn: Connection) -> tuple | None:
+    try:
+        if conn.poll(POLL):
+            return conn.recv()
+    except (EOFError, OSError):
+        return None
+    return None
+
+
+def _send(conn: Connection, msg: str) -> None:
+    with contextlib.suppress(BrokenPipeError, OSError):
+        conn.send(msg)
+
+
+def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
+    kind = msg[0]
+    if kind == "done":
+        return HorseResult("done", outcome=msg[1])
+    if kind == "rejected":
+        return HorseResult("rejected", field=msg[1], error=msg[2])
+    if kind == "cancelled":
+        return HorseResult("cancelled", error=stop_reason)
+    log.debug("training process traceback:\n%s", msg[2])
+    return HorseResult("failed", error=msg[1])
+
+
+def _death(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = "; if the machine ran out of memory, lower training.batch_size or max_length" if -code == 9 else ""
+        return f"the training process was killed by {name}{hint}"
+    return f"the training process exited with code {code} without reporting a result; see the worker log"
+
+
+def _end(proc: mp.process.BaseProcess) -> None:
+    proc.terminate()
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
