@@ -9,9 +9,9 @@ import re
 import time
 from pathlib import Path
 
-from tests.conftest import Procs, drop, log_of, result_of, wait_for, wait_result
 from spooler import states
 from spooler.share import Share
+from tests.conftest import Procs, drop, log_of, result_of, wait_for, wait_result
 
 
 def _leftovers(share: Share) -> list[str]:

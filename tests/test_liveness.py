@@ -1,0 +1,141 @@
+"""Heartbeats and liveness across processes: kill -9, skewed clocks, dead workers' jobs, submitter fallback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from schemas.heartbeat import Heartbeat, WorkerState
+from spooler import states
+from spooler.clock import SkewedClock, SystemClock, iso, parse_iso
+from spooler.heartbeat import Liveness, snapshot
+from spooler.share import Share, read_model
+from tests.conftest import Procs, log_of, result_of, wait_for, wait_result
+
+SITECUSTOMIZE = """
+import os, time
+import time_machine
+_offset = float(os.environ["LORASPOOL_TEST_CLOCK_OFFSET"])
+time_machine.travel(time.time() + _offset, tick=True).start()
+"""
+
+
+def skewed_env(tmp_path: Path, offset: float) -> dict[str, str]:
+    """Run a process whose wall clock is ``offset`` seconds off, via time-machine (libfaketime breaks Python)."""
+    site = tmp_path / "skew"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return {"PYTHONPATH": str(site), "LORASPOOL_TEST_CLOCK_OFFSET": str(offset)}
+
+
+def fake_dead_worker(share: Share, wid: str, job_id: str, attempt: int = 1) -> Path:
+    """What a worker that lost power leaves behind: one last heartbeat and a claimed job."""
+    share.write_json(share.heartbeat_file(wid), Heartbeat(
+        worker=wid, seq=7, interval=share.settings.heartbeat_interval, state=WorkerState.busy,
+        host="gpu-desk", pid=1, device="cuda", written_at=iso(time.time()), job=job_id))
+    share.makedirs(share.running(wid))
+    share.makedirs(share.result_dir(job_id))
+    key = states.QueueKey(0, "20260101000000000", job_id, attempt)
+    path = share.running(wid) / key.name
+    path.write_text(json.dumps({"kind": "probe"}))
+    return path
+
+
+def test_killed_worker_goes_stale_within_stale_after(share: Share, procs: Procs) -> None:
+    w = procs.worker(share, "w1")
+    wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "a heartbeat")
+    live = Liveness(share, SystemClock())
+    for _ in range(10):  # watch it beat for a while first, as a waiting submitter would
+        assert not live.observe()["w1"].stale
+        time.sleep(0.2)
+    procs.kill9(w)
+    killed = time.monotonic()
+    view = wait_for(lambda: (v := live.observe()["w1"]).stale and v, 3 * share.settings.stale_after, "stale")
+    took = time.monotonic() - killed
+    assert took <= share.settings.stale_after + 2 * share.settings.heartbeat_interval, took
+    assert view.confidence == "observed"
+
+
+def test_worker_one_hour_behind_is_live(share: Share, procs: Procs, tmp_path: Path) -> None:
+    procs.worker(share, "behind", env=skewed_env(tmp_path, -3600))
+    hb = wait_for(lambda: read_model(share.heartbeat_file("behind"), Heartbeat), 30, "a heartbeat")
+    written = parse_iso(hb.written_at)
+    assert written is not None and 3500 < time.time() - written < 3700, "the worker's clock really is skewed"
+
+    views = snapshot(share, SystemClock())
+    assert not views["behind"].stale, views["behind"].reason
+    live = Liveness(share, SystemClock())
+    end = time.monotonic() + 2.5 * share.settings.stale_after
+    while time.monotonic() < end:
+        assert not live.observe()["behind"].stale
+        time.sleep(0.2)
+
+    status = procs.start("status", "--share", str(share.root), "--json", name="status")
+    doc = json.loads(status.communicate(timeout=30)[0])
+    assert [w["stale"] for w in doc["workers"] if w["id"] == "behind"] == [False]
+
+    job = tmp_path / "probe1.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    sub = procs.start("submit", str(job), "--share", str(share.root), "--wait", name="submit")
+    assert sub.wait(60) == 0, log_of(sub)
+    r = result_of(share, "probe1")
+    assert r.worker == "behind" and not r.fallback
+
+
+def test_skewed_observer_does_not_take_a_live_worker_for_dead(share: Share, procs: Procs) -> None:
+    """The reverse case, with an injected clock: the observer is an hour ahead of the worker."""
+    procs.worker(share, "honest")
+    wait_for(lambda: share.heartbeat_file("honest").exists(), 30, "a heartbeat")
+    for offset in (3600, -3600):
+        clock = SkewedClock(offset)
+        assert not snapshot(share, clock)["honest"].stale
+        live = Liveness(share, clock)
+        end = time.monotonic() + 1.5 * share.settings.stale_after
+        while time.monotonic() < end:
+            assert not live.observe()["honest"].stale
+            time.sleep(0.2)
+
+
+def test_stale_workers_job_is_requeued_and_finished(share: Share, procs: Procs) -> None:
+    fake_dead_worker(share, "gone", "orphaned")
+    w = procs.worker(share, "w2")
+    r = wait_result(share, "orphaned", 30)
+    assert r.status.value == "succeeded" and r.worker == "w2" and r.attempts == 2
+    assert "job orphaned requeued for attempt 2: worker gone" in log_of(w)
+
+
+def test_job_fails_after_max_attempts(share: Share, procs: Procs) -> None:
+    fake_dead_worker(share, "gone", "unlucky", attempt=share.settings.max_attempts)
+    procs.worker(share, "w2")
+    r = wait_result(share, "unlucky", 30)
+    assert r.status.value == "failed" and r.attempts == share.settings.max_attempts
+    assert "worker gone stopped during attempt 3 of 3" in r.error and "submit the job again" in r.error
+
+
+def test_submit_falls_back_to_local_cpu_worker(share: Share, procs: Procs, tmp_path: Path) -> None:
+    fake_dead_worker(share, "gpu-desk", "someone-elses")  # a stale heartbeat, and no live worker
+    share.write_json(share.heartbeat_file("gpu-desk"), read_model(share.heartbeat_file("gpu-desk"), Heartbeat))
+    time.sleep(share.settings.stale_after + 0.5)  # its heartbeat file is now old by the share's clock
+    job = tmp_path / "fb.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(share.root)],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    r = result_of(share, "fb")
+    assert r.fallback and r.device == "cpu" and r.status.value == "succeeded"
+    assert r.worker.startswith(socket.gethostname().split(".")[0][:40])
+    assert time.monotonic() - t0 < 60
+
+
+def test_submit_never_falls_back_when_told_not_to(share: Share, tmp_path: Path) -> None:
+    job = tmp_path / "nofb.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(share.root),
+                          "--fallback", "never"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "nofb"
+    assert (share.inbox / "nofb.json").exists() and result_of(share, "nofb") is None
