@@ -124,7 +124,8 @@ def claim(share: Share, queue_file: Path, worker: str) -> Path | None:
     try:
         os.rename(queue_file, dest)
     except FileNotFoundError:
-        return None
+        # NFS may retransmit a rename whose reply was lost; the retry fails although the first one won.
+        return dest if dest.exists() else None
     atomic.fsync_dir(dest.parent)
     return dest
 

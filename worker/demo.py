@@ -1,0 +1,55 @@
+"""``loraspool demo``: the whole path on one machine, with nothing downloaded.
+
+A temp folder plays the share; a tiny causal LM and a BPE tokenizer are built on the spot; a CPU worker runs
+as its own process, exactly as on a GPU desktop; the job goes in through ``submit`` and the result is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from spooler import submit
+from spooler.clock import SystemClock
+from spooler.share import init_share
+
+
+def run_demo(keep: Path | None, steps: int) -> int:
+    root = keep or Path(tempfile.mkdtemp(prefix="loraspool-demo-"))
+    share = init_share(root, heartbeat_interval=1.0, stale_after=10.0)
+    print(f"share: {share.root}", file=sys.stderr)
+
+    from worker.tinymodel import build_tiny_model, write_dataset
+
+    if not (share.root / "models" / "tiny" / "config.json").exists():
+        build_tiny_model(share.root / "models" / "tiny")
+    write_dataset(share.root / "datasets" / "demo.jsonl", "alpaca", rows=200)
+    print("built a tiny model in models/tiny and a dataset in datasets/demo.jsonl", file=sys.stderr)
+
+    log_path = share.root / "tmp" / "demo-worker.log"
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "spooler.cli", "worker", "--share", str(share.root),
+                                   "--id", "demo-worker", "--device", "cpu"], stderr=log)
+    print(f"worker started (pid {worker.pid}); its log: {log_path}", file=sys.stderr)
+    try:
+        job_id = f"demo-{len(list(share.results.glob('demo-*'))) + 1}"
+        job = {"id": job_id, "kind": "train", "base_model": "models/tiny", "dataset": "datasets/demo.jsonl",
+               "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+               "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 3e-3, "max_length": 96}}
+        job_file = share.root / "tmp" / f"{job_id}.json"
+        job_file.write_text(json.dumps(job, indent=2))
+        submit.drop(share, job_file)
+        result = submit.wait_for(share, job_id, SystemClock(), fallback=False)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    print(result.model_dump_json(indent=2))
+    m = result.metrics
+    if result.status.value == "succeeded":
+        print(f"\n{job_id} succeeded on {result.device}: eval loss {m.eval_loss_before:.3f} -> {m.eval_loss_after:.3f}"
+              f" in {m.seconds:.1f}s; adapter in {share.root / result.adapter.path}", file=sys.stderr)
+    return submit.exit_code(result)
