@@ -1,0 +1,77 @@
+"""Every bad input gets a ``rejected`` record naming the field and the problem, and the worker goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from spooler.errors import Rejected
+from spooler.jobfile import parse_spec
+from spooler.share import Share
+from tests.conftest import Procs, drop, rejected_for, result_of, wait_for, wait_result
+
+GOOD = {"kind": "train", "base_model": "models/tiny", "dataset": "datasets/alpaca.jsonl"}
+
+# (file name, bytes, the field the error must name, words it must contain)
+BAD_FILES = [
+    ("notjson.json", b"{'kind': 'probe'}", "file", "not valid JSON"),
+    ("latin1.json", '{"kind": "probe", "id": "caf\xe9"}'.encode("latin-1"), "file", "not UTF-8"),
+    ("huge.json", b'{"kind": "probe", "pad": "' + b"x" * 300_000 + b'"}', "file", "over the"),
+    ("deep.json", b'{"kind": "probe", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "file", "nested 10001 levels"),
+    ("array.json", b"[1, 2, 3]", "file", "must be a JSON object"),
+    ("kind.json", json.dumps({**GOOD, "kind": "trian"}).encode(), "kind", "did you mean 'train'"),
+    ("typo.json", json.dumps({**GOOD, "lora": {"alpah": 16}}).encode(), "lora.alpah", "did you mean 'alpha'"),
+    ("typo2.json", json.dumps({**GOOD, "trainig": {}}).encode(), "trainig", "did you mean 'training'"),
+    ("negsteps.json", json.dumps({**GOOD, "training": {"max_steps": -5}}).encode(), "training.max_steps", "-5"),
+    ("badid.json", json.dumps({**GOOD, "id": "../../etc/passwd"}).encode(), "id", "not a safe file name"),
+    ("con.json", json.dumps({**GOOD, "id": "CON"}).encode(), "id", "Windows reserves"),
+    ("dotdot.json", json.dumps({**GOOD, "base_model": "../outside"}).encode(), "base_model", "'..'"),
+    ("abs.json", json.dumps({**GOOD, "dataset": "/etc/passwd"}).encode(), "dataset", "absolute"),
+    ("drive.json", json.dumps({**GOOD, "dataset": "C:\\data\\x.jsonl"}).encode(), "dataset", "absolute"),
+    ("missing.json", json.dumps({"kind": "train"}).encode(), "job", "needs base_model and dataset"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "field", "words"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_parse_names_field_and_problem(name: str, data: bytes, field: str, words: str) -> None:
+    with pytest.raises(Rejected) as e:
+        parse_spec(data, name, max_bytes=256 * 1024)
+    assert e.value.field == field
+    assert words in str(e.value), str(e.value)
+
+
+def test_worker_rejects_every_bad_file_and_goes_on(share: Share, procs: Procs, tmp_path: Path) -> None:
+    outside = tmp_path / "outside-model"
+    outside.mkdir()
+    (share.root / "models" / "escape").symlink_to(outside, target_is_directory=True)
+    bad = [*BAD_FILES,
+           ("symlink.json", json.dumps({**GOOD, "base_model": "models/escape"}).encode(), "base_model",
+            "outside the share"),
+           ("nomodel.json", json.dumps({**GOOD, "base_model": "models/nothere"}).encode(), "base_model",
+            "does not exist")]
+    for name, data, _, _ in bad:
+        drop(share, name, data)
+    w = procs.worker(share, "w1")
+    records = wait_for(lambda: all(rejected_for(share, n) for n, *_ in bad) and
+                       {n: rejected_for(share, n) for n, *_ in bad}, 60, "a rejection for every bad file")
+    for name, data, field, words in bad:
+        r = records[name]
+        assert r.error.startswith(f"{field}: ") and words in r.error, (name, r.error)
+        assert (share.result_dir(r.id) / "job.json").read_bytes() == data, "the person's bytes are kept"
+    drop(share, "after.json", {"kind": "probe"})
+    assert wait_result(share, "after", 30).status.value == "succeeded"
+    assert w.poll() is None, "the worker is still running"
+    assert os.listdir(share.inbox) == []
+
+
+def test_rejected_id_stays_free_for_the_corrected_job(share: Share, procs: Procs) -> None:
+    procs.worker(share, "w1")
+    drop(share, "fixme.json", {"id": "fixme", "kind": "probe", "priorty": 1})
+    first = wait_for(lambda: rejected_for(share, "fixme.json"), 30, "the rejection")
+    assert first.error == "priorty: unknown field; did you mean 'priority'?"
+    drop(share, "fixme.json", {"id": "fixme", "kind": "probe", "priority": 1})
+    assert wait_result(share, "fixme", 30).status.value == "succeeded"
+    assert result_of(share, first.id).status.value == "rejected"
