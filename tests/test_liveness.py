@@ -139,3 +139,12 @@ def test_submit_never_falls_back_when_told_not_to(share: Share, tmp_path: Path) 
                           "--fallback", "never"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "nofb"
     assert (share.inbox / "nofb.json").exists() and result_of(share, "nofb") is None
+
+
+def test_second_worker_with_the_same_id_refuses_to_start(share: Share, procs: Procs) -> None:
+    first = procs.worker(share, "twin")
+    wait_for(lambda: share.heartbeat_file("twin").exists(), 30, "a heartbeat")
+    second = procs.worker(share, "twin")
+    assert second.wait(30) == 2
+    assert "another worker with id 'twin' is running" in log_of(second)
+    assert first.poll() is None

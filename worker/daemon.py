@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from schemas.heartbeat import Progress, WorkerState
+from schemas.heartbeat import Heartbeat, Progress, WorkerState
 from schemas.result import Metrics, Result, Terminal
 from spooler import cancel, claim, states
 from spooler.clock import Clock, SystemClock, iso
@@ -28,7 +28,8 @@ from spooler.intake import Intake
 from spooler.jobfile import parse_spec
 from spooler.paths import resolve_in_share
 from spooler.reaper import reap, release
-from spooler.share import Share
+from spooler.share import Share, read_model
+from spooler.submit import find_result
 from spooler.watch import FolderWatcher
 from worker import horse
 from worker.sysinfo import SystemSampler
@@ -36,6 +37,10 @@ from worker.sysinfo import SystemSampler
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1.0
+
+
+class WorkerError(Exception):
+    """The worker cannot start; the message says what to change."""
 
 
 class Worker:
@@ -76,6 +81,7 @@ class Worker:
     def bootstrap(self) -> None:
         for folder in (self.share.running(self.id), self.share.intake(self.id)):
             self.share.makedirs(folder)
+        self._refuse_twin()
         self.hb.start()
         log.info("worker %s started on %s: device %s, share %s", self.id, socket.gethostname(), self.device,
                  self.share.root)
@@ -90,6 +96,19 @@ class Worker:
                                      self.share.settings.poll_interval)
         self.watcher.start()
         log.info("worker %s watching with the %s observer", self.id, self.watcher.mode)
+
+    def _refuse_twin(self) -> None:
+        """Two live workers with one id would requeue each other's jobs at start-up. A heartbeat of our id that
+        did not say "stopped" is either a crash we are recovering from or a twin: watch its seq briefly."""
+        path = self.share.heartbeat_file(self.id)
+        before = read_model(path, Heartbeat)
+        if before is None or before.state is WorkerState.stopped:
+            return
+        self.clock.sleep(1.5 * before.interval + 0.5)
+        after = read_model(path, Heartbeat)
+        if after is not None and after.seq != before.seq:
+            raise WorkerError(f"another worker with id {self.id!r} is running on {after.host} (pid {after.pid}); "
+                              "start this one with a different --id")
 
     def teardown(self) -> None:
         if self.watcher is not None:
@@ -225,14 +244,12 @@ class Worker:
 
     def _only_job_done(self) -> bool:
         assert self.cfg.only_job is not None
-        return (self.share.result_dir(self.cfg.only_job) / "result.json").exists()
+        return find_result(self.share, self.cfg.only_job) is not None
 
     def _exit_code(self) -> int:
         if not self.cfg.only_job:
             return 0
-        from spooler.share import read_model
-
-        result = read_model(self.share.result_dir(self.cfg.only_job) / "result.json", Result)
+        result = find_result(self.share, self.cfg.only_job)
         return 0 if result is not None and result.status is Terminal.succeeded else 1
 
 
@@ -240,4 +257,8 @@ def run_worker(share: Share, cfg: WorkerSettings, clock: Clock | None = None) ->
     worker = Worker(share, cfg, clock)
     worker.install_signal_handlers()
     log.debug("pid %d", os.getpid())
-    return worker.work()
+    try:
+        return worker.work()
+    except WorkerError as e:
+        log.error("worker %s cannot start: %s", cfg.id, e)
+        return 2
