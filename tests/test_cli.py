@@ -1,0 +1,70 @@
+"""The command line as people and scripts use it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from schemas.export import DEFAULT_DIR, RECORDS, schema_text
+from schemas.settings import ShareSettings
+from spooler.share import Share, read_model
+from tests.conftest import Procs, drop, wait_for
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spooler.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_init_is_idempotent_and_keeps_settings(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    assert run("init", str(root), "--heartbeat-interval", "3", "--stale-after", "20").returncode == 0
+    (root / "inbox" / "mine.json").write_text('{"kind": "probe"}')
+    assert run("init", str(root)).returncode == 0
+    settings = read_model(root / "loraspool.json", ShareSettings)
+    assert settings.heartbeat_interval == 3 and settings.stale_after == 20
+    assert (root / "inbox" / "mine.json").read_text() == '{"kind": "probe"}'
+    bad = run("init", str(root), "--stale-after", "1")
+    assert bad.returncode == 2 and "at least twice heartbeat_interval" in bad.stderr
+
+
+def test_commands_explain_a_missing_share(tmp_path: Path) -> None:
+    out = run("status", "--share", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "loraspool init" in out.stderr
+
+
+def test_ping_and_status(share: Share, procs: Procs) -> None:
+    procs.worker(share, "w1")
+    wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "a heartbeat")
+    out = run("ping", "--share", str(share.root))
+    assert out.returncode == 0 and "succeeded by worker w1" in out.stdout, out.stderr
+    drop(share, "waiting.json", {"kind": "train", "base_model": "m", "dataset": "d", "priority": -1})
+    doc = json.loads(run("status", "--share", str(share.root), "--json").stdout)
+    assert [(w["id"], w["stale"], w["device"]) for w in doc["workers"]] == [("w1", False, "cpu")]
+    assert {j["state"] for j in doc["jobs"]} >= {"succeeded"}
+    text = run("status", "--share", str(share.root)).stdout
+    assert "w1" in text and "live" in text and "JOBS" in text
+
+
+def test_submit_refuses_a_bad_job_locally(share: Share, tmp_path: Path) -> None:
+    job = tmp_path / "bad.json"
+    job.write_text(json.dumps({"kind": "train", "base_model": "m", "dataset": "d", "lora": {"rank": 8}}))
+    out = run("submit", str(job), "--share", str(share.root))
+    assert out.returncode == 2 and "lora.rank: unknown field" in out.stderr
+    assert list(share.inbox.iterdir()) == []
+
+
+def test_submit_refuses_a_used_id(share: Share, tmp_path: Path) -> None:
+    share.makedirs(share.result_dir("taken"))
+    job = tmp_path / "taken.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")
+    assert out.returncode == 2 and "already used" in out.stderr
+
+
+def test_json_schemas_are_up_to_date() -> None:
+    for name, model in RECORDS.items():
+        path = DEFAULT_DIR / f"{name}.schema.json"
+        assert path.read_text() == schema_text(model), f"run: loraspool schema  ({path} is stale)"
