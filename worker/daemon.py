@@ -28,7 +28,7 @@ from spooler.intake import Intake
 from spooler.jobfile import parse_spec
 from spooler.paths import resolve_in_share
 from spooler.reaper import reap, release
-from spooler.share import Share, read_model
+from spooler.share import SETTINGS_FILE, Share, read_model
 from spooler.submit import find_result
 from spooler.watch import FolderWatcher
 from worker import horse
@@ -55,6 +55,7 @@ class Worker:
         self.stopping = threading.Event()
         self._last_maintenance = -1e9
         self._last_progress_write = -1e9
+        self._missing_since: float | None = None
         self.watcher: FolderWatcher | None = None
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -216,11 +217,22 @@ class Worker:
         self.maintenance()
         if self.stopping.is_set():
             return "shutdown"
-        if not running_file.exists():
+        if self._claim_gone(running_file):
             return "lost"
         if cancel.requested(self.share, job_id):
             return "cancel"
         return None
+
+    def _claim_gone(self, running_file: Path) -> bool:
+        """True once our running file has been missing for two heartbeat intervals while the share is reachable.
+        A share that went away, or a listing cached for a moment, must not kill hours of training."""
+        now = self.clock.monotonic()
+        if running_file.exists() or not (self.share.root / SETTINGS_FILE).exists():
+            self._missing_since = None
+            return False
+        if self._missing_since is None:
+            self._missing_since = now
+        return now - self._missing_since >= 2 * self.share.settings.heartbeat_interval
 
     def _on_progress(self, progress: Progress) -> None:
         self.hb.progress = progress
