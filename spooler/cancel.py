@@ -8,7 +8,6 @@ wins, the request file is what it sees at its next step.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -19,7 +18,7 @@ from spooler import claim, states
 from spooler.clock import Clock, iso
 from spooler.errors import ClaimLost
 from spooler.intake import Intake
-from spooler.jobfile import looks_temporary
+from spooler.jobfile import looks_temporary, peek_id
 from spooler.share import Share, read_model
 
 log = logging.getLogger(__name__)
@@ -77,9 +76,5 @@ def _accept_from_inbox(share: Share, job_id: str, me: str, clock: Clock) -> None
     for path in share.inbox.glob("*.json"):
         if looks_temporary(path.name):
             continue
-        try:
-            named = json.loads(path.read_bytes()).get("id", path.stem)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if named == job_id:
+        if peek_id(path, share.settings.max_job_bytes) == job_id:
             intake.take(path)

@@ -18,7 +18,7 @@ from schemas.result import Result, Terminal
 from spooler import states
 from spooler.clock import Clock, iso
 from spooler.errors import Rejected
-from spooler.jobfile import looks_temporary, parse_spec
+from spooler.jobfile import looks_temporary, parse_spec, read_limited
 from spooler.share import Share
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Intake:
         source = states.source_name(grabbed)
         limit = self.share.settings.max_job_bytes
         try:
-            data = grabbed.read_bytes() if grabbed.stat().st_size <= limit else b"x" * (limit + 1)
+            data = read_limited(grabbed, limit)
             spec = parse_spec(data, source, limit)
         except Rejected as e:
             return self._reject(grabbed, _fallback_id(source, grabbed), e)

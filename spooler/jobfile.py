@@ -52,6 +52,23 @@ def _nesting_depth(text: str) -> int:
     return deepest
 
 
+def read_limited(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, or Rejected("file") without reading a file over the limit."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise Rejected("file", f"{size} bytes is over the {max_bytes}-byte limit for a job file")
+    return path.read_bytes()
+
+
+def peek_id(path: Path, max_bytes: int) -> str:
+    """The id a job file will get, for status and cancel; the file name when it cannot be read."""
+    try:
+        named = json.loads(read_limited(path, max_bytes)).get("id")
+    except (OSError, ValueError, AttributeError, RecursionError, Rejected):
+        named = None
+    return named if isinstance(named, str) else path.stem
+
+
 def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
     """The JSON object in ``data``, or Rejected("file", ...)."""
     if len(data) > max_bytes:

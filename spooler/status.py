@@ -7,7 +7,6 @@ sure the verdict is (``confidence``) and why (``reason``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from schemas.result import Result
 from spooler import claim
 from spooler.clock import Clock
 from spooler.heartbeat import snapshot, watch_briefly
-from spooler.jobfile import looks_temporary
+from spooler.jobfile import looks_temporary, peek_id
 from spooler.share import Share, read_model
 
 RECENT = 20
@@ -46,16 +45,9 @@ def _incoming(share: Share) -> list[dict]:
     out = []
     for path in sorted(share.inbox.glob("*")):
         if not looks_temporary(path.name):
-            out.append({"id": _guess_id(path), "state": "incoming", "worker": None, "file": path.name})
+            out.append({"id": peek_id(path, share.settings.max_job_bytes), "state": "incoming", "worker": None,
+                        "file": path.name})
     return out
-
-
-def _guess_id(path: Path) -> str:
-    try:
-        named = json.loads(path.read_bytes()).get("id")
-    except (OSError, ValueError, AttributeError):
-        named = None
-    return named if isinstance(named, str) else path.stem
 
 
 def _queued(share: Share) -> list[dict]:
