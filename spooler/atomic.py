@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 REPLACE_RETRY_SECONDS = 5.0
+SHARING_ERRNOS = {errno.EACCES, errno.EBUSY, errno.EPERM, errno.EIO, errno.ETXTBSY}
 
 
 def tmp_name(target: Path) -> Path:
@@ -35,11 +36,10 @@ def replace_with_retry(src: Path, dst: Path, deadline_s: float = REPLACE_RETRY_S
         try:
             os.replace(src, dst)
             return
-        except PermissionError:
-            if sys.platform != "win32" or time.monotonic() > end:
-                raise
         except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EBUSY) or time.monotonic() > end:
+            # A sharing violation: Windows, or any SMB client, while another process has ``dst`` open without
+            # FILE_SHARE_DELETE. rclone's SMB mount reports it as EIO. Transient by nature: retry, then give up.
+            if e.errno not in SHARING_ERRNOS or time.monotonic() > end:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.2)

@@ -1,0 +1,92 @@
+"""The spool across two rclone mounts of one samba share: two machines, as far as the file system can tell.
+
+inotify on one mount never sees the other's writes, and flock is not exclusive across them, so these tests
+exercise exactly what production on SMB relies on: the polling observer, and the rename as the claim.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spooler.share import Share, init_share
+from spooler.watch import choose_mode
+from tests.conftest import FAST, Procs, log_of, result_of, wait_for
+from tests.smbshare import SmbPair, smb_pair, smb_unavailable_reason
+
+pytestmark = [pytest.mark.smb, pytest.mark.skipif(smb_unavailable_reason() is not None,
+                                                  reason=smb_unavailable_reason() or "")]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmbPair]:
+    with smb_pair(tmp_path_factory.mktemp("smb")) as p:
+        yield p
+
+
+@pytest.fixture
+def shares(pair: SmbPair, request: pytest.FixtureRequest) -> tuple[Share, Share]:
+    """One loraspool share in a fresh folder of the SMB share, seen through mount a and through mount b.
+    (Not at the share's root: rclone's SMB backend leaves a stray folder when a file is written there.)"""
+    name = re.sub(r"\W", "_", request.node.name)[:40]
+    a = init_share(pair.a / name, **{**FAST, "stale_after": 3.0, "settle_seconds": 1.0})
+    return a, Share.open(pair.b / name)
+
+
+def test_mounts_are_network_filesystems_and_get_the_polling_observer(shares: tuple[Share, Share]) -> None:
+    a, b = shares
+    assert choose_mode(a.root, "auto") == "polling"
+    assert choose_mode(b.root, "auto") == "polling"
+
+
+def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs) -> None:
+    a, b = shares
+    wa = procs.worker(a, "on-a")
+    wb = procs.worker(b, "on-b")
+    wait_for(lambda: len(list(a.heartbeats.glob("on-*.json"))) == 2, 60, "both heartbeats")
+    jobs = [f"r{i:03d}" for i in range(80)]
+    for i, job_id in enumerate(jobs):  # dropped through both mounts, as from two machines
+        side = a if i % 2 else b
+        tmp = side.inbox / f".{job_id}.tmp"
+        tmp.write_text(json.dumps({"kind": "probe"}))
+        tmp.rename(side.inbox / f"{job_id}.json")
+    wait_for(lambda: all(result_of(a, j) for j in jobs), 180, "80 results", every=0.5)
+    procs.stop_all()
+    claims = collections.Counter(re.findall(r"job (r\d{3}) claimed", log_of(wa) + log_of(wb)))
+    assert set(claims) == set(jobs) and max(claims.values()) == 1, claims.most_common(3)
+    workers = collections.Counter(result_of(b, j).worker for j in jobs)
+    assert set(workers) == {"on-a", "on-b"}, workers
+    assert "polling observer" in log_of(wa) and "polling observer" in log_of(wb)
+
+
+def test_drop_train_result_across_mounts(shares: tuple[Share, Share], procs: Procs, tiny_model_dir: Path,
+                                         tmp_path: Path) -> None:
+    """The worker on mount a trains; the submitter on mount b drops the job and waits for the result."""
+    from worker.tinymodel import write_dataset
+
+    a, b = shares
+    shutil.copytree(tiny_model_dir, b.root / "models" / "tiny")
+    write_dataset(b.root / "datasets" / "d.jsonl", "alpaca", rows=40)
+    procs.worker(a, "gpu-desk")
+    wait_for(lambda: b.heartbeat_file("gpu-desk").exists(), 60, "the worker's heartbeat through b")
+    job = tmp_path / "smbtrain.json"
+    job.write_text(json.dumps({"kind": "train", "base_model": "models/tiny", "dataset": "datasets/d.jsonl",
+                               "training": {"max_steps": 8, "batch_size": 4, "max_length": 48,
+                                            "learning_rate": 3e-3}}))
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(b.root), "--wait",
+                          "--fallback", "never"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = result_of(b, "smbtrain")
+    assert r.status.value == "succeeded" and r.worker == "gpu-desk" and not r.fallback
+    for name, digest in r.adapter.files.items():
+        import hashlib
+
+        assert hashlib.sha256((b.root / r.adapter.path / name).read_bytes()).hexdigest() == digest
