@@ -57,6 +57,22 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file a library wrote (safetensors, peft) to the share before anyone is told it exists.
+    A client with a write-back cache (rclone's VFS holds read-write files 5 s by default) would otherwise
+    report success for bytes that are still only on this machine."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass  # some filesystems refuse fsync on a read-only descriptor; the close still flushes
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
+
+
 def write_bytes(target: Path, data: bytes, mode: int = 0o664) -> None:
     tmp = tmp_name(target)
     try:

@@ -1,0 +1,317 @@
+"""The training slice on a tiny real model, on CPU: it learns, saves a loadable share-readable adapter, and
+refuses bad models, bad datasets and bad module names by field before loading any weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.heartbeat import Progress
+from schemas.job import JobSpec
+from spooler.errors import Cancelled, Rejected
+from worker import data
+from worker.engine import dir_mode_for
+from worker.modelguard import check_dataset_file, check_model_dir
+from worker.tinymodel import write_dataset
+from worker.train import TrainOutcome, TrainRequest, run_training
+from worker.verify import hash_folder
+
+MODE = 0o664
+
+
+@pytest.fixture(scope="module")
+def share_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A share holding the tiny model, copied in as a person would, and one dataset of each shape."""
+    root = tmp_path_factory.mktemp("train-share")
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny")
+    for shape in ("alpaca", "chat", "text"):
+        write_dataset(root / "datasets" / f"{shape}.jsonl", shape, rows=64)
+    return root
+
+
+def make_job(job_id: str = "t1", *, dataset: str = "datasets/alpaca.jsonl", model: str = "models/tiny",
+             targets: Any = ("q_proj", "v_proj"), quantization: str = "none", **training: Any) -> JobSpec:
+    settings = {"max_steps": 40, "batch_size": 8, "learning_rate": 3e-3, "max_length": 64, **training}
+    return JobSpec(id=job_id, kind="train", base_model=model, dataset=dataset, quantization=quantization,
+                   lora={"r": 8, "alpha": 16, "dropout": 0.0,
+                         "target_modules": targets if isinstance(targets, str) else list(targets)},
+                   training=settings)
+
+
+def request(root: Path, job: JobSpec) -> TrainRequest:
+    assert job.base_model and job.dataset and job.id
+    return TrainRequest(job=job, model_dir=root / job.base_model, dataset_path=root / job.dataset, share_root=root,
+                        out_dir=root / "results" / job.id / "attempts" / "a1-w", device="cpu", file_mode=MODE)
+
+
+def train(root: Path, job: JobSpec, reports: list[Progress] | None = None,
+          should_stop: Any = lambda: False) -> TrainOutcome:
+    return run_training(request(root, job), (reports if reports is not None else []).append, should_stop)
+
+
+@pytest.fixture(scope="module")
+def alpaca_outcome(share_root: Path) -> tuple[TrainOutcome, list[Progress]]:
+    reports: list[Progress] = []
+    return train(share_root, make_job("alpaca"), reports), reports
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to read config, tokenizer or weights fails the test: refusals must come first."""
+    import transformers
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model file was loaded before the input was checked")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", boom)
+
+
+# ── it learns ────────────────────────────────────────────────────────────────────────────────────────────
+def test_alpaca_learns_and_reports(alpaca_outcome: tuple[TrainOutcome, list[Progress]]) -> None:
+    outcome, reports = alpaca_outcome
+    m = outcome.metrics
+    assert m.eval_loss_after < m.eval_loss_before, m
+    assert m.steps == 40 and m.tokens and m.tokens > 0 and m.seconds and m.seconds > 0
+    assert m.train_loss is not None and math.isfinite(m.train_loss)
+    phases = list(dict.fromkeys(p.phase for p in reports))
+    assert phases == ["loading", "eval-before", "training", "eval-after", "saving", "verifying"]
+    steps = [p for p in reports if p.phase == "training"]
+    assert [p.step for p in steps] == list(range(1, 41)) and steps[-1].total_steps == 40
+    assert all(p.job == "alpaca" and p.loss is not None and p.learning_rate is not None for p in steps)
+    assert steps[-1].eta_seconds == 0 and steps[-1].tokens_per_second and steps[-1].tokens_per_second > 0
+    assert outcome.notes == []
+
+
+@pytest.mark.parametrize("shape", ["chat", "text"])
+def test_other_shapes_learn(share_root: Path, shape: str) -> None:
+    outcome = train(share_root, make_job(f"learn-{shape}", dataset=f"datasets/{shape}.jsonl"))
+    assert outcome.metrics.eval_loss_after < outcome.metrics.eval_loss_before, outcome.metrics
+
+
+# ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────
+def test_adapter_loads_the_plain_way_and_is_share_readable(share_root: Path, alpaca_outcome: Any) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    outcome: TrainOutcome = alpaca_outcome[0]
+    adapter = outcome.adapter_dir
+    assert adapter == share_root / "results" / "alpaca" / "attempts" / "a1-w" / "adapter"
+    names = sorted(p.name for p in adapter.iterdir())
+    assert "adapter_model.safetensors" in names and "adapter_config.json" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    assert {n: stat.S_IMODE(os.stat(adapter / n).st_mode) for n in names} == dict.fromkeys(names, MODE)
+    assert stat.S_IMODE(os.stat(adapter).st_mode) == dir_mode_for(MODE) == 0o775
+    assert (outcome.files, outcome.size_bytes) == hash_folder(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/tiny"
+
+    base = AutoModelForCausalLM.from_pretrained(share_root / "models" / "tiny")
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits
+    assert torch.isfinite(tuned).all()
+    assert not torch.allclose(plain, tuned), "the adapter changes nothing"
+
+
+def test_4bit_on_cpu_trains_as_plain_lora_and_says_so(share_root: Path) -> None:
+    outcome = train(share_root, make_job("q4", quantization="4bit", max_steps=3))
+    assert outcome.metrics.steps == 3
+    assert len(outcome.notes) == 1
+    assert "4bit" in outcome.notes[0] and "CPU" in outcome.notes[0] and "plain LoRA" in outcome.notes[0]
+    assert (outcome.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_should_stop_cancels_mid_training(share_root: Path) -> None:
+    reports: list[Progress] = []
+    job = make_job("cancel-me")
+    with pytest.raises(Cancelled):
+        train(share_root, job, reports, lambda: any(p.step >= 3 for p in reports))
+    assert max(p.step for p in reports) == 3
+    out_dir = request(share_root, job).out_dir
+    assert out_dir.is_dir() and not (out_dir / "adapter").exists()
+
+
+def test_non_finite_loss_is_a_clear_error(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import engine
+
+    real = engine.batch_loss
+
+    def poisoned(model: Any, batch: Any, plan: Any) -> tuple[Any, int]:
+        loss, n = real(model, batch, plan)
+        return (loss * float("nan"), n) if model.training else (loss, n)
+
+    monkeypatch.setattr(engine, "batch_loss", poisoned)
+    with pytest.raises(RuntimeError, match=r"nan at step 1 .*lower training.learning_rate"):
+        train(share_root, make_job("diverge"))
+
+
+# ── data ─────────────────────────────────────────────────────────────────────────────────────────────────
+def _tokenizer(share_root: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(share_root / "models" / "tiny")
+
+
+def test_alpaca_labels_cover_the_response_and_eos_only(share_root: Path) -> None:
+    tok = _tokenizer(share_root)
+    row = data.Row(1, "alpaca", {"instruction": "What color is the sky?", "input": "sky", "output": "The sky is blue."})
+    ex = data.tokenize(row, tok, 512)
+    prompt = data.ALPACA_PROMPT_WITH_INPUT.format(instruction="What color is the sky?", input="sky")
+    n_prompt = 1 + len(tok.encode(prompt, add_special_tokens=False))  # + BOS
+    response = tok.encode("The sky is blue.", add_special_tokens=False)
+    assert ex.input_ids[0] == tok.bos_token_id
+    assert ex.labels[:n_prompt] == [data.IGNORE] * n_prompt
+    assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:] == [*response, tok.eos_token_id]
+    assert tok.decode(ex.input_ids[n_prompt:], skip_special_tokens=True) == "The sky is blue."
+
+
+def test_chat_labels_cover_assistant_turns_only(share_root: Path) -> None:
+    tok = _tokenizer(share_root)
+    messages = [{"role": "user", "content": "What does the cow say?"}, {"role": "assistant", "content": "Moo."},
+                {"role": "user", "content": "And the duck?"}, {"role": "assistant", "content": "Quack."}]
+    for template in (tok.chat_template, None):  # the model's own template, then the documented plain one
+        tok.chat_template = template
+        ex = data.tokenize(data.Row(1, "chat", {"messages": messages}), tok, 512)
+        learned = tok.decode([i for i, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != data.IGNORE])
+        assert learned.replace("\n", "") == "Moo.<|eos|>Quack.<|eos|>", (template, learned)
+
+
+def test_text_rows_learn_every_token_and_truncate(share_root: Path) -> None:
+    tok = _tokenizer(share_root)
+    ex = data.tokenize(data.Row(1, "text", {"text": "The cat says meow. " * 20}), tok, 16)
+    assert len(ex.input_ids) == len(ex.labels) == 16
+    assert ex.labels[1:] == ex.input_ids[1:]
+
+
+def test_collate_pads_with_masked_labels() -> None:
+    batch = data.collate([data.Example([1, 5, 6], [-100, 5, 6]), data.Example([1, 7], [-100, 7])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_split_is_seeded_and_keeps_both_sides(tmp_path: Path) -> None:
+    rows = [data.Row(i, "text", {"text": str(i)}) for i in range(1, 21)]
+    train_rows, eval_rows = data.split_rows(rows, 0.1, seed=3)
+    assert (len(train_rows), len(eval_rows)) == (18, 2)
+    assert data.split_rows(rows, 0.1, seed=3) == (train_rows, eval_rows)
+    assert [len(s) for s in data.split_rows(rows[:2], 0.9, seed=0)] == [1, 1]
+    with pytest.raises(Rejected, match="at least 2") as e:
+        data.split_rows(rows[:1], 0.1, seed=0)
+    assert e.value.field == "dataset"
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("{not json", "line 7: not valid JSON"),
+    ('{"instruction": "Hi"}', "line 7: an instruction row needs a non-empty string \"output\""),
+    ('{"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "x"}]}',
+     "line 7: the last message must have role \"assistant\""),
+    ('{"prompt": "a", "completion": "b"}', "line 7: a row needs"),
+    ("[1, 2]", "line 7: a row must be a JSON object"),
+])
+def test_malformed_dataset_line_is_refused_by_number(share_root: Path, line: str, expected: str) -> None:
+    path = share_root / "datasets" / "broken.jsonl"
+    good = (share_root / "datasets" / "alpaca.jsonl").read_text().splitlines()
+    path.write_text("\n".join([*good[:5], "", line, *good[5:10]]) + "\n")  # a blank line 6 still counts
+    with pytest.raises(Rejected) as e:
+        train(share_root, make_job("broken", dataset="datasets/broken.jsonl"))
+    assert e.value.field == "dataset" and e.value.problem.startswith(expected), e.value.problem
+
+
+def test_dataset_file_checks(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    for name, expected in [("missing.jsonl", "does not exist"), ("empty.jsonl", "is empty"), (".", "not a file")]:
+        with pytest.raises(Rejected, match=expected) as e:
+            check_dataset_file(tmp_path / name)
+        assert e.value.field == "dataset"
+
+
+# ── refusals before anything loads ───────────────────────────────────────────────────────────────────────
+def _pickle_only(folder: Path, outside: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 not really a pickle")
+
+
+def _auto_map(folder: Path, outside: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _link_outside(folder: Path, outside: Path) -> None:
+    target = outside / "tokenizer.json"
+    shutil.move(folder / "tokenizer.json", target)
+    (folder / "tokenizer.json").symlink_to(target)
+
+
+def _no_config(folder: Path, outside: Path) -> None:
+    (folder / "config.json").unlink()
+
+
+def _no_weights(folder: Path, outside: Path) -> None:
+    (folder / "model.safetensors").unlink()
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [
+    (_pickle_only, "has only pickle weights (pytorch_model.bin)"),
+    (_auto_map, "config.json has \"auto_map\""),
+    (_link_outside, "'tokenizer.json' is a symlink to"),
+    (_no_config, "has no config.json"),
+    (_no_weights, "has no weights"),
+])
+def test_bad_model_folder_is_refused_before_loading(tmp_path: Path, tiny_model_dir: Path, breakage: Any,
+                                                    expected: str, no_loading: None) -> None:
+    root, outside = tmp_path / "share", tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copytree(tiny_model_dir, root / "models" / "bad")
+    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=8)
+    breakage(root / "models" / "bad", outside)
+    with pytest.raises(Rejected) as e:
+        train(root, make_job("bad", model="models/bad"))
+    assert e.value.field == "base_model" and expected in e.value.problem, e.value.problem
+    if breakage is _link_outside:
+        assert "outside the share" in e.value.problem
+
+
+def test_links_inside_the_share_are_fine(tmp_path: Path, tiny_model_dir: Path) -> None:
+    root = tmp_path / "share"
+    shutil.copytree(tiny_model_dir, root / "blobs")
+    (root / "models" / "linked").mkdir(parents=True)
+    for f in (root / "blobs").iterdir():
+        (root / "models" / "linked" / f.name).symlink_to(f)
+    check_model_dir(root / "models" / "linked", root)
+
+
+def test_unknown_target_module_is_refused_with_the_valid_names(share_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               ) -> None:
+    import transformers
+
+    def no_weights(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights were loaded before the module names were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(Rejected) as e:
+        train(share_root, make_job("typo", targets=["q_proj", "q_prj"]))
+    assert e.value.field == "lora.target_modules"
+    assert e.value.problem.startswith("unknown module 'q_prj'; this model has: ")
+    assert "q_proj, up_proj, v_proj" in e.value.problem
+    with pytest.raises(Rejected, match="'mlp' is a LlamaMLP, not a layer LoRA can adapt"):
+        train(share_root, make_job("typo2", targets=["mlp"]))
+
+
+def test_guard_and_outcome_modules_never_import_torch() -> None:
+    """The guard runs before any load; the daemon unpickles TrainOutcome, importing worker.train, without torch."""
+    code = ("import sys, worker.modelguard, worker.train, worker.verify; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -1,0 +1,145 @@
+"""Checks on a model folder and a dataset file before anything is loaded. Pure Python: no torch import.
+
+A model folder on a shared drive is input from whoever put it there. Loading it must never run code: no
+``trust_remote_code`` (``auto_map``), no pickle weights, no symlink that makes the worker read files from
+outside the share. These checks run before torch or transformers touch the folder, so a bad folder is
+refused in milliseconds with a sentence that says what to do, instead of failing deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from spooler.errors import Rejected
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Config files whose auto_map asks transformers to import Python code shipped with the model.
+CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def check_model_dir(path: Path, share_root: Path) -> None:
+    """Refuse (``Rejected("base_model", ...)``) a folder that is not a safe, complete safetensors model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise Rejected("base_model", f"{path.name!r} is not a folder; point base_model at a model folder "
+                                     "saved with save_pretrained (config.json, tokenizer, *.safetensors)")
+    _check_links(path, share_root)
+    if not (path / "config.json").is_file():
+        raise Rejected("base_model", f"{path.name!r} has no config.json; point base_model at the folder that holds "
+                                     "config.json and the weights (as written by save_pretrained)")
+    for name in CODE_CONFIGS:
+        if "auto_map" in _read_json(path / name):
+            raise Rejected("base_model", f"{name} has \"auto_map\", which asks to run Python code shipped with the "
+                                         "model (trust_remote_code); this worker never runs such code: use a model "
+                                         "whose architecture transformers supports natively")
+    _check_weights(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise Rejected("base_model", f"{path.name!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                     "save the tokenizer into the model folder with tokenizer.save_pretrained")
+
+
+def check_dataset_file(path: Path) -> None:
+    """Refuse (``Rejected("dataset", ...)``) a dataset path that is missing, not a file, or empty."""
+    path = Path(path)
+    if not path.exists():
+        raise Rejected("dataset", f"{path.name!r} does not exist; copy the JSONL file to the share or fix the path")
+    if not path.is_file():
+        raise Rejected("dataset", f"{path.name!r} is not a file; dataset must name a JSONL file, one row per line")
+    if path.stat().st_size == 0:
+        raise Rejected("dataset", f"{path.name!r} is empty; it needs at least two JSONL rows (one to train, "
+                                  "one to evaluate)")
+
+
+def _inside(target: Path, root: Path) -> bool:
+    return target == root or root in target.parents
+
+
+def _check_links(folder: Path, share_root: Path) -> None:
+    """Every symlink in ``folder`` (files and subfolders, recursively) must lead to an existing path in the share.
+
+    Linked subfolders are followed (a Hugging Face cache links snapshots to blobs), each real folder once.
+    """
+    root = Path(os.path.realpath(share_root))
+    seen: set[Path] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        real = Path(os.path.realpath(current))
+        if not _inside(real, root):
+            raise Rejected("base_model", f"{_rel(current, folder)!r} resolves to {real}, outside the share; "
+                                         "copy the model into the share instead of linking to it")
+        if real in seen:
+            continue
+        seen.add(real)
+        for entry in os.scandir(current):
+            if entry.is_symlink():
+                _check_link(Path(entry.path), folder, root)
+            if entry.is_dir(follow_symlinks=True):
+                pending.append(Path(entry.path))
+
+
+def _check_link(link: Path, folder: Path, root: Path) -> None:
+    target = Path(os.path.realpath(link))
+    name = _rel(link, folder)
+    if not _inside(target, root):
+        raise Rejected("base_model", f"{name!r} is a symlink to {target}, outside the share; copy the file into "
+                                     "the model folder instead of linking to it")
+    if not target.exists():
+        raise Rejected("base_model", f"{name!r} is a broken symlink (to {target}); copy the file into the model "
+                                     "folder")
+
+
+def _rel(path: Path, folder: Path) -> str:
+    try:
+        return Path(path).relative_to(folder).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``, or {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Rejected("base_model", f"{path.name} is not valid JSON ({e}); copy the model folder again") from e
+    if not isinstance(data, dict):
+        raise Rejected("base_model", f"{path.name} is not a JSON object; copy the model folder again")
+    return data
+
+
+def _check_weights(folder: Path) -> None:
+    """Safetensors weights must be there, complete; pickle weights alone are refused."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    safe = [n for n in names if n.endswith(".safetensors")]
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if not safe and pickles:
+        raise Rejected("base_model", f"{folder.name!r} has only pickle weights ({', '.join(pickles[:3])}); "
+                                     "unpickling can run code, so this worker loads safetensors only: convert the "
+                                     "weights (load the model and save_pretrained it, which writes *.safetensors) "
+                                     "and copy the .safetensors files in")
+    if not safe:
+        raise Rejected("base_model", f"{folder.name!r} has no weights (no *.safetensors file); copy the model's "
+                                     "safetensors files into the folder")
+    shards = _index_shards(folder)
+    odd = [s for s in shards if os.path.isabs(s) or ".." in s.replace("\\", "/").split("/")]
+    if odd:
+        raise Rejected("base_model", f"{SAFETENSORS_INDEX} names shard {odd[0]!r}, which is not a file in the "
+                                     "model folder; fix the index or copy the model again")
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise Rejected("base_model", f"{SAFETENSORS_INDEX} names {len(missing)} missing shard(s) "
+                                     f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
+
+
+def _index_shards(folder: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index names ([] when the checkpoint is not sharded)."""
+    weight_map = _read_json(folder / SAFETENSORS_INDEX).get("weight_map") or {}
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise Rejected("base_model", f"{SAFETENSORS_INDEX} has a malformed weight_map; copy the model again")
+    return sorted(set(weight_map.values()))

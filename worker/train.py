@@ -1,0 +1,59 @@
+"""One LoRA training attempt, run in the worker's child process (``worker.horse``).
+
+Order matters: the cheap checks that can refuse a job (model folder, dataset file, dataset rows, target
+module names) all run before the model's weights are read, so a typo costs seconds, not a multi-minute load.
+
+This module stays light (no torch at import): the daemon unpickles the ``TrainOutcome`` the child sends, and
+that imports this module in the daemon, which must never load torch. The torch side is ``worker.loop``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.heartbeat import Progress
+from schemas.job import JobSpec
+from schemas.result import Metrics
+from worker.modelguard import check_dataset_file, check_model_dir
+from worker.verify import hash_folder
+
+
+@dataclass
+class TrainRequest:
+    job: JobSpec  # validated; job.id is set
+    model_dir: Path  # already resolved inside the share
+    dataset_path: Path
+    share_root: Path
+    out_dir: Path  # this attempt's folder on the share (may not exist yet); the adapter goes to out_dir / "adapter"
+    device: str  # "cpu" or "cuda"
+    file_mode: int  # chmod for every file written (safetensors writes 0600; other share users must read them)
+
+
+@dataclass
+class TrainOutcome:
+    metrics: Metrics
+    adapter_dir: Path
+    files: dict[str, str]  # name relative to adapter_dir -> sha256 hex
+    size_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+# ── entry point ──────────────────────────────────────────────────────────────────────────────────────────
+def run_training(req: TrainRequest, report: Callable[[Progress], None],
+                 should_stop: Callable[[], bool]) -> TrainOutcome:
+    """Train one adapter and save it to ``req.out_dir / "adapter"``. Raises Rejected (bad input), Cancelled,
+    or RuntimeError (training diverged, the saved adapter does not load)."""
+    started = time.monotonic()
+    job_id = req.job.id or "job"
+    check_model_dir(req.model_dir, req.share_root)
+    check_dataset_file(req.dataset_path)
+    report(Progress(job=job_id, phase="loading"))
+    from worker.engine import train_adapter  # torch arrives here, in the training child only
+
+    metrics, adapter_dir, notes = train_adapter(req, report, should_stop)
+    files, size = hash_folder(adapter_dir)
+    metrics.seconds = round(time.monotonic() - started, 3)
+    return TrainOutcome(metrics, adapter_dir, files, size, notes)
