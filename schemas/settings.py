@@ -20,6 +20,10 @@ class ShareSettings(BaseModel):
     settle_seconds: float = Field(
         3.0, ge=0, description="An inbox file that fails to parse is only rejected once unchanged this long."
     )
+    confirm_seconds: float = Field(
+        0.3, ge=0, le=10,
+        description="After a claim rename or an id mkdir, wait this long and look again before acting: some SMB "
+                    "clients (rclone) can tell two racing clients that both won.")
     rescan_interval: float = Field(5.0, gt=0, description="Full rescan of the folders, whatever the watcher saw.")
     poll_interval: float = Field(0.5, gt=0, description="Polling observer period on network filesystems.")
 

@@ -25,8 +25,13 @@ def queued(share: Share) -> list[tuple[states.QueueKey, Path]]:
 
 
 def next_job(share: Share, worker: str, only: str | None = None) -> Path | None:
-    """Claim the first job we can win. ``only`` restricts to one job id (the submitter's fallback)."""
+    """The next job to run: one already in our running folder (a claim whose confirmation a cached listing
+    hid from us), else the first queued job we can win. ``only`` restricts to one job id (the fallback)."""
     share.makedirs(share.running(worker))
+    for path in held(share, worker):
+        key = states.QueueKey.parse(path.name)
+        if key is not None and only in (None, key.job_id):
+            return path
     for key, path in queued(share):
         if only is not None and key.job_id != only:
             continue

@@ -18,7 +18,9 @@ import errno
 import json
 import os
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -106,7 +108,9 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
         os.chmod(folder, share.dir_mode)
     share.write_json(folder / ORIGIN, {"token": intake_file.name, "source_file": source_name(intake_file),
                                        "accepted_by": worker})
-    return True
+    # rclone's SMB client reports "already exists" as success, so two racing mkdirs can both "win". The last
+    # origin.json written is the reservation: look again after a pause, and yield if it is not ours.
+    return _confirmed(share, lambda: _read_json(folder / ORIGIN).get("token") == intake_file.name, folder)
 
 
 def enqueue(share: Share, intake_file: Path, key: QueueKey) -> Path:
@@ -119,15 +123,28 @@ def enqueue(share: Share, intake_file: Path, key: QueueKey) -> Path:
 
 def claim(share: Share, queue_file: Path, worker: str) -> Path | None:
     """queued → running. The rename is the source of truth: byte-range locks may be ignored by the share
-    (CIFS nobrl, NFS without lockd), but only one rename of a given source can succeed."""
+    (CIFS nobrl, NFS without lockd), but the server puts a file in one folder only.
+
+    What a client is *told* can be wrong both ways. NFS may retransmit a rename whose reply was lost, and the
+    retry fails although the first one won. An SMB rename is open-rename-close, so two clients that opened the
+    source together can both be told they won, and the file ends in the later one's folder. So the answer is
+    whether the file is in our folder after a pause, as the server lists it."""
     dest = share.running(worker) / queue_file.name
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.rename(queue_file, dest)
-    except FileNotFoundError:
-        # NFS may retransmit a rename whose reply was lost; the retry fails although the first one won.
-        return dest if dest.exists() else None
     atomic.fsync_dir(dest.parent)
-    return dest
+    return dest if _confirmed(share, lambda: dest.name in os.listdir(dest.parent), dest.parent) else None
+
+
+def _confirmed(share: Share, check: Callable[[], bool], folder: Path) -> bool:
+    """``check()`` after ``confirm_seconds``. Listing ``folder`` first refreshes an SMB client's view of it."""
+    if share.settings.confirm_seconds:
+        time.sleep(share.settings.confirm_seconds)
+    try:
+        os.listdir(folder)
+        return check()
+    except OSError:
+        return False
 
 
 def requeue(share: Share, running_file: Path, attempt: int) -> Path | None:

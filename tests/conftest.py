@@ -21,8 +21,8 @@ from schemas.result import Result
 from spooler.share import Share, init_share, read_model
 
 # Fast timings for tests; the defaults are for real shares.
-FAST = {"heartbeat_interval": 0.25, "stale_after": 2.0, "settle_seconds": 0.6, "rescan_interval": 0.5,
-        "poll_interval": 0.2}
+FAST = {"confirm_seconds": 0.0, "heartbeat_interval": 0.25, "stale_after": 2.0, "settle_seconds": 0.6,
+        "rescan_interval": 0.5, "poll_interval": 0.2}
 
 
 def make_share(root: Path, **overrides: float | int | str) -> Share:

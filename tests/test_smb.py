@@ -37,7 +37,7 @@ def shares(pair: SmbPair, request: pytest.FixtureRequest) -> tuple[Share, Share]
     """One loraspool share in a fresh folder of the SMB share, seen through mount a and through mount b.
     (Not at the share's root: rclone's SMB backend leaves a stray folder when a file is written there.)"""
     name = re.sub(r"\W", "_", request.node.name)[:40]
-    a = init_share(pair.a / name, **{**FAST, "stale_after": 3.0, "settle_seconds": 1.0})
+    a = init_share(pair.a / name, **{**FAST, "stale_after": 3.0, "settle_seconds": 1.0, "confirm_seconds": 0.3})
     return a, Share.open(pair.b / name)
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from schemas.heartbeat import Heartbeat, Progress, WorkerState
-from schemas.result import Metrics, Result, Terminal
+from schemas.result import AdapterInfo, Metrics, Result, Terminal
 from spooler import cancel, claim, states
 from spooler.clock import Clock, SystemClock, iso
 from spooler.config import WorkerSettings
@@ -56,6 +56,7 @@ class Worker:
         self._last_maintenance = -1e9
         self._last_progress_write = -1e9
         self._missing_since: float | None = None
+        self._last_phase = ""
         self.watcher: FolderWatcher | None = None
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -197,8 +198,8 @@ class Worker:
         if out.kind == "done":
             o = out.outcome
             metrics = o.metrics.model_copy(update={"seconds": o.metrics.seconds or seconds})
-            adapter = {"path": self.share.rel(self.share.result_dir(base.id) / "adapter"), "files": o.files,
-                       "size_bytes": o.size_bytes}
+            adapter = AdapterInfo(path=self.share.rel(self.share.result_dir(base.id) / "adapter"), files=o.files,
+                                  size_bytes=o.size_bytes)
             return base.model_copy(update={"status": Terminal.succeeded, "metrics": metrics, "adapter": adapter,
                                            "notes": list(o.notes)})
         if out.kind == "rejected":
@@ -237,8 +238,8 @@ class Worker:
     def _on_progress(self, progress: Progress) -> None:
         self.hb.progress = progress
         now = self.clock.monotonic()
-        if now - self._last_progress_write >= PROGRESS_EVERY:
-            self._last_progress_write = now
+        if now - self._last_progress_write >= PROGRESS_EVERY or progress.phase != self._last_phase:
+            self._last_progress_write, self._last_phase = now, progress.phase
             try:
                 self.share.write_json(self.share.result_dir(progress.job) / "progress.json", progress)
             except OSError as e:

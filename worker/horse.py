@@ -83,17 +83,21 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
     child.close()
     stop_sent_at: float | None = None
     stop_reason: str | None = None
+    next_poll = time.monotonic() + POLL
     try:
         while True:
             msg = _recv(parent)
-            if msg is not None:
-                if msg[0] == "progress":
-                    on_progress(msg[1])
-                    continue
-                return _final(msg, stop_reason)
-            if not proc.is_alive() and not parent.poll():
-                proc.join()
+            if msg == _EOF:  # the child is gone without a last word: killed, or crashed in native code
+                proc.join(10)
                 return HorseResult("died", error=_death(proc.exitcode))
+            if msg is not None and msg[0] != "progress":
+                return _final(msg, stop_reason)
+            if msg is not None:
+                on_progress(msg[1])
+            # On the clock, not when the pipe is quiet: a fast child reports every few milliseconds.
+            if time.monotonic() < next_poll:
+                continue
+            next_poll = time.monotonic() + POLL
             if stop_reason is None and (stop_reason := poll()) is not None:
                 log.info("stopping the training process: %s", stop_reason)
                 _send(parent, "stop")
@@ -107,12 +111,15 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
         parent.close()
 
 
+_EOF = ("eof",)
+
+
 def _recv(conn: Connection) -> tuple | None:
     try:
         if conn.poll(POLL):
             return conn.recv()
     except (EOFError, OSError):
-        return None
+        return _EOF
     return None
 
 

@@ -1,0 +1,118 @@
+"""Training jobs through the spool, on the tiny model: result, adapter, kill -9 and requeue, cancel, fallback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from schemas.heartbeat import Progress
+from spooler.share import Share, read_model
+from tests.conftest import Procs, drop, log_of, result_of, train_job, wait_for, wait_result
+
+LONG = 100_000  # steps: a job that only ends by kill, cancel or requeue
+
+
+def progress_step(share: Share, job_id: str) -> int:
+    p = read_model(share.result_dir(job_id) / "progress.json", Progress)
+    return p.step if p and p.phase == "training" else 0
+
+
+def test_train_job_end_to_end(train_share: Share, procs: Procs) -> None:
+    share = train_share
+    data = json.dumps(train_job("t1", steps=30)).encode()
+    drop(share, "t1.json", data)
+    procs.worker(share, "w1")
+    r = wait_result(share, "t1", 180)
+    assert r.status.value == "succeeded", r.error
+    assert (r.device, r.fallback, r.attempts, r.worker) == ("cpu", False, 1, "w1")
+    m = r.metrics
+    assert m.eval_loss_after < m.eval_loss_before, m
+    assert m.tokens and m.tokens > 0 and m.seconds and m.seconds > 0 and m.train_loss is not None
+    adapter = share.root / r.adapter.path
+    assert r.adapter.path == "results/t1/adapter"
+    assert sum((adapter / n).stat().st_size for n in r.adapter.files) == r.adapter.size_bytes
+    for name, digest in r.adapter.files.items():
+        assert hashlib.sha256((adapter / name).read_bytes()).hexdigest() == digest
+        assert stat.S_IMODE((adapter / name).stat().st_mode) == 0o664, name
+    assert any(n.endswith(".safetensors") for n in r.adapter.files)
+    assert (share.result_dir("t1") / "job.json").read_bytes() == data
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(share.root / "models" / "tiny")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_killed_worker_job_is_requeued_and_finished(train_share: Share, procs: Procs) -> None:
+    share = train_share
+    w1 = procs.worker(share, "w1")
+    wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "w1's heartbeat")
+    drop(share, "victim.json", train_job("victim", steps=1500, batch_size=2, max_length=32))
+    wait_for(lambda: progress_step(share, "victim") >= 2, 120, "training to start on w1")
+    procs.kill9(w1)  # the worker and its training child, as a power cut would
+    w2 = procs.worker(share, "w2")
+    r = wait_result(share, "victim", 300)
+    assert r.status.value == "succeeded", r.error
+    assert (r.worker, r.attempts) == ("w2", 2)
+    assert "job victim requeued for attempt 2: worker w1" in log_of(w2)
+
+
+def test_cancel_running_job(train_share: Share, procs: Procs) -> None:
+    share = train_share
+    w = procs.worker(share, "w1")
+    drop(share, "endless.json", train_job("endless", steps=LONG, batch_size=2, max_length=32))
+    wait_for(lambda: progress_step(share, "endless") >= 1, 120, "training to start")
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "cancel", "endless", "--share", str(share.root)],
+                         capture_output=True, text=True, timeout=60)
+    assert "running" in out.stdout, out
+    r = wait_result(share, "endless", 60)
+    assert r.status.value == "cancelled" and r.worker == "w1"
+    assert (share.result_dir("endless") / "cancel-request.json").exists()
+    drop(share, "after.json", {"kind": "probe"})
+    assert wait_result(share, "after", 30).status.value == "succeeded"
+    assert w.poll() is None
+
+
+def test_submitter_falls_back_when_the_worker_is_killed(train_share: Share, procs: Procs, tmp_path: Path) -> None:
+    share = train_share
+    w1 = procs.worker(share, "gpu-desk")
+    wait_for(lambda: share.heartbeat_file("gpu-desk").exists(), 30, "the worker's heartbeat")
+    job = tmp_path / "fallme.json"
+    job.write_text(json.dumps(train_job("fallme", steps=1500, batch_size=2, max_length=32)))
+    sub = procs.start("submit", str(job), "--share", str(share.root), "--wait", name="submit")
+    wait_for(lambda: progress_step(share, "fallme") >= 2, 120, "training to start on the worker")
+    procs.kill9(w1)
+    killed = time.monotonic()
+    assert sub.wait(300) == 0, log_of(sub)[-3000:]
+    r = result_of(share, "fallme")
+    assert r.status.value == "succeeded" and r.fallback and r.device == "cpu" and r.attempts == 2
+    assert "every worker's heartbeat went stale" in log_of(sub)
+    assert time.monotonic() - killed < 300
+
+
+def test_worker_survives_a_crashing_training_process(train_share: Share, procs: Procs) -> None:
+    """A training child that dies (here: killed, as the OOM killer would) fails that job, not the worker."""
+    share = train_share
+    w = procs.worker(share, "w1")
+    drop(share, "oom.json", train_job("oom", steps=LONG, batch_size=2, max_length=32))
+    wait_for(lambda: progress_step(share, "oom") >= 1, 120, "training to start")
+    children = psutil.Process(w.pid).children()
+    assert children, "the training runs in a child process"
+    for child in children:
+        os.kill(child.pid, 9)
+    r = wait_result(share, "oom", 60)
+    assert r.status.value == "failed" and "killed by SIGKILL" in r.error and "batch_size" in r.error
+    drop(share, "alive.json", {"kind": "probe"})
+    assert wait_result(share, "alive", 30).status.value == "succeeded"
