@@ -20,6 +20,10 @@ FOLDERS = ("inbox", "intake", "queue", "running", "results", "cancel", "heartbea
 M = TypeVar("M", bound=BaseModel)
 
 
+class ShareUnavailable(OSError):
+    """The share went away (unmounted, server down, permission lost). Workers wait for it to come back."""
+
+
 class ShareError(Exception):
     """The share is missing, not initialised, or its settings are bad. The message says what to run."""
 
@@ -91,6 +95,9 @@ class Share:
 
     def makedirs(self, path: Path) -> Path:
         if not path.is_dir():
+            if not (self.root / SETTINGS_FILE).is_file():
+                # An unmounted share leaves an empty mount point: never build a second share on the local disk.
+                raise ShareUnavailable(f"{self.root} is not reachable (no {SETTINGS_FILE}); is the share mounted?")
             path.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
                 os.chmod(path, self.dir_mode)
@@ -129,8 +136,8 @@ def init_share(root: Path | str, **overrides: float | int | str) -> Share:
     except ValidationError as e:
         raise ShareError(f"bad share settings: {e}") from e
     share = Share(root, settings)
-    for name in FOLDERS:
-        share.makedirs(root / name)
     if read_model(path, ShareSettings) != settings:
         share.write_json(path, settings)
+    for name in FOLDERS:
+        share.makedirs(root / name)
     return share

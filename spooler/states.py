@@ -82,18 +82,13 @@ def source_name(intake_file: Path) -> str:
 
 
 def grab(share: Share, inbox_file: Path, worker: str) -> Path | None:
-    """incoming → accepting. Exactly one process wins the rename; the others get None.
+    """incoming → accepting. Exactly one process ends up with the file; the others get None.
 
     The token in the new name makes this grab unique, so the id reservation can tell our own half-finished
     intake (after a crash) from another job that wants the same id.
     """
     dest = share.makedirs(share.intake(worker)) / f"{uuid.uuid4().hex[:12]}{TOKEN_SEP}{inbox_file.name}"
-    try:
-        os.rename(inbox_file, dest)
-    except FileNotFoundError:
-        return None
-    atomic.fsync_dir(dest.parent)
-    return dest
+    return _move(share, inbox_file, dest)
 
 
 def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
@@ -129,9 +124,13 @@ def claim(share: Share, queue_file: Path, worker: str) -> Path | None:
     retry fails although the first one won. An SMB rename is open-rename-close, so two clients that opened the
     source together can both be told they won, and the file ends in the later one's folder. So the answer is
     whether the file is in our folder after a pause, as the server lists it."""
-    dest = share.running(worker) / queue_file.name
+    return _move(share, queue_file, share.running(worker) / queue_file.name)
+
+
+def _move(share: Share, src: Path, dest: Path) -> Path | None:
+    """One transition by rename, judged by where the server lists the file afterwards (see ``claim``)."""
     with contextlib.suppress(FileNotFoundError):
-        os.rename(queue_file, dest)
+        os.rename(src, dest)
     atomic.fsync_dir(dest.parent)
     return dest if _confirmed(share, lambda: dest.name in os.listdir(dest.parent), dest.parent) else None
 
@@ -151,13 +150,7 @@ def requeue(share: Share, running_file: Path, attempt: int) -> Path | None:
     """running → queued, for another attempt. None if someone else moved it first."""
     key = QueueKey.parse(running_file.name)
     assert key is not None
-    dest = share.queue / key.with_attempt(attempt).name
-    try:
-        os.rename(running_file, dest)
-    except FileNotFoundError:
-        return None
-    atomic.fsync_dir(share.queue)
-    return dest
+    return _move(share, running_file, share.queue / key.with_attempt(attempt).name)
 
 
 def attempt_dir(share: Share, job_id: str, attempt: int, worker: str) -> Path:

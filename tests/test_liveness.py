@@ -148,3 +148,20 @@ def test_second_worker_with_the_same_id_refuses_to_start(share: Share, procs: Pr
     assert second.wait(30) == 2
     assert "another worker with id 'twin' is running" in log_of(second)
     assert first.poll() is None
+
+
+def test_worker_outlives_the_share_going_away_and_coming_back(share: Share, procs: Procs) -> None:
+    w = procs.worker(share, "w1")
+    wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "a heartbeat")
+    away = share.root.with_name("share-away")
+    share.root.rename(away)  # the server rebooted, or the mount dropped
+    time.sleep(2.0)
+    assert not share.root.exists(), "the worker must not rebuild a share on the local disk"
+    away.rename(share.root)
+    (share.inbox / "back.json").write_text(json.dumps({"kind": "probe"}))
+    assert wait_result(share, "back", 30).status.value == "succeeded"
+    assert w.poll() is None
+    wait_for(lambda: "heartbeat written again" in log_of(w), 10, "the heartbeat to resume")
+    log = log_of(w)
+    assert log.count("heartbeat cannot be written") == 1, "one line per state change, not one per beat"
+    assert log.count("could not take jobs") == 1 and "taking jobs again" in log

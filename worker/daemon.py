@@ -57,6 +57,7 @@ class Worker:
         self._last_progress_write = -1e9
         self._missing_since: float | None = None
         self._last_phase = ""
+        self._last_trouble = ""
         self.watcher: FolderWatcher | None = None
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -68,8 +69,15 @@ class Worker:
                 self.maintenance()
                 if self.cfg.only_job and self._only_job_done():
                     break
-                self.intake.scan()
-                job = claim.next_job(self.share, self.id, self.cfg.only_job)
+                try:
+                    self.intake.scan()
+                    job = claim.next_job(self.share, self.id, self.cfg.only_job)
+                    if self._last_trouble:
+                        log.info("worker %s is taking jobs again", self.id)
+                        self._last_trouble = ""
+                except Exception as e:  # the loop boundary: a share hiccup or a bug must not stop the worker
+                    self._trouble(e)
+                    job = None
                 if job is not None:
                     self.perform(job)
                     continue
@@ -79,6 +87,14 @@ class Worker:
         finally:
             self.teardown()
         return self._exit_code()
+
+    def _trouble(self, e: Exception) -> None:
+        """Log a loop failure once per kind, not once a second, and let the loop wait before it tries again."""
+        kind = f"{type(e).__name__}: {e}"
+        if kind != self._last_trouble:
+            log.warning("worker %s could not take jobs: %s; retrying (check the share is mounted and writable)",
+                        self.id, kind, exc_info=not isinstance(e, OSError))
+        self._last_trouble = kind
 
     def bootstrap(self) -> None:
         for folder in (self.share.running(self.id), self.share.intake(self.id)):
