@@ -1,7 +1,7 @@
 """Spool timings for the closing notes: drop-to-claim latency (native and polling observers), probe throughput
 with several workers, and the time from kill -9 of a worker to the submitter's fallback claiming its job.
 
-    .venv/bin/python benchmarks/spool_latency.py [--share-a DIR --share-b DIR] [--json]
+    .venv/bin/python benchmarks/spool_latency.py [--confirm S] [--smb | --share-a DIR --share-b DIR]
 
 With ``--share-a/--share-b`` (two mounts of one share, e.g. the rclone mounts the SMB tests make), workers run
 on A and jobs are dropped through B, as on two machines. Timings use one machine's clock for both ends, so
@@ -149,8 +149,24 @@ def main() -> None:
     ap.add_argument("--share-b", type=Path)
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--skip-kill", action="store_true")
+    ap.add_argument("--confirm", type=float, default=0.3, help="the share's confirm_seconds (default 0.3)")
+    ap.add_argument("--smb", action="store_true",
+                    help="serve a temp folder with samba and use two rclone mounts of it (tests/smbshare.py)")
     args = ap.parse_args()
+    if args.smb:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.smbshare import smb_pair
+
+        with smb_pair(Path(tempfile.mkdtemp(prefix="lsbench-smb-"))) as pair:
+            args.share_a, args.share_b = pair.a / "spool", pair.b / "spool"
+            run(args)
+        return
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     tag = str(os.getpid())
+    SETTINGS["confirm_seconds"] = args.confirm
     if args.share_a:
         a = init_share(args.share_a, **SETTINGS)
         b = Share.open(args.share_b or args.share_a)
@@ -163,7 +179,7 @@ def main() -> None:
     if not args.skip_kill:
         rows.append(kill_to_fallback(a, tag))
     for row in rows:
-        print(json.dumps(row), flush=True)
+        print(json.dumps({**row, "confirm_seconds": args.confirm}), flush=True)
 
 
 if __name__ == "__main__":

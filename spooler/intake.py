@@ -38,8 +38,9 @@ class Intake:
     clock: Clock
     _seen: dict[str, _Seen] = field(default_factory=dict)
 
-    def scan(self) -> int:
-        """Take every settled inbox file. Returns how many were taken (queued or rejected)."""
+    def scan(self, limit: int | None = None) -> int:
+        """Take settled inbox files, at most ``limit`` of them, so a worker with a long inbox still claims work
+        and hears a stop request between batches. Returns how many were taken (queued or rejected)."""
         taken = 0
         try:
             entries = list(os.scandir(self.share.inbox))
@@ -47,6 +48,8 @@ class Intake:
             return 0
         names = set()
         for entry in sorted(entries, key=lambda e: e.name):
+            if limit is not None and taken >= limit:
+                return taken  # keep the settle records of the names not looked at this time
             if looks_temporary(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             names.add(entry.name)

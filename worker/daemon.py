@@ -37,6 +37,7 @@ from worker.sysinfo import SystemSampler
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1.0
+TAKE_PER_LOOP = 4  # inbox files accepted between two claims: each costs up to 2 x confirm_seconds
 
 
 class WorkerError(Exception):
@@ -70,16 +71,18 @@ class Worker:
                 if self.cfg.only_job and self._only_job_done():
                     break
                 try:
-                    self.intake.scan()
+                    busy_inbox = self.intake.scan(limit=TAKE_PER_LOOP) >= TAKE_PER_LOOP
                     job = claim.next_job(self.share, self.id, self.cfg.only_job)
                     if self._last_trouble:
                         log.info("worker %s is taking jobs again", self.id)
                         self._last_trouble = ""
                 except Exception as e:  # the loop boundary: a share hiccup or a bug must not stop the worker
                     self._trouble(e)
-                    job = None
+                    job, busy_inbox = None, False
                 if job is not None:
                     self.perform(job)
+                    continue
+                if busy_inbox:
                     continue
                 self.hb.state = WorkerState.idle
                 assert self.watcher is not None
