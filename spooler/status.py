@@ -94,9 +94,9 @@ def render(doc: dict[str, Any]) -> str:
     if not doc["workers"]:
         lines.append("  (no heartbeats on this share)")
     for w in doc["workers"]:
-        mark = "stale" if w["stale"] else "live"
+        mark = "stopped" if w["state"] == "stopped" else "stale" if w["stale"] else "live"
         job = f" job {w['job']}" if w["job"] else ""
-        lines.append(f"  {w['id']:<24} {mark:<5} {w['device'] or '?':<4} {w['state'] or '?':<8}{job}"
+        lines.append(f"  {w['id']:<24} {mark:<7} {w['device'] or '?':<4} {w['state'] or '?':<8}{job}"
                      f"  ({w['reason']}; confidence: {w['confidence']})")
     lines.append("JOBS")
     if not doc["jobs"]:
