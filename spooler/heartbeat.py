@@ -207,7 +207,8 @@ def snapshot(share: Share, clock: Clock, beats: dict[str, Heartbeat] | None = No
         # When the mtime equals the writer's own clock, that client stamped it: the age then rests on the
         # writer's clock and ours (or the server's) agreeing, which we cannot know from one look.
         self_stamped = written is not None and abs(mtime - written) < 2.0
-        confidence = CLOCKS_AGREE if self_stamped else SHARE_CLOCK
+        # Without our own probe's mtime the age is our wall clock against the share's: two clocks.
+        confidence = CLOCKS_AGREE if self_stamped or ref is None else SHARE_CLOCK
         stale = age >= stale_after
         reason = f"heartbeat file is {age:.1f}s old by the share's clock" if confidence == SHARE_CLOCK else (
             f"heartbeat file is {age:.1f}s old, if the worker's clock agrees with ours")

@@ -37,6 +37,7 @@ class Intake:
     worker: str
     clock: Clock
     _seen: dict[str, _Seen] = field(default_factory=dict)
+    _failed: set[str] = field(default_factory=set)
 
     def scan(self, limit: int | None = None) -> int:
         """Take settled inbox files, at most ``limit`` of them, so a worker with a long inbox still claims work
@@ -53,8 +54,14 @@ class Intake:
             if looks_temporary(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             names.add(entry.name)
-            if self._ready(Path(entry.path)):
-                taken += self.take(Path(entry.path)) is not None
+            try:
+                if self._ready(Path(entry.path)):
+                    taken += self.take(Path(entry.path)) is not None
+            except Exception as e:  # one odd file (a 250-byte name, say) must not block the files after it
+                if entry.name not in self._failed:  # once, not once per scan
+                    log.warning("inbox/%s not taken: %s: %s; it stays in the inbox (rename it?) [worker %s]",
+                                entry.name, type(e).__name__, e, self.worker)
+                self._failed.add(entry.name)
         self._seen = {k: v for k, v in self._seen.items() if k in names}
         return taken
 

@@ -86,6 +86,8 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
         raise Rejected("file", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:  # defence in depth; the depth check should have caught it
         raise Rejected("file", "nested too deeply to parse") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise Rejected("file", f"not a usable JSON value: {e}") from None
     if not isinstance(value, dict):
         raise Rejected("file", f"the top level must be a JSON object {{...}}, not {type(value).__name__}")
     return value

@@ -29,15 +29,17 @@ def worker_dirs(share: Share, sub: str) -> set[str]:
         return set()
 
 
-def reap(share: Share, liveness: Liveness, me: str, clock: Clock) -> dict[str, WorkerView]:
-    """Requeue (or fail, past max_attempts) the jobs of stale workers; take over their half-done intake."""
+def reap(share: Share, liveness: Liveness, me: str, clock: Clock, adopt: bool = True) -> dict[str, WorkerView]:
+    """Requeue (or fail, past max_attempts) the jobs of stale workers; a worker (``adopt``) also takes over
+    their half-done intake. Submitters and cancel do not: their own intake folder has no heartbeat."""
     views = liveness.observe(worker_dirs(share, "running") | worker_dirs(share, "intake"))
     for wid, view in views.items():
         if wid == me or not view.stale:
             continue
         for path in claim.held(share, wid):
             release(share, path, me, clock, view.reason, count_attempt=True)
-        _adopt_intake(share, wid, me, clock)
+        if adopt:
+            _adopt_intake(share, wid, me, clock)
     return views
 
 
@@ -75,6 +77,7 @@ def _adopt_intake(share: Share, dead: str, me: str, clock: Clock) -> None:
         dest = share.makedirs(share.intake(me)) / path.name  # keep the token: the id reservation knows it
         try:
             os.rename(path, dest)
-        except FileNotFoundError:
-            continue
-        intake.process(dest)
+            intake.process(dest)
+        except Exception as e:  # one bad file must not stop the reaping of the rest
+            log.warning("intake file %s of worker %s not taken over: %s: %s [worker %s]", path.name, dead,
+                        type(e).__name__, e, me)

@@ -174,12 +174,14 @@ def conclude(share: Share, src: Path, result: Result) -> None:
         job_json = folder / f"job.{uuid.uuid4().hex[:8]}.json"
     try:
         os.rename(src, job_json)
-    except FileNotFoundError:
+    except OSError as e:
         with contextlib.suppress(OSError):
-            os.unlink(pending)  # our own record of an outcome that is no longer ours to report
-        raise ClaimLost(f"{src.name} was moved away (requeued by another worker?)") from None
+            os.unlink(pending)  # our own record of an outcome that is not committed
+        if isinstance(e, FileNotFoundError):
+            raise ClaimLost(f"{src.name} was moved away (requeued by another worker?)") from None
+        raise
     atomic.fsync_dir(folder)
-    complete_pending(share, result.id)
+    _finalize(share, folder, pending)
 
 
 def complete_pending(share: Share, job_id: str) -> bool:
@@ -189,17 +191,22 @@ def complete_pending(share: Share, job_id: str) -> bool:
     for pending in sorted(folder.glob(f".result.*.json{PENDING_SUFFIX}")):
         if final.exists() or not (folder / "job.json").exists():
             break
-        record = _read_json(pending)
-        if record.get("adapter") and record.get("worker"):
-            src = attempt_dir(share, job_id, int(record.get("attempts") or 0), record["worker"]) / "adapter"
-            _move_adapter(src, folder / "adapter")
-        try:
-            os.replace(pending, final)
-        except FileNotFoundError:
-            continue  # another process completed it first
-        atomic.fsync_dir(folder)
-        return True
+        _finalize(share, folder, pending)
     return final.exists()
+
+
+def _finalize(share: Share, folder: Path, pending: Path) -> None:
+    """Step (3) of ``conclude``: adapter into place, then the pending result. Never replaces a result."""
+    record = _read_json(pending)
+    if record.get("adapter") and record.get("worker"):
+        src = attempt_dir(share, folder.name, int(record.get("attempts") or 0), record["worker"]) / "adapter"
+        _move_adapter(src, folder / "adapter")
+    final = folder / "result.json"
+    if final.exists():
+        return
+    with contextlib.suppress(FileNotFoundError):  # another process completed it first
+        os.rename(pending, final)
+    atomic.fsync_dir(folder)
 
 
 def _move_adapter(src: Path, dest: Path) -> None:

@@ -105,7 +105,7 @@ class Waiter:
                 if result is not None:
                     yield "done", None, result
                     return
-                views = reap(self.share, self.liveness, self.me, self.clock)
+                views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)
                 if self.fallback and self.proc is None and not self._any_live(views):
                     self.start_fallback("every worker's heartbeat went stale")
                 if self.proc is not None and self.proc.poll() not in (None, 0, 1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from spooler.errors import Rejected
 from spooler.jobfile import parse_spec
 from spooler.share import Share
-from tests.conftest import Procs, drop, rejected_for, result_of, wait_for, wait_result
+from tests.conftest import Procs, drop, log_of, rejected_for, result_of, wait_for, wait_result
 
 GOOD = {"kind": "train", "base_model": "models/tiny", "dataset": "datasets/alpaca.jsonl"}
 
@@ -22,6 +23,7 @@ BAD_FILES = [
     ("huge.json", b'{"kind": "probe", "pad": "' + b"x" * 300_000 + b'"}', "file", "over the"),
     ("deep.json", b'{"kind": "probe", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "file", "nested 10001 levels"),
     ("array.json", b"[1, 2, 3]", "file", "must be a JSON object"),
+    ("bigint.json", b'{"kind": "probe", "priority": ' + b"1" * 5000 + b"}", "file", "not a usable JSON value"),
     ("kind.json", json.dumps({**GOOD, "kind": "trian"}).encode(), "kind", "did you mean 'train'"),
     ("typo.json", json.dumps({**GOOD, "lora": {"alpah": 16}}).encode(), "lora.alpah", "did you mean 'alpha'"),
     ("typo2.json", json.dumps({**GOOD, "trainig": {}}).encode(), "trainig", "did you mean 'training'"),
@@ -75,3 +77,16 @@ def test_rejected_id_stays_free_for_the_corrected_job(share: Share, procs: Procs
     drop(share, "fixme.json", {"id": "fixme", "kind": "probe", "priority": 1})
     assert wait_result(share, "fixme", 30).status.value == "succeeded"
     assert result_of(share, first.id).status.value == "rejected"
+
+
+def test_a_file_the_share_cannot_rename_stays_and_blocks_nothing(share: Share, procs: Procs) -> None:
+    long_name = "a" * 245 + ".json"  # the grab's token prefix takes the name past 255 bytes
+    drop(share, long_name, {"kind": "probe"})
+    drop(share, "b-after.json", {"kind": "probe"})
+    w = procs.worker(share, "w1")
+    assert wait_result(share, "b-after", 30).status.value == "succeeded"
+    assert (share.inbox / long_name).exists(), "left where the person put it"
+    wait_for(lambda: "not taken" in log_of(w), 10, "the worker to say why")
+    time.sleep(1.0)
+    assert log_of(w).count("not taken") == 1, "one line, not one per scan"
+    assert w.poll() is None

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from schemas.heartbeat import Heartbeat, Progress, WorkerState
@@ -72,13 +73,17 @@ class Worker:
                     break
                 try:
                     busy_inbox = self.intake.scan(limit=TAKE_PER_LOOP) >= TAKE_PER_LOOP
+                except Exception as e:  # the loop boundary
+                    self._trouble(e)
+                    busy_inbox = False
+                try:
                     job = claim.next_job(self.share, self.id, self.cfg.only_job)
                     if self._last_trouble:
                         log.info("worker %s is taking jobs again", self.id)
                         self._last_trouble = ""
                 except Exception as e:  # the loop boundary: a share hiccup or a bug must not stop the worker
                     self._trouble(e)
-                    job, busy_inbox = None, False
+                    job = None
                 if job is not None:
                     self.perform(job)
                     continue
@@ -90,6 +95,13 @@ class Worker:
         finally:
             self.teardown()
         return self._exit_code()
+
+    def _guarded(self, path: Path, step: Callable[[Path], object]) -> None:
+        """One recovery step at start-up; a failure is logged and leaves the file where it is."""
+        try:
+            step(path)
+        except Exception as e:
+            log.warning("recovery of %s skipped: %s: %s [worker %s]", path, type(e).__name__, e, self.id)
 
     def _trouble(self, e: Exception) -> None:
         """Log a loop failure once per kind, not once a second, and let the loop wait before it tries again."""
@@ -107,12 +119,13 @@ class Worker:
         log.info("worker %s started on %s: device %s, share %s", self.id, socket.gethostname(), self.device,
                  self.share.root)
         for path in claim.held(self.share, self.id):  # we died holding these: give them back, attempt + 1
-            release(self.share, path, self.id, self.clock, "the worker restarted", count_attempt=True)
+            self._guarded(path, lambda p: release(self.share, p, self.id, self.clock, "the worker restarted",
+                                                  count_attempt=True))
         for path in sorted(self.share.intake(self.id).glob(f"*{states.TOKEN_SEP}*")):
-            self.intake.process(path)
+            self._guarded(path, self.intake.process)
         for folder in self.share.results.glob("*"):
             if any(folder.glob(f".result.*{states.PENDING_SUFFIX}")):
-                states.complete_pending(self.share, folder.name)
+                self._guarded(folder, lambda f: states.complete_pending(self.share, f.name))
         self.watcher = FolderWatcher([self.share.inbox, self.share.queue, self.share.cancel], self.cfg.watch,
                                      self.share.settings.poll_interval)
         self.watcher.start()
@@ -156,8 +169,9 @@ class Worker:
         self._last_maintenance = now
         try:
             reap(self.share, self.liveness, self.id, self.clock)
-        except OSError as e:
-            log.warning("could not check other workers' heartbeats: %s [worker %s]", e, self.id)
+        except Exception as e:  # reaping is housekeeping: it must never stop this worker
+            log.warning("could not check other workers' heartbeats: %s: %s [worker %s]", type(e).__name__, e,
+                        self.id)
 
     # ── one job ─────────────────────────────────────────────────────────────────────────────────────
     def perform(self, running_file: Path) -> None:
@@ -187,6 +201,10 @@ class Worker:
             states.conclude(self.share, running_file, result)
         except ClaimLost as e:
             log.warning("job %s outcome dropped: %s [worker %s]", key.job_id, e, self.id)
+            return
+        except Exception as e:  # the share failed under us: the job stays in running/ and runs again
+            log.error("job %s outcome could not be written: %s: %s; it will run again [worker %s]",
+                      key.job_id, type(e).__name__, e, self.id)
             return
         if result.status is Terminal.cancelled:
             cancel.file_request(self.share, key.job_id)
@@ -221,6 +239,8 @@ class Worker:
                                   size_bytes=o.size_bytes)
             return base.model_copy(update={"status": Terminal.succeeded, "metrics": metrics, "adapter": adapter,
                                            "notes": list(o.notes)})
+        if out.kind == "died" and self.stopping.is_set():  # the stop signal reached the child too
+            out = horse.HorseResult("cancelled", error="shutdown")
         if out.kind == "rejected":
             return base.model_copy(update={"status": Terminal.rejected, "error": f"{out.field}: {out.error}"})
         if out.kind == "cancelled":
@@ -237,10 +257,13 @@ class Worker:
         self.maintenance()
         if self.stopping.is_set():
             return "shutdown"
-        if self._claim_gone(running_file):
-            return "lost"
-        if cancel.requested(self.share, job_id):
-            return "cancel"
+        try:
+            if self._claim_gone(running_file):
+                return "lost"
+            if cancel.requested(self.share, job_id):
+                return "cancel"
+        except OSError:  # EIO, ENOTCONN...: a share hiccup is no reason to stop hours of training
+            pass
         return None
 
     def _claim_gone(self, running_file: Path) -> bool:

@@ -38,7 +38,9 @@ class HorseResult:
 
 def _child(request: dict[str, Any], conn: Connection) -> None:
     """Runs in the child. Everything it reports goes through ``conn``; it never writes a result itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the daemon's to handle, then ours via "stop"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or SIGTERM is the daemon's to handle, then ours
+    if hasattr(signal, "SIGTERM"):  # via "stop" (systemd sends SIGTERM to the whole group)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stop = False
     parent_pid = os.getppid()
 
@@ -103,8 +105,9 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
                 _send(parent, "stop")
                 stop_sent_at = time.monotonic()
             elif stop_sent_at is not None and time.monotonic() - stop_sent_at > STOP_GRACE:
+                log.warning("the training process ignored stop (%s) for %gs: killing it", stop_reason, STOP_GRACE)
                 _end(proc)
-                return HorseResult("cancelled", error=f"stopped ({stop_reason}); the child had to be killed")
+                return HorseResult("cancelled", error=stop_reason)
     finally:
         if proc.is_alive():
             _end(proc)
