@@ -35,7 +35,7 @@ def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
     for key, path in claim.queued(share):
         if key.job_id == job_id:
             return _cancel_queued(share, path, key, me, clock)
-    if any(key.job_id == job_id for key, _ in _running(share)):
+    if any(key.job_id == job_id for _, key, _ in claim.running(share)):
         return f"job {job_id} is running; its worker will stop it at the next step"
     return f"job {job_id} is not queued or running; the request stays in cancel/ in case it arrives later"
 
@@ -61,13 +61,6 @@ def file_request(share: Share, job_id: str) -> None:
 
 def requested(share: Share, job_id: str) -> bool:
     return share.cancel_file(job_id).exists()
-
-
-def _running(share: Share) -> list[tuple[states.QueueKey, Path]]:
-    out = []
-    for worker_dir in (share.root / "running").glob("*"):
-        out += [(k, p) for p in claim.held(share, worker_dir.name) if (k := states.QueueKey.parse(p.name))]
-    return out
 
 
 def _accept_from_inbox(share: Share, job_id: str, me: str, clock: Clock) -> None:

@@ -41,6 +41,15 @@ def next_job(share: Share, worker: str, only: str | None = None) -> Path | None:
     return None
 
 
+def running(share: Share) -> list[tuple[str, states.QueueKey, Path]]:
+    """Every claimed job as (worker, key, path), for status, cancel and a waiting submitter."""
+    try:
+        workers = sorted(e.name for e in os.scandir(share.root / "running") if e.is_dir())
+    except FileNotFoundError:
+        return []
+    return [(w, k, p) for w in workers for p in held(share, w) if (k := states.QueueKey.parse(p.name))]
+
+
 def held(share: Share, worker: str) -> list[Path]:
     """The jobs in running/<worker>/ (after a crash: the jobs this worker had claimed)."""
     try:

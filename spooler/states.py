@@ -92,7 +92,7 @@ def grab(share: Share, inbox_file: Path, worker: str) -> Path | None:
 
 
 def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
-    """Reserve ``results/<id>/`` by exclusive mkdir: an id is used once, ever. True if it is ours."""
+    """Reserve ``results/<id>/`` (mkdir, origin.json, confirmed): an id is used once, ever. True if it is ours."""
     folder = share.result_dir(job_id)
     try:
         folder.mkdir()

@@ -57,13 +57,10 @@ def _queued(share: Share) -> list[dict]:
 
 def _running(share: Share) -> list[dict]:
     out = []
-    for worker_dir in sorted((share.root / "running").glob("*")):
-        for path in claim.held(share, worker_dir.name):
-            key = claim.states.QueueKey.parse(path.name)
-            assert key is not None
-            progress = read_model(share.result_dir(key.job_id) / "progress.json", Progress)
-            out.append({"id": key.job_id, "state": "running", "worker": worker_dir.name, "attempt": key.attempt,
-                        "priority": key.priority, "progress": progress.model_dump() if progress else None})
+    for worker, key, _path in claim.running(share):
+        progress = read_model(share.result_dir(key.job_id) / "progress.json", Progress)
+        out.append({"id": key.job_id, "state": "running", "worker": worker, "attempt": key.attempt,
+                    "priority": key.priority, "progress": progress.model_dump() if progress else None})
     return out
 
 

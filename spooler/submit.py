@@ -125,9 +125,9 @@ class Waiter:
         for key, _path in claim.queued(self.share):
             if key.job_id == self.job_id:
                 return f"queued (attempt {key.attempt})"
-        for worker_dir in (self.share.root / "running").glob("*"):
-            if any(p.name.split("_", 2)[-1].startswith(f"{self.job_id}.a") for p in worker_dir.glob("*.json")):
-                return f"running on {worker_dir.name}"
+        for worker, key, _path in claim.running(self.share):
+            if key.job_id == self.job_id:
+                return f"running on {worker}"
         return "waiting to be taken from the inbox"
 
 
