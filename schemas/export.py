@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from schemas.checkpoint import CheckpointState, MetricsLine
 from schemas.heartbeat import Heartbeat
 from schemas.job import JobSpec
 from schemas.result import Result
@@ -17,6 +18,7 @@ from schemas.settings import ShareSettings
 
 RECORDS: dict[str, type[BaseModel]] = {
     "job": JobSpec, "result": Result, "heartbeat": Heartbeat, "share-settings": ShareSettings,
+    "checkpoint-state": CheckpointState, "metrics-line": MetricsLine,
 }
 DEFAULT_DIR = Path(__file__).parent / "json"
 

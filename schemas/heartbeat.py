@@ -40,6 +40,7 @@ class Progress(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+    tokens: int | None = Field(None, description="Non-padding tokens trained on so far in this attempt.")
     phase: str = "starting"
 
 

@@ -20,7 +20,34 @@ class Metrics(BaseModel):
     eval_loss_after: float | None = None
     tokens: int | None = Field(None, description="Non-padding tokens trained on.")
     seconds: float | None = Field(None, description="Wall seconds of the training attempt that finished.")
-    steps: int | None = None
+    steps: int | None = Field(None, description="Optimizer steps in all, across resumed attempts.")
+    eval_perplexity_before: float | None = None
+    eval_perplexity_after: float | None = None
+    padded_tokens: int | None = Field(None, description="Tokens computed on, padding included.")
+    compile_seconds: float | None = Field(None, description="torch.compile time, when training.compile is on.")
+
+
+class DataReport(BaseModel):
+    """What dataset refinement did, step by step, so a person can see why fewer rows trained than they gave."""
+
+    files: list[str] = Field(default_factory=list, description="The dataset files, relative to the share.")
+    sha256: str | None = Field(None, description="sha256 over the dataset files' bytes, in order.")
+    rows_read: int = 0
+    bad_rows: int = Field(0, description="Malformed lines skipped (training.skip_bad_rows).")
+    empty: int = Field(0, description="Rows with no text left after stripping whitespace.")
+    duplicates: int = Field(0, description="Exact duplicates of an earlier row, dropped.")
+    too_short: int = Field(0, description="Dropped by training.min_chars.")
+    too_long: int = Field(0, description="Dropped by training.max_chars.")
+    truncated: int = Field(0, description="Rows cut to training.max_length tokens (kept).")
+    no_response: int = Field(0, description="Rows dropped because truncation left no response to learn.")
+    train_rows: int = 0
+    eval_rows: int = 0
+
+
+class ProbeOutput(BaseModel):
+    prompt: str
+    base: str = Field(description="The base model's greedy answer.")
+    adapted: str = Field(description="The adapted model's greedy answer.")
 
 
 class AdapterInfo(BaseModel):
@@ -44,4 +71,8 @@ class Result(BaseModel):
     metrics: Metrics = Field(default_factory=Metrics)
     adapter: AdapterInfo | None = None
     notes: list[str] = Field(default_factory=list, description="Things a person should know, e.g. a downgrade.")
+    resumed_from_step: int | None = Field(
+        None, description="The checkpoint step the finishing attempt started from; null when it started fresh.")
+    data: DataReport | None = None
+    probes: list[ProbeOutput] = Field(default_factory=list)
     source_file: str | None = Field(None, description="The inbox file name the job arrived as.")

@@ -49,8 +49,9 @@ def make_job(job_id: str = "t1", *, dataset: str = "datasets/alpaca.jsonl", mode
 
 def request(root: Path, job: JobSpec) -> TrainRequest:
     assert job.base_model and job.dataset and job.id
-    return TrainRequest(job=job, model_dir=root / job.base_model, dataset_path=root / job.dataset, share_root=root,
-                        out_dir=root / "results" / job.id / "attempts" / "a1-w", device="cpu", file_mode=MODE)
+    return TrainRequest(job=job, model_dir=root / job.base_model, datasets=[root / d for d in job.dataset_files()],
+                        share_root=root, out_dir=root / "results" / job.id / "attempts" / "a1-w", device="cpu",
+                        file_mode=MODE)
 
 
 def train(root: Path, job: JobSpec, reports: list[Progress] | None = None,

@@ -221,11 +221,11 @@ class Worker:
             if spec.kind.value == "probe":
                 return base.model_copy(update={"status": Terminal.succeeded, "metrics": Metrics(seconds=0.0)})
             model_dir = resolve_in_share(self.share.root, spec.base_model or "", "base_model")
-            dataset = resolve_in_share(self.share.root, spec.dataset or "", "dataset")
+            datasets = [resolve_in_share(self.share.root, d, "dataset") for d in spec.dataset_files()]
         except Rejected as e:
             return base.model_copy(update={"status": Terminal.rejected, "error": str(e)})
         out_dir = states.attempt_dir(self.share, key.job_id, key.attempt, self.id)
-        request = {"job": spec, "model_dir": model_dir, "dataset_path": dataset, "share_root": self.share.root,
+        request = {"job": spec, "model_dir": model_dir, "datasets": datasets, "share_root": self.share.root,
                    "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode}
         t0 = time.monotonic()
         outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id))

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from schemas.job import TrainingSpec
 from spooler.errors import Rejected
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,10 @@ def _learnable(example: Example) -> bool:
     return any(label != IGNORE for label in example.labels[1:])
 
 
-def load_splits(path: Path, tokenizer: Any, max_length: int, eval_fraction: float, seed: int) -> Splits:
-    """Read, split and tokenize ``path``; drop rows left with nothing to learn after truncation."""
-    train_rows, eval_rows = split_rows(read_rows(path), eval_fraction, seed)
+def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec) -> Splits:
+    """Read, split and tokenize ``paths``; drop rows left with nothing to learn after truncation."""
+    max_length = t.max_length
+    train_rows, eval_rows = split_rows([r for p in paths for r in read_rows(p)], t.eval_fraction, t.seed)
     train = [tokenize(r, tokenizer, max_length) for r in train_rows]
     evals = [tokenize(r, tokenizer, max_length) for r in eval_rows]
     kept_train, kept_eval = [e for e in train if _learnable(e)], [e for e in evals if _learnable(e)]

@@ -82,7 +82,7 @@ def prepare(req: TrainRequest) -> tuple[Plan, Any, data.Splits]:
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device)
     tokenizer = load_tokenizer(req.model_dir)
-    splits = data.load_splits(req.dataset_path, tokenizer, t.max_length, t.eval_fraction, t.seed)
+    splits = data.load_splits(req.datasets, tokenizer, t)
     check_targets(req.model_dir, req.job.lora.target_modules)
     return plan, tokenizer, splits
 

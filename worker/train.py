@@ -25,7 +25,7 @@ from worker.verify import hash_folder
 class TrainRequest:
     job: JobSpec  # validated; job.id is set
     model_dir: Path  # already resolved inside the share
-    dataset_path: Path
+    datasets: list[Path]  # already resolved inside the share, in the job's order
     share_root: Path
     out_dir: Path  # this attempt's folder on the share (may not exist yet); the adapter goes to out_dir / "adapter"
     device: str  # "cpu" or "cuda"
@@ -49,7 +49,8 @@ def run_training(req: TrainRequest, report: Callable[[Progress], None],
     started = time.monotonic()
     job_id = req.job.id or "job"
     check_model_dir(req.model_dir, req.share_root)
-    check_dataset_file(req.dataset_path)
+    for path in req.datasets:
+        check_dataset_file(path)
     report(Progress(job=job_id, phase="loading"))
     from worker.engine import train_adapter  # torch arrives here, in the training child only
 
