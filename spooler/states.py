@@ -158,12 +158,17 @@ def attempt_dir(share: Share, job_id: str, attempt: int, worker: str) -> Path:
     return share.result_dir(job_id) / "attempts" / f"a{attempt}-{worker}"
 
 
+# What an attempt leaves for people, moved next to result.json when the job concludes; the adapter only on success.
+OUTPUTS = ("adapter", "metrics.jsonl", "loss.png", "train.log")
+
+
 def conclude(share: Share, src: Path, result: Result) -> None:
     """accepting|queued|running → terminal. Raises ClaimLost if ``src`` is no longer ours.
 
     Three steps, each atomic: (1) the result is written beside its final name as a pending file; (2) the job
     file is renamed into ``results/<id>/job.json``, which is the commit and fences off a worker that was
-    presumed dead while it was only slow; (3) the adapter and the pending result are renamed into place.
+    presumed dead while it was only slow; (3) the attempt's outputs (adapter, metrics, loss plot, log) and the
+    pending result are renamed into place.
     A crash after (2) leaves a pending file that ``complete_pending`` finishes; it never leaves two results.
     """
     folder = share.makedirs(share.result_dir(result.id))
@@ -196,11 +201,12 @@ def complete_pending(share: Share, job_id: str) -> bool:
 
 
 def _finalize(share: Share, folder: Path, pending: Path) -> None:
-    """Step (3) of ``conclude``: adapter into place, then the pending result. Never replaces a result."""
+    """Step (3) of ``conclude``: outputs into place, then the pending result. Never replaces a result."""
     record = _read_json(pending)
-    if record.get("adapter") and record.get("worker"):
-        src = attempt_dir(share, folder.name, int(record.get("attempts") or 0), record["worker"]) / "adapter"
-        _move_adapter(src, folder / "adapter")
+    if record.get("worker"):
+        attempt = attempt_dir(share, folder.name, int(record.get("attempts") or 0), record["worker"])
+        for name in OUTPUTS if record.get("adapter") else OUTPUTS[1:]:
+            _move_output(attempt / name, folder / name)
     final = folder / "result.json"
     if final.exists():
         return
@@ -209,7 +215,7 @@ def _finalize(share: Share, folder: Path, pending: Path) -> None:
     atomic.fsync_dir(folder)
 
 
-def _move_adapter(src: Path, dest: Path) -> None:
+def _move_output(src: Path, dest: Path) -> None:
     if dest.exists() or not src.exists():
         return
     try:

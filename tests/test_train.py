@@ -144,17 +144,51 @@ def test_should_stop_cancels_mid_training(share_root: Path) -> None:
 
 
 def test_non_finite_loss_is_a_clear_error(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker import engine
+    from worker.loop import CausalLMLoss
 
-    real = engine.batch_loss
+    real = CausalLMLoss.forward
 
-    def poisoned(model: Any, batch: Any, plan: Any) -> tuple[Any, int]:
-        loss, n = real(model, batch, plan)
-        return (loss * float("nan"), n) if model.training else (loss, n)
+    def poisoned(self: Any, *args: Any) -> tuple[Any, Any]:
+        loss, n = real(self, *args)
+        return (loss * float("nan"), n) if self.training else (loss, n)
 
-    monkeypatch.setattr(engine, "batch_loss", poisoned)
+    monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
     with pytest.raises(RuntimeError, match=r"nan at step 1 .*lower training.learning_rate"):
         train(share_root, make_job("diverge"))
+
+
+def test_non_finite_gradient_is_a_clear_error(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finite loss whose backward overflows (fp32 here, so no scaler to absorb it) stops the job too."""
+    from worker.loop import CausalLMLoss
+
+    real = CausalLMLoss.forward
+
+    def exploding(self: Any, *args: Any) -> tuple[Any, Any]:
+        loss, n = real(self, *args)
+        if not self.training:
+            return loss, n
+        lora = next(p for name, p in self.named_parameters() if "lora_B" in name)
+        return loss + _inf_grad(lora), n
+
+    monkeypatch.setattr(CausalLMLoss, "forward", exploding)
+    with pytest.raises(RuntimeError, match=r"gradient norm became (inf|nan) at step 1"):
+        train(share_root, make_job("diverge-grad"))
+
+
+def _inf_grad(param: Any) -> Any:
+    """A zero-valued term whose gradient is infinite."""
+    import torch
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            return x.sum() * 0
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            return torch.full(param.shape, float("inf"), dtype=param.dtype, device=param.device)
+
+    return InfGrad.apply(param)
 
 
 # ── data ─────────────────────────────────────────────────────────────────────────────────────────────────
@@ -218,7 +252,7 @@ def test_split_is_seeded_and_keeps_both_sides(tmp_path: Path) -> None:
     ('{"instruction": "Hi"}', "line 7: an instruction row needs a non-empty string \"output\""),
     ('{"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "x"}]}',
      "line 7: the last message must have role \"assistant\""),
-    ('{"prompt": "a", "completion": "b"}', "line 7: a row needs"),
+    ('{"question": "a", "answer": "b"}', "line 7: a row needs"),
     ("[1, 2]", "line 7: a row must be a JSON object"),
 ])
 def test_malformed_dataset_line_is_refused_by_number(share_root: Path, line: str, expected: str) -> None:

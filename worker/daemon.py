@@ -238,7 +238,8 @@ class Worker:
             adapter = AdapterInfo(path=self.share.rel(self.share.result_dir(base.id) / "adapter"), files=o.files,
                                   size_bytes=o.size_bytes)
             return base.model_copy(update={"status": Terminal.succeeded, "metrics": metrics, "adapter": adapter,
-                                           "notes": list(o.notes)})
+                                           "notes": list(o.notes), "data": o.data, "probes": list(o.probes),
+                                           "resumed_from_step": o.resumed_from_step})
         if out.kind == "died" and self.stopping.is_set():  # the stop signal reached the child too
             out = horse.HorseResult("cancelled", error="shutdown")
         if out.kind == "rejected":

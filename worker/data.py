@@ -1,27 +1,46 @@
-"""JSONL datasets in three shapes, tokenized for causal-LM LoRA training with loss on the response only.
+"""JSONL datasets in four shapes, refined and tokenized for causal-LM LoRA training.
 
-One row per line; the shape is read from each row's keys:
+A dataset is one JSONL file or several, read in order and combined. One row per line; the shape is read from
+each row's keys:
 
 * ``{"instruction": ..., "input": ... (optional), "output": ...}``: rendered with ``ALPACA_PROMPT``; the loss
   is on the output and the EOS that follows it.
 * ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's chat template when it
   has one, else with the plain template below; the loss is on every assistant message (and its end token).
   The last message must be the assistant's.
+* ``{"prompt": ..., "completion": ...}``: the two joined as they are (no separator is added, so end the prompt
+  with one); the loss is on the completion and the EOS that follows it, never on the prompt.
 * ``{"text": ...}``: the loss is on every token.
 
 The plain chat template, used when the tokenizer has none: each message becomes ``<|role|>\\n`` then its
 content then ``\\n``; an assistant message's content is followed by the EOS token before the ``\\n``.
 
-Rows are tokenized in segments (prompt text, response text) so that the prompt/response boundary is exact
-whatever the tokenizer; a row whose response is cut away entirely by ``max_length`` is dropped, since it has
-nothing to learn.
+A row's *text* is its string fields together: instruction + input + output, every message's content, prompt +
+completion, or text. Refinement runs on the combined rows before the split, so that a duplicate cannot sit on
+both sides of it, and each step is counted in a ``DataReport``:
+
+1. malformed lines (bad UTF-8, bad JSON, no known shape) refuse the job by file and line number, or are
+   counted in ``bad_rows`` and skipped when ``training.skip_bad_rows`` is on; blank lines are not rows;
+2. ``empty``: rows whose text is only whitespace;
+3. ``duplicates``: rows whose trained content (shape and the fields above, roles included; other keys ignored)
+   equals an earlier row's; the first is kept;
+4. ``too_short`` / ``too_long``: rows whose text has fewer than ``training.min_chars`` or more than
+   ``training.max_chars`` characters;
+5. the seeded split (``training.eval_fraction``, at least one row a side);
+6. ``truncated``: rows cut to ``training.max_length`` tokens, kept; ``no_response``: rows whose response the
+   cut removed entirely, dropped, since they have nothing to learn.
+
+So ``rows_read`` = ``bad_rows`` + every dropped count + ``train_rows`` + ``eval_rows``. Rows are tokenized in
+segments (prompt text, response text) so that the prompt/response boundary is exact whatever the tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +48,7 @@ from typing import Any
 import torch
 
 from schemas.job import TrainingSpec
+from schemas.result import DataReport
 from spooler.errors import Rejected
 
 log = logging.getLogger(__name__)
@@ -41,14 +61,20 @@ ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{inpu
 @dataclass
 class Row:
     line: int  # 1-based line number in the file, for error messages
-    shape: str  # "alpaca" | "chat" | "text"
+    shape: str  # "alpaca" | "chat" | "prompt_completion" | "text"
     data: dict[str, Any]
+    file: str = ""  # the file's name when the dataset has several, so a message says which one
+
+    @property
+    def where(self) -> str:
+        return where(self.file, self.line)
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids (the model shifts); IGNORE where no loss is taken
+    truncated: bool = False  # cut to max_length tokens
 
 
 @dataclass
@@ -57,57 +83,137 @@ class Splits:
     eval: list[Example]
     dropped: int = 0  # rows with no response tokens left after truncation
     notes: list[str] = field(default_factory=list)
+    report: DataReport = field(default_factory=DataReport)
+
+
+@dataclass
+class Reading:
+    """Every file's rows, in order, with what the result must say about the lines that were not rows."""
+
+    rows: list[Row] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)  # why each skipped line was malformed, where it was
+    sha256: str = ""
+
+    @property
+    def lines(self) -> int:
+        """Non-blank lines, good and bad: ``rows_read``."""
+        return len(self.rows) + len(self.bad)
 
 
 Segment = tuple[str | list[int], bool]  # text or token ids, and whether the loss is taken on it
 
 
 # ── reading ──────────────────────────────────────────────────────────────────────────────────────────────
+def read_dataset(paths: list[Path], skip_bad_rows: bool = False) -> Reading:
+    """Parse every file in order, hashing the bytes on the way so each file is read once."""
+    reading, digest = Reading(), hashlib.sha256()
+    for path, label in zip(paths, file_labels(paths), strict=True):
+        _read_file(path, label, skip_bad_rows, reading, digest)
+    reading.sha256 = digest.hexdigest()
+    return reading
+
+
 def read_rows(path: Path) -> list[Row]:
-    """Parse and check every non-blank line; the first bad one is refused by its line number."""
-    rows: list[Row] = []
+    """One file's rows; the first bad line is refused by its line number."""
+    return read_dataset([path]).rows
+
+
+def file_labels(paths: list[Path]) -> list[str]:
+    """How messages name each file: nothing for a lone file, else its name (and position, if names repeat)."""
+    if len(paths) == 1:
+        return [""]
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{name} (file {i})" for i, name in enumerate(names, start=1)]
+
+
+def where(label: str, line: int) -> str:
+    """Where a person finds a line: ``b.jsonl line 7``, or ``line 7`` when the dataset is one file."""
+    return f"{label} line {line}" if label else f"line {line}"
+
+
+def _read_file(path: Path, label: str, skip_bad_rows: bool, reading: Reading, digest: Any) -> None:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            digest.update(raw)
             try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise Rejected("dataset", f"line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-            if text.strip():
-                rows.append(_parse_line(text, number))
-    return rows
+                row = _parse_raw(raw, number, label)
+            except Rejected as e:
+                if not skip_bad_rows:
+                    raise
+                reading.bad.append(e.problem)
+                continue
+            if row is not None:
+                reading.rows.append(row)
 
 
-def _parse_line(text: str, number: int) -> Row:
+def _parse_raw(raw: bytes, number: int, label: str) -> Row | None:
+    """The line's row, or None for a blank line."""
+    try:
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise Rejected("dataset", f"{where(label, number)}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return _parse_line(text, number, label) if text.strip() else None
+
+
+def _parse_line(text: str, number: int, label: str = "") -> Row:
+    at = where(label, number)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise Rejected("dataset", f"line {number}: not valid JSON ({e.msg} at column {e.colno}); "
+        raise Rejected("dataset", f"{at}: not valid JSON ({e.msg} at column {e.colno}); "
                                   "each line must be one JSON object") from e
     if not isinstance(data, dict):
-        raise Rejected("dataset", f"line {number}: a row must be a JSON object, not {type(data).__name__}")
+        raise Rejected("dataset", f"{at}: a row must be a JSON object, not {type(data).__name__}")
     problem, shape = _shape_problem(data)
+    row = Row(number, shape, data, label)
+    if not problem and not is_empty(row):  # a wholly blank row is refinement's to count, not an error
+        problem = _blank_problem(row)
     if problem:
-        raise Rejected("dataset", f"line {number}: {problem}")
-    return Row(number, shape, data)
+        raise Rejected("dataset", f"{at}: {problem}")
+    return row
 
 
 def _shape_problem(data: dict[str, Any]) -> tuple[str | None, str]:
-    """(why the row is malformed or None, its shape)."""
+    """(why the row is malformed or None, its shape). Only types here: blank values are judged later."""
     if "messages" in data:
         return _chat_problem(data["messages"]), "chat"
     if "instruction" in data or "output" in data:
-        for key in ("instruction", "output"):
-            if not isinstance(data.get(key), str) or not data[key]:
-                return f"an instruction row needs a non-empty string \"{key}\"", "alpaca"
-        if data.get("input") is not None and not isinstance(data["input"], str):
-            return "\"input\" must be a string when given", "alpaca"
-        return None, "alpaca"
+        return _alpaca_problem(data), "alpaca"
+    if "prompt" in data or "completion" in data:
+        return _prompt_completion_problem(data), "prompt_completion"
     if "text" in data:
-        ok = isinstance(data["text"], str) and data["text"].strip()
-        return (None if ok else "\"text\" must be a non-empty string"), "text"
+        return (None if isinstance(data["text"], str) else "\"text\" must be a non-empty string"), "text"
     keys = ", ".join(sorted(data)) or "none"
-    return (f"a row needs \"instruction\" and \"output\", or \"messages\", or \"text\"; this one has keys: {keys}",
-            "")
+    return (f"a row needs \"instruction\" and \"output\", or \"messages\", or \"prompt\" and \"completion\", or "
+            f"\"text\"; this one has keys: {keys}", "")
+
+
+def _alpaca_problem(data: dict[str, Any]) -> str | None:
+    problem = _strings_problem(data, ("instruction", "output"), "an instruction row")
+    if problem is None and data.get("input") is not None and not isinstance(data["input"], str):
+        return "\"input\" must be a string when given"
+    return problem
+
+
+def _prompt_completion_problem(data: dict[str, Any]) -> str | None:
+    if not isinstance(data.get("prompt"), str):
+        return "a prompt/completion row needs a string \"prompt\" (it may be empty)"
+    return _strings_problem(data, ("completion",), "a prompt/completion row")
+
+
+def _strings_problem(data: dict[str, Any], keys: tuple[str, ...], what: str) -> str | None:
+    missing = next((k for k in keys if not isinstance(data.get(k), str)), None)
+    return f"{what} needs a non-empty string \"{missing}\"" if missing else None
+
+
+def _blank_problem(row: Row) -> str | None:
+    """A row with some text but an empty required field: a mistake in the file, not an empty row."""
+    required = {"alpaca": ("instruction", "output"), "prompt_completion": ("completion",)}.get(row.shape, ())
+    blank = next((k for k in required if not row.data[k]), None)
+    what = "an instruction row" if row.shape == "alpaca" else "a prompt/completion row"
+    return f"{what} needs a non-empty string \"{blank}\"" if blank else None
 
 
 def _chat_problem(messages: Any) -> str | None:
@@ -119,6 +225,76 @@ def _chat_problem(messages: Any) -> str | None:
     if messages[-1]["role"] != "assistant":
         return "the last message must have role \"assistant\": it is the reply the model learns"
     return None
+
+
+# ── refining ─────────────────────────────────────────────────────────────────────────────────────────────
+def texts(row: Row) -> list[str]:
+    """The row's text, field by field: what emptiness and the character limits are judged on."""
+    d = row.data
+    if row.shape == "alpaca":
+        return [d["instruction"], d.get("input") or "", d["output"]]
+    if row.shape == "chat":
+        return [m["content"] for m in d["messages"]]
+    if row.shape == "prompt_completion":
+        return [d["prompt"], d["completion"]]
+    return [d["text"]]
+
+
+def is_empty(row: Row) -> bool:
+    return not any(s.strip() for s in texts(row))
+
+
+def chars(row: Row) -> int:
+    return sum(len(s) for s in texts(row))
+
+
+def content_key(row: Row) -> str:
+    """What the model would see of the row: two rows with the same key train the same way."""
+    if row.shape == "chat":
+        content: Any = [[m["role"], m["content"]] for m in row.data["messages"]]
+    else:
+        content = texts(row)
+    return json.dumps([row.shape, content], ensure_ascii=False)
+
+
+def refine(rows: list[Row], t: TrainingSpec, report: DataReport) -> list[Row]:
+    """Drop empty, duplicate, too short and too long rows, in that order, counting each step in ``report``."""
+    rows = _drop(rows, report, "empty", is_empty)
+    rows = _drop(rows, report, "duplicates", _seen_before())
+    rows = _drop(rows, report, "too_short", lambda r: chars(r) < t.min_chars)
+    return _drop(rows, report, "too_long", lambda r: t.max_chars is not None and chars(r) > t.max_chars)
+
+
+def _drop(rows: list[Row], report: DataReport, count: str, drop: Callable[[Row], bool]) -> list[Row]:
+    kept = [r for r in rows if not drop(r)]
+    setattr(report, count, getattr(report, count) + len(rows) - len(kept))
+    return kept
+
+
+def _seen_before() -> Callable[[Row], bool]:
+    """A filter that passes the first row of each content and catches every later one."""
+    seen: set[str] = set()
+
+    def seen_before(row: Row) -> bool:
+        key = content_key(row)
+        if key in seen:
+            return True
+        seen.add(key)
+        return False
+
+    return seen_before
+
+
+def removed_summary(report: DataReport, bad: list[str], t: TrainingSpec) -> str:
+    """What reading and refinement took away, in words, for a person wondering where their rows went."""
+    first_bad = f"; the first: {bad[0]}" if bad else ""
+    steps = [(report.bad_rows, f"malformed (skipped by training.skip_bad_rows{first_bad})"),
+             (report.empty, "empty"), (report.duplicates, "duplicates"),
+             (report.too_short, f"shorter than training.min_chars={t.min_chars}"),
+             (report.too_long, f"longer than training.max_chars={t.max_chars}"),
+             (report.no_response, f"with no response left within training.max_length={t.max_length} tokens")]
+    removed = [f"{n} {what}" for n, what in steps if n]
+    return f"of {report.rows_read} rows read, " + (", ".join(removed) if removed else "none removed")
 
 
 # ── splitting ────────────────────────────────────────────────────────────────────────────────────────────
@@ -136,16 +312,18 @@ def split_rows(rows: list[Row], eval_fraction: float, seed: int) -> tuple[list[R
 # ── tokenizing ───────────────────────────────────────────────────────────────────────────────────────────
 def segments(row: Row, tokenizer: Any) -> list[Segment]:
     """The row as (text or ids, trainable) pieces, ending with a trainable EOS where the format has none."""
+    d = row.data
     if row.shape == "text":
-        return _with_eos(_bos(tokenizer) + [(row.data["text"], True)], tokenizer)
+        return _with_eos(_bos(tokenizer) + [(d["text"], True)], tokenizer)
+    if row.shape == "prompt_completion":
+        return _with_eos(_bos(tokenizer) + [(d["prompt"], False), (d["completion"], True)], tokenizer)
     if row.shape == "alpaca":
-        d = row.data
         template = ALPACA_PROMPT_WITH_INPUT if d.get("input") else ALPACA_PROMPT
         prompt = template.format(instruction=d["instruction"], input=d.get("input") or "")
         return _with_eos(_bos(tokenizer) + [(prompt, False), (d["output"], True)], tokenizer)
     if getattr(tokenizer, "chat_template", None):
         return _with_eos(_templated_chat(row, tokenizer), tokenizer)
-    return _bos(tokenizer) + _plain_chat(row.data["messages"], tokenizer)
+    return _bos(tokenizer) + _plain_chat(d["messages"], tokenizer)
 
 
 def _bos(tokenizer: Any) -> list[Segment]:
@@ -189,9 +367,9 @@ def _templated_chat(row: Row, tokenizer: Any) -> list[Segment]:
         full = _render(tokenizer, messages, False)
         parts = _turn_segments(tokenizer, messages, full) or _last_turn_segments(tokenizer, messages, full)
     except Exception as e:  # a template may raise anything (jinja2 errors, its own raise_exception)
-        raise Rejected("dataset", f"line {row.line}: the model's chat template cannot render this row: {e}") from e
+        raise Rejected("dataset", f"{row.where}: the model's chat template cannot render this row: {e}") from e
     if parts is None:
-        raise Rejected("dataset", f"line {row.line}: the model's chat template does not render the conversation "
+        raise Rejected("dataset", f"{row.where}: the model's chat template does not render the conversation "
                                   "as prompt + reply, so the reply cannot be told apart; use instruction rows")
     return parts
 
@@ -226,7 +404,7 @@ def tokenize(row: Row, tokenizer: Any, max_length: int) -> Example:
         piece_ids = piece if isinstance(piece, list) else tokenizer.encode(piece, add_special_tokens=False)
         ids += piece_ids
         labels += piece_ids if trainable else [IGNORE] * len(piece_ids)
-    return Example(ids[:max_length], labels[:max_length])
+    return Example(ids[:max_length], labels[:max_length], len(ids) > max_length)
 
 
 def _learnable(example: Example) -> bool:
@@ -235,22 +413,52 @@ def _learnable(example: Example) -> bool:
 
 
 def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec) -> Splits:
-    """Read, split and tokenize ``paths``; drop rows left with nothing to learn after truncation."""
-    max_length = t.max_length
-    train_rows, eval_rows = split_rows([r for p in paths for r in read_rows(p)], t.eval_fraction, t.seed)
-    train = [tokenize(r, tokenizer, max_length) for r in train_rows]
-    evals = [tokenize(r, tokenizer, max_length) for r in eval_rows]
-    kept_train, kept_eval = [e for e in train if _learnable(e)], [e for e in evals if _learnable(e)]
-    dropped = len(train) + len(evals) - len(kept_train) - len(kept_eval)
-    if not kept_train or not kept_eval:
-        raise Rejected("dataset", f"after cutting rows to training.max_length={max_length} tokens, "
-                                  f"{len(kept_train)} training and {len(kept_eval)} evaluation rows have any "
-                                  "response left; raise max_length or shorten the prompts")
-    splits = Splits(kept_train, kept_eval, dropped)
-    if dropped:
-        splits.notes.append(f"{dropped} row(s) dropped: their prompt fills training.max_length={max_length} "
-                            "tokens, leaving no response to learn")
-    return splits
+    """Read, refine, split and tokenize ``paths``, in that order; ``splits.report`` counts every step."""
+    reading = read_dataset(paths, t.skip_bad_rows)
+    report = DataReport(sha256=reading.sha256, rows_read=reading.lines, bad_rows=len(reading.bad))
+    rows = refine(reading.rows, t, report)
+    _check_enough(reading, rows, report, t)
+    train_rows, eval_rows = split_rows(rows, t.eval_fraction, t.seed)
+    train = _learnable_examples(train_rows, tokenizer, t.max_length, report)
+    evals = _learnable_examples(eval_rows, tokenizer, t.max_length, report)
+    report.train_rows, report.eval_rows = len(train), len(evals)
+    if not train or not evals:
+        raise Rejected("dataset", f"after cutting rows to training.max_length={t.max_length} tokens, "
+                                  f"{len(train)} training and {len(evals)} evaluation rows have any "
+                                  "response left; raise max_length or shorten the prompts "
+                                  f"({removed_summary(report, reading.bad, t)})")
+    return Splits(train, evals, report.no_response, _notes(report, reading.bad, t), report)
+
+
+def _check_enough(reading: Reading, rows: list[Row], report: DataReport, t: TrainingSpec) -> None:
+    """Refuse a dataset that refinement left too small to split, saying what took the rows away."""
+    if reading.bad and not reading.rows:
+        raise Rejected("dataset", f"none of its {report.rows_read} rows is well-formed, so training.skip_bad_rows "
+                                  f"left nothing to train on; the first: {reading.bad[0]}")
+    if len(rows) < 2:
+        raise Rejected("dataset", f"has {len(rows)} usable row(s) after refinement; at least 2 are needed (one to "
+                                  f"train, one to evaluate): {removed_summary(report, reading.bad, t)}")
+
+
+def _learnable_examples(rows: list[Row], tokenizer: Any, max_length: int, report: DataReport) -> list[Example]:
+    """The rows' examples, less those truncation left with nothing to learn; counts both in ``report``."""
+    examples = [tokenize(r, tokenizer, max_length) for r in rows]
+    kept = [e for e in examples if _learnable(e)]
+    report.no_response += len(examples) - len(kept)
+    report.truncated += sum(e.truncated for e in kept)
+    return kept
+
+
+def _notes(report: DataReport, bad: list[str], t: TrainingSpec) -> list[str]:
+    """What a person should hear about without reading the report: rows of theirs that did not train."""
+    notes = []
+    if report.bad_rows:
+        notes.append(f"{report.bad_rows} malformed dataset line(s) skipped (training.skip_bad_rows); "
+                     f"the first: {bad[0]}")
+    if report.no_response:
+        notes.append(f"{report.no_response} row(s) dropped: their prompt fills training.max_length={t.max_length} "
+                     "tokens, leaving no response to learn")
+    return notes
 
 
 # ── batching ─────────────────────────────────────────────────────────────────────────────────────────────

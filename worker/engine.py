@@ -7,28 +7,31 @@ Imported by ``worker.train.run_training`` in the training child only; ``train_ad
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
 import os
 import random
 import shutil
-import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from schemas.heartbeat import Progress
-from schemas.job import JobSpec, Quantization
-from schemas.result import Metrics
+from schemas.job import JobSpec, Quantization, TrainingSpec
+from schemas.result import DataReport, Metrics, ProbeOutput
 from spooler.atomic import fsync_tree
 from spooler.errors import Cancelled, Rejected
-from worker import data
+from worker import checkpoint, data
+from worker.batching import Batcher
+from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings
+from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
+from worker.probes import generate_answers, pair
 from worker.train import TrainRequest
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,6 @@ log = logging.getLogger(__name__)
 # lazy transformers/peft imports below read it).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-LAST_STEPS = 10  # train_loss is the mean of this many final steps: one step's loss is too noisy to report
-MAX_WARMUP = 100
-GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -52,26 +52,159 @@ class Plan:
     notes: list[str]
 
 
-def train_adapter(req: TrainRequest, report: Callable[[Progress], None],
-                  should_stop: Callable[[], bool]) -> tuple[Metrics, Path, list[str]]:
-    """Everything after the folder checks: (metrics without ``seconds``, the adapter folder, notes)."""
-    job_id = req.job.id or "job"
+@dataclass
+class Trained:
+    """What one attempt produced, for ``worker.train`` to hash and report."""
+
+    metrics: Metrics
+    adapter_dir: Path
+    notes: list[str]
+    data: DataReport
+    resumed_from_step: int | None
+    probes: list[ProbeOutput] = field(default_factory=list)
+
+
+def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_stop: Callable[[], bool],
+                  dist: Dist | None = None) -> Trained | None:
+    """Everything after the folder checks. Returns None on DDP ranks other than 0, which write nothing."""
+    dist = dist or Dist()
     plan, tokenizer, splits = prepare(req)
     _makedirs(req.out_dir, dir_mode_for(req.file_mode))  # the attempt's folder, kept even if it dies
+    fp = checkpoint.fingerprint(req.job, splits.report.sha256, dist.world)
+    found = checkpoint.latest(req.out_dir.parent.parent, fp)
     _stop_if(should_stop)
+    with TrainLog(req.out_dir, file_mode=req.file_mode) if dist.main else contextlib.nullcontext():
+        model, loop = setup(req, plan, tokenizer, splits, report, should_stop, dist, fp)
+        base_answers = _answers(model, tokenizer, req.job.probes, plan, dist)
+        metrics = run_loop(loop, splits, req.job.training, found)
+        adapted_answers = _answers(model, tokenizer, req.job.probes, plan, dist)
+        if not dist.main:
+            return None
+        plot_loss(read_metrics(loop.metrics.path), req.out_dir / "loss.png", f"{req.job.id}: loss",
+                  req.file_mode)
+        adapter_dir = save_adapter(model, req, loop.s.job_id, report)
+        sample = torch.tensor([splits.eval[0].input_ids[:32]], dtype=torch.long)
+        expected = _logits(model, sample, plan) if _exact(plan) else None
+        del model, loop  # the only references: the fresh base for the load test may not fit beside it
+        _free(plan)
+        report(Progress(job=req.job.id or "job", phase="verifying"))
+        verify_adapter(req.model_dir, adapter_dir, plan, sample, expected)
+    return Trained(metrics, adapter_dir, plan.notes + splits.notes, splits.report,
+                   found.state.step if found else None, pair(req.job.probes, base_answers, adapted_answers))
+
+
+def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, report: Callable[[Progress], None],
+          should_stop: Callable[[], bool], dist: Dist, fp: str) -> tuple[torch.nn.Module, Loop]:
+    """Load the base, wrap it with LoRA, and build the loop around it (batches, loss, optimizer, metrics)."""
+    t = req.job.training
     model = load_model(req.model_dir, plan)
     _check_vocab(model, splits)
-    model = add_lora(model, req.job, plan)
-    loop = Loop(model, req, plan, data.pad_id_of(tokenizer), report, should_stop)
-    metrics = loop.run(splits)
-    adapter_dir = save_adapter(model, req, job_id, report)
-    sample = loop.sample_input(splits)
-    expected = _logits(model, sample, plan) if _exact(plan) else None
-    del model, loop  # the only references: the fresh base for the load test may not fit beside it
-    _free(plan)
-    report(Progress(job=job_id, phase="verifying"))
-    verify_adapter(req.model_dir, adapter_dir, plan, sample, expected)
-    return metrics, adapter_dir, plan.notes + splits.notes
+    packed = t.packing if isinstance(t.packing, bool) else plan.device == "cuda"
+    batcher = Batcher(splits.train, t.batch_size, t.max_length, data.pad_id_of(tokenizer), t.seed, packed,
+                      dist.world, dist.rank)
+    rows = t.batch_size * (t.max_length if packed else max(len(e.input_ids) for e in splits.train))
+    recompute = wants_checkpointing(t.gradient_checkpointing, plan, model, rows)
+    model = add_lora(model, req.job, plan, recompute)
+    step_module = CausalLMLoss(model, chunked=True)
+    compile_seconds = _compile(step_module, model, plan) if t.compile else None
+    if dist.world > 1:
+        step_module = _ddp(step_module, plan)
+    total = t.max_steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
+    settings = LoopSettings(plan.device, plan.dtype, t.learning_rate, total, t.checkpoint_every_steps,
+                            t.checkpoint_every_minutes, req.file_mode, req.job.id or "job", fp, t.compile)
+    metrics_log = MetricsLog(req.out_dir / "metrics.jsonl", req.file_mode) if dist.main else _NoMetrics()
+    loop = Loop(model, step_module, batcher, settings, req.out_dir, metrics_log, report, should_stop, dist)
+    loop.compile_seconds = compile_seconds
+    plan.notes += [f"gradient checkpointing {'on' if recompute else 'off'}, {'packed' if packed else 'padded'} "
+                   f"batches"] if plan.device == "cuda" else []
+    return model, loop
+
+
+def run_loop(loop: Loop, splits: data.Splits, t: TrainingSpec, found: checkpoint.Found | None) -> Metrics:
+    """Eval before (on the untouched base), resume if a checkpoint exists, train, eval after."""
+    eval_batch = max(1, t.batch_size)
+    before = loop.evaluate(splits.eval, "eval-before", eval_batch)
+    if found is not None:
+        loop.metrics.start_from(found.folder.parent.parent / "metrics.jsonl", found.state.step)
+        loop.metrics.eval(0, before, "before")
+        loop.resume(found)
+    loop.train()
+    after = loop.evaluate(splits.eval, "eval-after", eval_batch)
+    loop.metrics.close()
+    tail = loop.pos.losses[-LAST_STEPS:] or [float("nan")]
+    return Metrics(train_loss=sum(tail) / len(tail), eval_loss_before=before, eval_loss_after=after,
+                   eval_perplexity_before=_perplexity(before), eval_perplexity_after=_perplexity(after),
+                   tokens=loop.pos.tokens, padded_tokens=loop.pos.padded_tokens, steps=loop.pos.step,
+                   compile_seconds=loop.compile_seconds)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows past ~709; a loss that high means "no better than noise"
+
+
+def _answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], plan: Plan, dist: Dist) -> list[str]:
+    if not prompts or not dist.main:
+        return []
+    with _autocast(plan):
+        return generate_answers(model, tokenizer, prompts, plan.device)
+
+
+class _NoMetrics(MetricsLog):
+    """DDP ranks other than 0 keep no metrics file: rank 0's holds the global numbers."""
+
+    def __init__(self) -> None:
+        self.path = Path("/nonexistent")
+
+    def train(self, *args: Any, **kwargs: Any) -> None: ...
+    def eval(self, *args: Any, **kwargs: Any) -> None: ...
+    def start_from(self, previous: Path | None, upto_step: int) -> int: return 0
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _compile(step_module: CausalLMLoss, model: torch.nn.Module, plan: Plan) -> float | None:
+    """torch.compile the transformer body in place (state-dict names unchanged). CUDA only: on CPU it costs
+    minutes of compile for little gain, so the setting is ignored there, with a note."""
+    if plan.device != "cuda":
+        plan.notes.append("training.compile is for cuda; ignored on CPU")
+        return None
+    body = step_module._body if step_module.chunked else model.get_base_model()
+    body.compile()
+    return None  # the compile happens in the first step, which the loop times
+
+
+def _ddp(module: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.cuda.current_device()] if plan.device == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
+
+
+def wants_checkpointing(setting: bool | str, plan: Plan, model: torch.nn.Module, tokens_per_step: int) -> bool:
+    """Recompute activations only when the memory estimate says they would not fit: it costs ~30% of the
+    speed, so it is chosen by arithmetic, not habit. Per token and layer a decoder keeps about 8 hidden-sized
+    and 4 MLP-sized activations (bf16), counted with a 1.5x margin against 80% of the memory left free."""
+    if isinstance(setting, bool):
+        return setting
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    inner = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    per_token = (8 * hidden + 4 * inner) * layers * (4 if plan.dtype == torch.float32 else 2)
+    need = 1.5 * per_token * tokens_per_step
+    free = _free_bytes(plan)
+    if need > 0.8 * free:
+        log.info("gradient checkpointing on: activations need ~%.1f GiB, %.1f GiB free", need / 2**30, free / 2**30)
+        return True
+    return False
+
+
+def _free_bytes(plan: Plan) -> float:
+    if plan.device == "cuda":
+        return float(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return float(psutil.virtual_memory().available)
 
 
 def prepare(req: TrainRequest) -> tuple[Plan, Any, data.Splits]:
@@ -83,6 +216,8 @@ def prepare(req: TrainRequest) -> tuple[Plan, Any, data.Splits]:
     plan = plan_for(req.job.quantization, req.device)
     tokenizer = load_tokenizer(req.model_dir)
     splits = data.load_splits(req.datasets, tokenizer, t)
+    splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
+                           for p in req.datasets]
     check_targets(req.model_dir, req.job.lora.target_modules)
     return plan, tokenizer, splits
 
@@ -211,147 +346,27 @@ def _check_vocab(model: torch.nn.Module, splits: data.Splits) -> None:
                                      "rows: the tokenizer does not belong to this model")
 
 
-def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan) -> torch.nn.Module:
-    """Wrap ``model`` with trainable LoRA layers (kept in fp32 by peft's autocast_adapter_dtype)."""
+def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool) -> torch.nn.Module:
+    """Wrap ``model`` with trainable LoRA (or DoRA) layers, kept in fp32 by peft's autocast_adapter_dtype."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing needs inputs that require grad; LoRA has none
     if plan.quantization is not Quantization.none:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     lora = job.lora
     config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, bias="none")
+                        target_modules=lora.target_modules, use_dora=lora.use_dora,
+                        modules_to_save=lora.modules_to_save, bias="none")
     model = get_peft_model(model, config)
     # An absolute path on this worker's mount means nothing elsewhere: record the share-relative one.
     model.peft_config["default"].base_model_name_or_path = job.base_model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA r=%d on %s: %d trainable parameters", lora.r, lora.target_modules, trainable)
+    log.info("%s r=%d on %s: %d trainable parameters", "DoRA" if lora.use_dora else "LoRA", lora.r,
+             lora.target_modules, trainable)
     return model
-
-
-# ── the loop ─────────────────────────────────────────────────────────────────────────────────────────────
-def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], plan: Plan) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of labelled tokens): sums, so eval can weight every token equally."""
-    batch = {k: v.to(plan.device) for k, v in batch.items()}
-    with _autocast(plan):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=data.IGNORE, reduction="sum")
-    return loss, int((targets != data.IGNORE).sum())
-
-
-def _autocast(plan: Plan) -> Any:
-    return torch.autocast("cuda", dtype=plan.dtype, enabled=plan.device == "cuda")
-
-
-class Loop:
-    """The optimizer loop, with its progress reports and stop checks."""
-
-    def __init__(self, model: torch.nn.Module, req: TrainRequest, plan: Plan, pad_id: int,
-                 report: Callable[[Progress], None], should_stop: Callable[[], bool]) -> None:
-        self.model, self.req, self.plan, self.pad_id = model, req, plan, pad_id
-        self.report, self.should_stop = report, should_stop
-        self.job_id = req.job.id or "job"
-        self.t = req.job.training
-
-    def run(self, splits: data.Splits) -> Metrics:
-        """Eval, train, eval: the metrics of one attempt (``seconds`` is filled in by the caller)."""
-        before = self.evaluate(splits.eval, "eval-before")
-        per_epoch = math.ceil(len(splits.train) / self.t.batch_size)
-        total = self.t.max_steps or max(1, math.ceil(self.t.epochs * per_epoch))
-        losses, tokens = self.train(splits.train, total, per_epoch)
-        after = self.evaluate(splits.eval, "eval-after")
-        tail = losses[-LAST_STEPS:]
-        return Metrics(train_loss=sum(tail) / len(tail), eval_loss_before=before, eval_loss_after=after,
-                       tokens=tokens, steps=len(losses))
-
-    def evaluate(self, examples: list[data.Example], phase: str) -> float:
-        """Mean loss per labelled token over ``examples``, with dropout off and no gradients."""
-        self.report(Progress(job=self.job_id, phase=phase))
-        self.model.eval()
-        loss_sum, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(examples), self.t.batch_size):
-                _stop_if(self.should_stop)
-                loss, n = batch_loss(self.model, data.collate(examples[start:start + self.t.batch_size],
-                                                              self.pad_id), self.plan)
-                loss_sum, count = loss_sum + float(loss), count + n
-        mean = loss_sum / max(count, 1)
-        if not math.isfinite(mean):
-            raise RuntimeError(f"the {phase} loss is {mean}: the model gives non-finite outputs"
-                               f"{self._fp16_hint()}; check the model files")
-        return mean
-
-    def batches(self, examples: list[data.Example]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """(epoch, batch) forever, reshuffled each epoch by a generator seeded from the job's seed."""
-        epoch = 0
-        while True:
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.t.seed + epoch))
-            for start in range(0, len(order), self.t.batch_size):
-                chunk = [examples[int(i)] for i in order[start:start + self.t.batch_size]]
-                yield epoch, data.collate(chunk, self.pad_id)
-            epoch += 1
-
-    def train(self, examples: list[data.Example], total: int, per_epoch: int) -> tuple[list[float], int]:
-        """``total`` optimizer steps; returns every step's loss and the non-pad tokens trained on."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.t.learning_rate, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_decay(total))
-        scaler = torch.amp.GradScaler("cuda", enabled=self.plan.device == "cuda" and self.plan.dtype == torch.float16)
-        self.model.train()
-        losses: list[float] = []
-        tokens, started = 0, time.monotonic()
-        for step, (_, batch) in enumerate(self.batches(examples), start=1):
-            _stop_if(self.should_stop)
-            lr = schedule.get_last_lr()[0]
-            loss_sum, n = batch_loss(self.model, batch, self.plan)
-            loss = loss_sum / max(n, 1)
-            self._check_finite(loss.item(), step, lr)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
-            self._progress(step, total, step / per_epoch, losses[-1], lr, tokens, time.monotonic() - started)
-            if step >= total:
-                return losses, tokens
-        raise AssertionError("unreachable: batches() never ends")
-
-    def _check_finite(self, loss: float, step: int, lr: float) -> None:
-        if not math.isfinite(loss):
-            raise RuntimeError(f"the training loss became {loss} at step {step} (learning rate {lr:.3g}): "
-                               f"training diverged; lower training.learning_rate{self._fp16_hint()}")
-
-    def _fp16_hint(self) -> str:
-        if self.plan.dtype == torch.float16:
-            return " (this GPU has no bf16, so the model runs in fp16, which overflows easily)"
-        return ""
-
-    def _progress(self, step: int, total: int, epoch: float, loss: float, lr: float, tokens: int,
-                  elapsed: float) -> None:
-        self.report(Progress(job=self.job_id, step=step, total_steps=total, epoch=round(epoch, 4), loss=loss,
-                             learning_rate=lr, tokens_per_second=tokens / elapsed if elapsed > 0 else None,
-                             eta_seconds=elapsed / step * (total - step), phase="training"))
-
-    def sample_input(self, splits: data.Splits) -> torch.Tensor:
-        """A short real input for the load test: the first eval row, at most 32 tokens."""
-        return torch.tensor([splits.eval[0].input_ids[:32]], dtype=torch.long)
-
-
-def _warmup_decay(total: int) -> Callable[[int], float]:
-    """Linear warmup over ~10% of the steps (at most MAX_WARMUP), then linear decay towards zero."""
-    warmup = min(MAX_WARMUP, max(1, total // 10))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
 
 
 # ── saving and checking the adapter ──────────────────────────────────────────────────────────────────────
@@ -390,6 +405,10 @@ def save_adapter(model: torch.nn.Module, req: TrainRequest, job_id: str,
     chmod_tree(adapter_dir, req.file_mode)
     fsync_tree(adapter_dir)
     return adapter_dir
+
+
+def _autocast(plan: Plan) -> Any:
+    return torch.autocast("cuda", dtype=plan.dtype, enabled=plan.device == "cuda")
 
 
 def _exact(plan: Plan) -> bool:

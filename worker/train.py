@@ -4,7 +4,8 @@ Order matters: the cheap checks that can refuse a job (model folder, dataset fil
 module names) all run before the model's weights are read, so a typo costs seconds, not a multi-minute load.
 
 This module stays light (no torch at import): the daemon unpickles the ``TrainOutcome`` the child sends, and
-that imports this module in the daemon, which must never load torch. The torch side is ``worker.loop``.
+that imports this module in the daemon, which must never load torch. The torch side is ``worker.engine`` and
+``worker.loop``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec
-from schemas.result import Metrics
+from schemas.result import DataReport, Metrics, ProbeOutput
 from worker.modelguard import check_dataset_file, check_model_dir
 from worker.verify import hash_folder
 
@@ -39,6 +40,9 @@ class TrainOutcome:
     files: dict[str, str]  # name relative to adapter_dir -> sha256 hex
     size_bytes: int
     notes: list[str] = field(default_factory=list)
+    data: DataReport | None = None
+    resumed_from_step: int | None = None
+    probes: list[ProbeOutput] = field(default_factory=list)
 
 
 # ── entry point ──────────────────────────────────────────────────────────────────────────────────────────
@@ -54,7 +58,9 @@ def run_training(req: TrainRequest, report: Callable[[Progress], None],
     report(Progress(job=job_id, phase="loading"))
     from worker.engine import train_adapter  # torch arrives here, in the training child only
 
-    metrics, adapter_dir, notes = train_adapter(req, report, should_stop)
-    files, size = hash_folder(adapter_dir)
-    metrics.seconds = round(time.monotonic() - started, 3)
-    return TrainOutcome(metrics, adapter_dir, files, size, notes)
+    trained = train_adapter(req, report, should_stop)
+    assert trained is not None  # only DDP ranks other than 0 get None, and they do not run through here
+    files, size = hash_folder(trained.adapter_dir)
+    trained.metrics.seconds = round(time.monotonic() - started, 3)
+    return TrainOutcome(trained.metrics, trained.adapter_dir, files, size, trained.notes, trained.data,
+                        trained.resumed_from_step, trained.probes)

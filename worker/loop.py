@@ -1,0 +1,345 @@
+"""The optimizer loop: steps, guards, progress, metrics, checkpoints and resume.
+
+Plain PyTorch rather than the HF Trainer: the spool needs a hook at every step (progress, stop, checkpoint) and
+exact control of what reaches the share. What makes it fast is in the data and the loss, not the loop:
+
+* batches come from ``worker.batching`` (packed or length-grouped), so little compute goes to padding;
+* the loss never materialises the logits of the whole batch: the hidden states of the labelled positions only go
+  through the LM head in chunks, each recomputed in backward (``torch.utils.checkpoint``), so a 150k vocabulary
+  costs one chunk of fp32 logits at a time instead of batch × length × vocab;
+* AdamW runs fused on CUDA, over the LoRA parameters only.
+
+The loss of a step is the mean over every labelled token of the (global) batch, whatever the rank split: each rank
+divides its sum by the global token count, and DDP's gradient averaging is undone by the world size, so two
+processes with batch B follow the trajectory of one process with batch 2B.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+
+from schemas.checkpoint import CheckpointState
+from schemas.heartbeat import Progress
+from spooler.errors import Cancelled
+from worker import checkpoint
+from worker.batching import Batch, Batcher, collate_eval
+from worker.data import IGNORE, Example
+from worker.outputs import MetricsLog
+
+log = logging.getLogger(__name__)
+
+LAST_STEPS = 10  # train_loss is the mean of this many final steps: one step's loss is too noisy to report
+MAX_WARMUP = 100
+GRAD_CLIP = 1.0
+LOSS_CHUNK = 4096  # labelled positions per LM-head chunk: 4096 x 152k fp32 logits is 2.5 GB at most
+MAX_SKIPPED = 25  # fp16 steps in a row whose gradients overflowed before the job is failed
+
+
+@dataclass
+class Dist:
+    """This process's place in a DDP job; world 1 is a plain single-process run."""
+
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def total(self, value: float, device: str) -> float:
+        """The sum of ``value`` over every rank."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def agree(self, flag: bool, device: str) -> bool:
+        """True on every rank when it is true on any: a stop seen by rank 0 stops them all at the same step."""
+        return self.total(1.0 if flag else 0.0, device) > 0
+
+
+class CausalLMLoss(torch.nn.Module):
+    """(sum of token losses, labelled tokens) of a batch. A module, so that DDP sees the whole forward."""
+
+    def __init__(self, model: torch.nn.Module, chunked: bool) -> None:
+        super().__init__()
+        self.model = model  # the peft model
+        lm = model.get_base_model()
+        self.chunked = chunked and _chunkable(lm)
+        self._body = getattr(lm, lm.base_model_prefix) if self.chunked else None
+        self._head = lm.get_output_embeddings() if self.chunked else None
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
+                positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        if not self.chunked:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+            return loss, keep.sum()
+        assert self._body is not None
+        hidden = self._body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            use_cache=False).last_hidden_state
+        return _chunked_ce(self._head, hidden[:, :-1][keep], targets[keep]), keep.sum()
+
+
+def _chunkable(lm: torch.nn.Module) -> bool:
+    """Models whose logits are plainly ``lm_head(hidden)``; soft-capped or scaled logits take the full path."""
+    cfg = lm.config
+    plain = all(getattr(cfg, k, None) in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+    return plain and hasattr(lm, lm.base_model_prefix) and lm.get_output_embeddings() is not None
+
+
+def _head_ce(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def _chunked_ce(head: Any, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], LOSS_CHUNK):
+        hs, ys = h[start:start + LOSS_CHUNK], y[start:start + LOSS_CHUNK]
+        # Recomputed in backward: otherwise every chunk's fp32 logits stay alive until backward, as if unchunked.
+        part = (torch.utils.checkpoint.checkpoint(_head_ce, head, hs, ys, use_reentrant=False)
+                if torch.is_grad_enabled() else _head_ce(head, hs, ys))
+        total = total + part
+    return total
+
+
+@dataclass
+class Position:
+    """Where training is: restored from a checkpoint, advanced by every step."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LoopSettings:
+    device: str
+    dtype: torch.dtype
+    learning_rate: float
+    total_steps: int
+    checkpoint_every_steps: int
+    checkpoint_every_minutes: float
+    file_mode: int
+    job_id: str
+    fingerprint: str
+    compile: bool = False
+
+
+class Loop:
+    """Trains ``model`` (the peft model) through ``step_module`` (the loss module, DDP-wrapped when world > 1)."""
+
+    def __init__(self, model: torch.nn.Module, step_module: torch.nn.Module, batcher: Batcher, s: LoopSettings,
+                 out_dir: Path, metrics: MetricsLog, report: Callable[[Progress], None],
+                 should_stop: Callable[[], bool], dist: Dist | None = None) -> None:
+        self.model, self.step_module, self.batcher, self.s = model, step_module, batcher, s
+        self.out_dir, self.metrics, self.report, self.should_stop = out_dir, metrics, report, should_stop
+        self.dist = dist or Dist()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, weight_decay=0.0,
+                                           fused=s.device == "cuda")
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_decay(s.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=s.device == "cuda" and s.dtype == torch.float16)
+        self.pos = Position()
+        self.compile_seconds: float | None = None
+        self._skipped = 0
+
+    # ── resume and checkpoint ───────────────────────────────────────────────────────────────────────────
+    def resume(self, found: checkpoint.Found) -> None:
+        """Continue exactly where ``found`` stopped: weights, optimizer, schedule, RNG and data position."""
+        weights, optim, rng = checkpoint.load(found)
+        trainable = dict(self._trainable())
+        missing = set(trainable) - set(weights)
+        if missing:
+            raise RuntimeError(f"checkpoint {found.folder} lacks {len(missing)} trainable tensors "
+                               f"(e.g. {sorted(missing)[0]}); it cannot continue this run")
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+        self.optimizer.load_state_dict(optim["optimizer"])
+        self.schedule.load_state_dict(optim["schedule"])
+        if optim.get("scaler"):
+            self.scaler.load_state_dict(optim["scaler"])
+        checkpoint.restore_rng(rng)
+        st = found.state
+        self.pos = Position(st.step, st.epoch, st.batch_in_epoch, st.tokens, st.padded_tokens,
+                            list(st.recent_losses))
+        log.info("job %s resumes at step %d of %d from %s", self.s.job_id, st.step, st.total_steps, found.folder)
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.main or self.pos.step == 0:
+            return None
+        state = CheckpointState(step=self.pos.step, total_steps=self.s.total_steps, epoch=self.pos.epoch,
+                                batch_in_epoch=self.pos.batch_in_epoch, tokens=self.pos.tokens,
+                                padded_tokens=self.pos.padded_tokens, world_size=self.dist.world,
+                                fingerprint=self.s.fingerprint, recent_losses=self.pos.losses[-LAST_STEPS:],
+                                written_by=self.out_dir.name)
+        optim = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        folder = checkpoint.save(self.out_dir / "checkpoints", state, dict(self._trainable()), optim,
+                                 self.s.file_mode)
+        self.metrics.sync()
+        log.info("job %s checkpoint at step %d: %s", self.s.job_id, self.pos.step, folder)
+        return folder
+
+    # ── evaluation ──────────────────────────────────────────────────────────────────────────────────────
+    def evaluate(self, examples: list[Example], phase: str, batch_size: int) -> float:
+        """Mean loss per labelled token over ``examples``, with dropout off and no gradients."""
+        self.report(Progress(job=self.s.job_id, step=self.pos.step, phase=phase))
+        self.step_module.eval()
+        loss_sum, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                self._stop_if_asked(save=False)
+                loss, n = self._forward(collate_eval(examples[start:start + batch_size], self.batcher.pad_id))
+                loss_sum, count = loss_sum + float(loss), count + int(n)
+        self.step_module.train()
+        mean = loss_sum / max(count, 1)
+        if not math.isfinite(mean):
+            raise RuntimeError(f"the {phase} loss is {mean}: the model gives non-finite outputs{self._fp16_hint()}; "
+                               "check the model files")
+        self.metrics.eval(self.pos.step, mean, phase.removeprefix("eval-"))
+        return mean
+
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b = batch.to(self.s.device)
+        autocast = torch.autocast("cuda", dtype=self.s.dtype) if self.s.device == "cuda" else nullcontext()
+        module = self.step_module if torch.is_grad_enabled() else _unwrapped(self.step_module)
+        with autocast:
+            return module(b.input_ids, b.labels, b.attention_mask, b.position_ids)
+
+    # ── training ────────────────────────────────────────────────────────────────────────────────────────
+    def train(self) -> list[float]:
+        """Steps until ``total_steps``; returns every loss of this attempt. Stops (Cancelled) with a checkpoint."""
+        self.step_module.train()
+        started, start_tokens = time.monotonic(), self.pos.tokens
+        last_ckpt_step, last_ckpt_time = self.pos.step, time.monotonic()
+        per_epoch = max(1, self.batcher.steps_per_epoch())
+        losses: list[float] = []
+        while self.pos.step < self.s.total_steps:
+            self._stop_if_asked(save=True)
+            step_started = time.monotonic()
+            loss, grad_norm, lr = self._one_step()
+            if self.compile_seconds is None and self.s.compile:
+                self.compile_seconds = round(time.monotonic() - step_started, 3)
+                log.info("job %s first (compiling) step took %.1fs", self.s.job_id, self.compile_seconds)
+            losses.append(loss)
+            self.pos.losses = (self.pos.losses + [loss])[-LAST_STEPS:]
+            elapsed = time.monotonic() - started
+            rate = (self.pos.tokens - start_tokens) / elapsed if elapsed > 0 else None
+            epoch = self.pos.epoch + self.pos.batch_in_epoch / per_epoch
+            self.metrics.train(self.pos.step, loss, lr, round(epoch, 4), self.pos.tokens, rate, grad_norm)
+            self._progress(loss, lr, epoch, rate, elapsed / len(losses))
+            due_steps = self.pos.step - last_ckpt_step >= self.s.checkpoint_every_steps
+            due_time = time.monotonic() - last_ckpt_time >= 60 * self.s.checkpoint_every_minutes
+            if (due_steps or due_time) and self.pos.step < self.s.total_steps:
+                self.save_checkpoint()
+                last_ckpt_step, last_ckpt_time = self.pos.step, time.monotonic()
+        return losses
+
+    def _next_batch(self) -> Batch:
+        plan = self.batcher.epoch_plan(self.pos.epoch)
+        if self.pos.batch_in_epoch >= len(plan):
+            self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
+            if not self.batcher.epoch_plan(self.pos.epoch):
+                raise RuntimeError("an epoch has no full batch for every process; use fewer devices or a "
+                                   "smaller training.batch_size")
+        batch = self.batcher.batch(self.pos.epoch, self.pos.batch_in_epoch)
+        self.pos.batch_in_epoch += 1
+        return batch
+
+    def _one_step(self) -> tuple[float, float, float]:
+        """One optimizer step: (loss, grad norm, learning rate)."""
+        batch = self._next_batch()
+        lr = self.schedule.get_last_lr()[0]
+        n_global = self.dist.total(float((batch.labels[:, 1:] != IGNORE).sum()), self.s.device)
+        loss_sum, _ = self._forward(batch)
+        # Sum over this rank / tokens of the whole step, times world to undo DDP's averaging: the global mean.
+        loss = loss_sum * (self.dist.world / max(n_global, 1.0))
+        reported = self.dist.total(float(loss_sum.detach()), self.s.device) / max(n_global, 1.0)
+        self._check_loss(reported, lr)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP))
+        self._check_grad_norm(grad_norm, lr)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.pos.step += 1
+        self.pos.tokens += int(self.dist.total(batch.real_tokens, self.s.device))
+        self.pos.padded_tokens += int(self.dist.total(batch.padded_tokens, self.s.device))
+        return reported, grad_norm, lr
+
+    def _check_loss(self, loss: float, lr: float) -> None:
+        if not math.isfinite(loss):
+            raise RuntimeError(f"the training loss became {loss} at step {self.pos.step + 1} (learning rate "
+                               f"{lr:.3g}): training diverged; lower training.learning_rate{self._fp16_hint()}")
+
+    def _check_grad_norm(self, norm: float, lr: float) -> None:
+        """A non-finite gradient never trains on silently. In fp16 the scaler skips such a step and lowers its
+        scale, which is normal now and then; many in a row mean the run is broken."""
+        if math.isfinite(norm):
+            self._skipped = 0
+            return
+        if self.scaler.is_enabled():
+            self._skipped += 1
+            if self._skipped < MAX_SKIPPED:
+                return
+        raise RuntimeError(f"the gradient norm became {norm} at step {self.pos.step + 1} (learning rate {lr:.3g}): "
+                           f"training diverged; lower training.learning_rate{self._fp16_hint()}")
+
+    def _fp16_hint(self) -> str:
+        if self.s.dtype == torch.float16:
+            return " (this GPU has no bf16, so the model runs in fp16, which overflows easily)"
+        return ""
+
+    def _stop_if_asked(self, save: bool) -> None:
+        """Stop at a step boundary when asked (cancel, shutdown, lost claim), with a checkpoint first, so a
+        shutdown of the worker (SIGTERM, service stop) costs no training."""
+        if self.dist.agree(self.dist.main and self.should_stop(), self.s.device):
+            if save:
+                self.save_checkpoint()
+            raise Cancelled()
+
+    def _progress(self, loss: float, lr: float, epoch: float, rate: float | None, step_seconds: float) -> None:
+        eta = step_seconds * (self.s.total_steps - self.pos.step)
+        self.report(Progress(job=self.s.job_id, step=self.pos.step, total_steps=self.s.total_steps,
+                             epoch=round(epoch, 4), loss=loss, learning_rate=lr, tokens_per_second=rate,
+                             eta_seconds=eta, tokens=self.pos.tokens, phase="training"))
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The loss module without its DDP wrapper: evaluation needs no gradient sync."""
+    return getattr(module, "module", module)
+
+
+def warmup_decay(total: int) -> Callable[[int], float]:
+    """Linear warmup over ~10% of the steps (at most MAX_WARMUP), then linear decay towards zero."""
+    warmup = min(MAX_WARMUP, max(1, total // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor

@@ -1,0 +1,51 @@
+"""Probe prompts answered by the base model and by the adapted one, side by side in result.json.
+
+A person judges an adapter by reading what it says, not by its loss, so a few of their own prompts are
+answered greedily (reproducible) before training and after it. The prompt is rendered as an instruction row
+is rendered for training, so the adapted model sees the format it learned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from schemas.result import ProbeOutput
+from worker.data import ALPACA_PROMPT
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """BOS (when the tokenizer has one) then the alpaca prompt, exactly as ``worker.data.segments`` builds it."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(ALPACA_PROMPT.format(instruction=prompt), add_special_tokens=False)
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], device: str,
+                     max_new_tokens: int = 64) -> list[str]:
+    """Greedy answers, one prompt at a time: no padding, so no dependence on the tokenizer's padding side.
+    The model's train/eval mode is restored afterwards, since the 'before' probe runs ahead of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [_answer(model, tokenizer, p, device, max_new_tokens) for p in prompts]
+    finally:
+        model.train(was_training)
+
+
+def _answer(model: Any, tokenizer: Any, prompt: str, device: str, max_new_tokens: int) -> str:
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # use_cache: training turns the KV cache off in the model config; generation without it is quadratic.
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad, use_cache=True)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def pair(prompts: list[str], base_answers: list[str], adapted_answers: list[str]) -> list[ProbeOutput]:
+    if not len(prompts) == len(base_answers) == len(adapted_answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(base_answers)} base and "
+                         f"{len(adapted_answers)} adapted answers")
+    return [ProbeOutput(prompt=p, base=b, adapted=a) for p, b, a in zip(prompts, base_answers, adapted_answers,
+                                                                         strict=True)]
