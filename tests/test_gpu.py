@@ -49,6 +49,17 @@ def test_cuda_learns(gpu_share: Path, quantization: str) -> None:
     assert not [n for n in outcome.notes if "plain LoRA" in n], outcome.notes
 
 
+def test_cuda_packed_compiled_checkpointed(gpu_share: Path) -> None:
+    """The fast path (packed rows, compiled body) and the low-memory one (gradient checkpointing) both learn."""
+    outcome = _train(gpu_share, "cuda-fast", "none", packing=True, compile=True, gradient_checkpointing=True,
+                     checkpoint_every_steps=15)
+    m = outcome.metrics
+    assert m.eval_loss_after < m.eval_loss_before, m
+    assert m.compile_seconds is not None and m.compile_seconds > 0
+    assert m.padded_tokens and m.tokens and m.tokens <= m.padded_tokens
+    assert any("gradient checkpointing on" in n and "packed" in n for n in outcome.notes), outcome.notes
+
+
 def test_nvml_reports_the_gpu() -> None:
     from worker.sysinfo import SystemSampler
 

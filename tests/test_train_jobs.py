@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -55,18 +56,58 @@ def test_train_job_end_to_end(train_share: Share, procs: Procs) -> None:
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_killed_worker_job_is_requeued_and_finished(train_share: Share, procs: Procs) -> None:
+def _train_losses(path: Path) -> dict[int, float]:
+    from worker.outputs import read_metrics
+
+    lines = [m for m in read_metrics(path) if m.kind == "train"]
+    steps = [m.step for m in lines]
+    assert len(steps) == len(set(steps)), f"a step logged twice in {path}"
+    return {m.step: m.loss for m in lines}
+
+
+def test_killed_worker_job_resumes_from_its_checkpoint(train_share: Share, procs: Procs) -> None:
+    """kill -9 mid-training, requeue on another worker: training continues from the newest checkpoint, with the
+    same losses the killed attempt saw at those steps (same weights, optimizer, RNG and data position)."""
     share = train_share
     w1 = procs.worker(share, "w1")
     wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "w1's heartbeat")
-    drop(share, "victim.json", train_job("victim", steps=1500, batch_size=2, max_length=32))
-    wait_for(lambda: progress_step(share, "victim") >= 2, 120, "training to start on w1")
+    drop(share, "victim.json", train_job("victim", steps=200, batch_size=2, max_length=32,
+                                         checkpoint_every_steps=20))
+    wait_for(lambda: progress_step(share, "victim") >= 50, 180, "training past two checkpoints on w1")
     procs.kill9(w1)  # the worker and its training child, as a power cut would
+    first = _train_losses(share.result_dir("victim") / "attempts" / "a1-w1" / "metrics.jsonl")
     w2 = procs.worker(share, "w2")
     r = wait_result(share, "victim", 300)
     assert r.status.value == "succeeded", r.error
     assert (r.worker, r.attempts) == ("w2", 2)
     assert "job victim requeued for attempt 2: worker w1" in log_of(w2)
+    assert r.resumed_from_step is not None and r.resumed_from_step >= 40 and r.resumed_from_step % 20 == 0
+    assert r.metrics.steps == 200
+    history = _train_losses(share.result_dir("victim") / "metrics.jsonl")
+    assert sorted(history) == list(range(1, 201)), "the metrics history is continuous across the resume"
+    overlap = [s for s in first if s > r.resumed_from_step]
+    assert overlap, "the killed attempt trained past its last checkpoint"
+    for step in overlap:  # the resumed run repeats the lost steps exactly
+        assert abs(history[step] - first[step]) <= 1e-4 * max(1.0, abs(first[step])), (step, history[step])
+
+
+def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Share, procs: Procs) -> None:
+    share = train_share
+    w1 = procs.worker(share, "w1")
+    drop(share, "graceful.json", train_job("graceful", steps=200, batch_size=2, max_length=32,
+                                           checkpoint_every_steps=10_000))
+    wait_for(lambda: progress_step(share, "graceful") >= 20, 180, "training to run a while")
+    w1.send_signal(signal.SIGTERM)
+    assert w1.wait(120) == 0, log_of(w1)[-2000:]
+    checkpoints = sorted(share.result_dir("graceful").glob("attempts/*/checkpoints/step-*"))
+    assert len(checkpoints) == 1, "SIGTERM writes exactly one checkpoint before the worker exits"
+    stopped_at = int(checkpoints[0].name.removeprefix("step-"))
+    assert stopped_at >= 20
+    procs.worker(share, "w2")
+    r = wait_result(share, "graceful", 300)
+    assert r.status.value == "succeeded", r.error
+    assert r.attempts == 1, "a graceful stop does not count as an attempt"
+    assert r.resumed_from_step == stopped_at
 
 
 def test_cancel_running_job(train_share: Share, procs: Procs) -> None:

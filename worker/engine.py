@@ -123,10 +123,10 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
 def run_loop(loop: Loop, splits: data.Splits, t: TrainingSpec, found: checkpoint.Found | None) -> Metrics:
     """Eval before (on the untouched base), resume if a checkpoint exists, train, eval after."""
     eval_batch = max(1, t.batch_size)
-    before = loop.evaluate(splits.eval, "eval-before", eval_batch)
-    if found is not None:
+    if found is not None:  # the history up to the checkpoint, with its own "before", comes first
         loop.metrics.start_from(found.folder.parent.parent / "metrics.jsonl", found.state.step)
-        loop.metrics.eval(0, before, "before")
+    before = loop.evaluate(splits.eval, "eval-before", eval_batch, record=found is None)
+    if found is not None:
         loop.resume(found)
     loop.train()
     after = loop.evaluate(splits.eval, "eval-after", eval_batch)

@@ -4,6 +4,10 @@ The daemon never imports torch for a job. A CUDA OOM, a segfault in a kernel or 
 the child and fails that job; the daemon keeps heartbeating and goes on. Cancel and shutdown send the child a
 "stop" message, which the training loop sees at its next step; a child that does not stop in
 ``STOP_GRACE`` seconds (stuck in a load, say) is terminated, then killed.
+
+A ``devices: "all"`` job on several GPUs trains in torchrun ranks that this child starts and relays for
+(``worker.ddp``): the messages, the "stop" and the result kinds are the same; ranks that end without a word are
+reported as "died".
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
         return stop
 
     from spooler.errors import Cancelled, Rejected
+    from worker.ddp import RankFailed, RanksDied
 
     try:
         from worker.train import TrainRequest, run_training
@@ -63,6 +68,10 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
         conn.send(("rejected", e.field, e.problem))
     except Cancelled:
         conn.send(("cancelled",))
+    except RanksDied as e:  # DDP ranks killed or crashed: what "died" means for one process
+        conn.send(("died", str(e)))
+    except RankFailed as e:  # already described by the rank that raised
+        conn.send(("failed", str(e), e.remote_traceback))
     except BaseException as e:  # the child reports everything; the parent decides
         conn.send(("failed", _describe(e), traceback.format_exc()))
 
@@ -139,6 +148,8 @@ def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
         return HorseResult("rejected", field=msg[1], error=msg[2])
     if kind == "cancelled":
         return HorseResult("cancelled", error=stop_reason)
+    if kind == "died":
+        return HorseResult("died", error=msg[1])
     log.debug("training process traceback:\n%s", msg[2])
     return HorseResult("failed", error=msg[1])
 

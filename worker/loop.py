@@ -202,7 +202,7 @@ class Loop:
         return folder
 
     # ── evaluation ──────────────────────────────────────────────────────────────────────────────────────
-    def evaluate(self, examples: list[Example], phase: str, batch_size: int) -> float:
+    def evaluate(self, examples: list[Example], phase: str, batch_size: int, record: bool = True) -> float:
         """Mean loss per labelled token over ``examples``, with dropout off and no gradients."""
         self.report(Progress(job=self.s.job_id, step=self.pos.step, phase=phase))
         self.step_module.eval()
@@ -217,7 +217,8 @@ class Loop:
         if not math.isfinite(mean):
             raise RuntimeError(f"the {phase} loss is {mean}: the model gives non-finite outputs{self._fp16_hint()}; "
                                "check the model files")
-        self.metrics.eval(self.pos.step, mean, phase.removeprefix("eval-"))
+        if record:
+            self.metrics.eval(self.pos.step, mean, phase.removeprefix("eval-"))
         return mean
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
 from worker.modelguard import check_dataset_file, check_model_dir
 from worker.verify import hash_folder
+
+if TYPE_CHECKING:
+    from worker.loop import Dist
 
 
 @dataclass
@@ -49,17 +53,37 @@ class TrainOutcome:
 def run_training(req: TrainRequest, report: Callable[[Progress], None],
                  should_stop: Callable[[], bool]) -> TrainOutcome:
     """Train one adapter and save it to ``req.out_dir / "adapter"``. Raises Rejected (bad input), Cancelled,
-    or RuntimeError (training diverged, the saved adapter does not load)."""
-    started = time.monotonic()
-    job_id = req.job.id or "job"
+    or RuntimeError (training diverged, the saved adapter does not load). A ``devices: "all"`` job on several
+    GPUs runs as torchrun ranks (``worker.ddp``), this process relaying; its outcome is the same."""
+    check_inputs(req)
+    from worker import ddp  # light: torch only in the ranks, and to count GPUs
+
+    world = ddp.processes(req.job.devices, req.device)
+    if world > 1:
+        return ddp.launch(req, world, report, should_stop)
+    outcome = train_checked(req, report, should_stop)
+    assert outcome is not None  # only DDP ranks other than 0 get None
+    return outcome
+
+
+def check_inputs(req: TrainRequest) -> None:
+    """The cheap refusals (model folder, dataset files), before anything heavy starts."""
     check_model_dir(req.model_dir, req.share_root)
     for path in req.datasets:
         check_dataset_file(path)
-    report(Progress(job=job_id, phase="loading"))
+
+
+def train_checked(req: TrainRequest, report: Callable[[Progress], None], should_stop: Callable[[], bool],
+                  dist: Dist | None = None) -> TrainOutcome | None:
+    """Train after ``check_inputs``, in this process: the whole job, or one DDP rank of it (``dist``).
+    Returns None on DDP ranks other than 0, which write nothing."""
+    started = time.monotonic()
+    report(Progress(job=req.job.id or "job", phase="loading"))
     from worker.engine import train_adapter  # torch arrives here, in the training child only
 
-    trained = train_adapter(req, report, should_stop)
-    assert trained is not None  # only DDP ranks other than 0 get None, and they do not run through here
+    trained = train_adapter(req, report, should_stop, dist)
+    if trained is None:
+        return None
     files, size = hash_folder(trained.adapter_dir)
     trained.metrics.seconds = round(time.monotonic() - started, 3)
     return TrainOutcome(trained.metrics, trained.adapter_dir, files, size, trained.notes, trained.data,
