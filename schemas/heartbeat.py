@@ -40,7 +40,8 @@ class Progress(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
-    tokens: int | None = Field(None, description="Non-padding tokens trained on so far in this attempt.")
+    tokens: int | None = Field(None, description="Non-padding tokens trained on so far (across resumed attempts).")
+    padded_tokens: int | None = Field(None, description="Tokens computed on so far, padding included.")
     phase: str = "starting"
 
 

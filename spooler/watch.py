@@ -64,7 +64,7 @@ class FolderWatcher:
     """Sets ``wake`` on any change in the watched folders; ``wait`` returns on a change or a timeout."""
 
     def __init__(self, folders: list[Path], mode: WatchMode, poll_interval: float) -> None:
-        self.mode = choose_mode(folders[0], mode)
+        self.mode: Literal["native", "polling", "rescan"] = choose_mode(folders[0], mode)
         self.wake = threading.Event()
         self.observer: BaseObserver = (
             PollingObserver(timeout=poll_interval) if self.mode == "polling" else Observer()
@@ -74,10 +74,19 @@ class FolderWatcher:
             self.observer.schedule(handler, str(folder), recursive=False)
 
     def start(self) -> None:
+        """Start watching; a folder that is gone (the share dropped during start-up) leaves only the rescans,
+        which the caller does anyway, rather than stopping the worker."""
         self.observer.daemon = True
-        self.observer.start()
+        try:
+            self.observer.start()
+        except OSError as e:
+            log.warning("cannot watch the share's folders (%s: %s): finding jobs by rescanning only",
+                        type(e).__name__, e)
+            self.mode = "rescan"
 
     def stop(self) -> None:
+        if self.mode == "rescan":  # never started
+            return
         self.observer.stop()
         self.observer.join(timeout=5)
 

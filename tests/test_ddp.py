@@ -183,6 +183,7 @@ def test_no_rank_outlives_a_killed_horse(root: Path, two_ranks: None) -> None:
     with it: none may keep a GPU, or write to the share, for a job the daemon has given up."""
     reports: list[Progress] = []
     seen: list[psutil.Process] = []
+    tickets: set[Path] = set()
 
     def kill_the_horse() -> None:
         if seen or not any(p.step >= 2 for p in reports):
@@ -191,13 +192,14 @@ def test_no_rank_outlives_a_killed_horse(root: Path, two_ranks: None) -> None:
             below = [p for p in child.children(recursive=True) if _ours(p)]
             if below:
                 seen.extend(below)
+                # Read before the kill: once dead, a process may already be a zombie with no command line.
+                tickets.update(Path(a) for p in below for a in p.cmdline() if a.endswith("ticket.pkl"))
                 child.kill()
         return None
 
     result = horse.run(horse_request(root, make_job("kill-horse", max_steps=200)), reports.append, kill_the_horse)
     assert result.kind == "died", result
     assert len(seen) == 3, seen  # torchrun and two ranks
-    tickets = {Path(arg) for p in seen for arg in p.cmdline() if arg.endswith("ticket.pkl")}
     gone, alive = psutil.wait_procs(seen, timeout=60)
     assert not alive, alive
     (ticket,) = tickets

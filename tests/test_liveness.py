@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from schemas.heartbeat import Heartbeat, WorkerState
 from spooler import states
 from spooler.clock import SkewedClock, SystemClock, iso, parse_iso
@@ -150,9 +152,25 @@ def test_second_worker_with_the_same_id_refuses_to_start(share: Share, procs: Pr
     assert first.poll() is None
 
 
+@pytest.mark.parametrize("mode", ["native", "polling"])
+def test_watcher_start_survives_a_vanished_share(tmp_path: Path, mode: str) -> None:
+    """Found in a loaded test run: the share dropped while a worker started, and starting the watcher raised,
+    which stopped the worker. Now it falls back to the rescans the loop does anyway."""
+    from spooler.watch import FolderWatcher
+
+    inbox = tmp_path / "share" / "inbox"
+    inbox.mkdir(parents=True)
+    watcher = FolderWatcher([inbox], mode, 0.1)  # type: ignore[arg-type]
+    inbox.rmdir()
+    watcher.start()
+    assert watcher.mode == "rescan"
+    assert watcher.wait(0.05) is False
+    watcher.stop()
+
+
 def test_worker_outlives_the_share_going_away_and_coming_back(share: Share, procs: Procs) -> None:
     w = procs.worker(share, "w1")
-    wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "a heartbeat")
+    wait_for(lambda: "watching with the" in log_of(w), 30, "the worker to finish starting")
     away = share.root.with_name("share-away")
     share.root.rename(away)  # the server rebooted, or the mount dropped
     time.sleep(2.0)

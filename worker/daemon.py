@@ -118,6 +118,19 @@ class Worker:
         self.hb.start()
         log.info("worker %s started on %s: device %s, share %s", self.id, socket.gethostname(), self.device,
                  self.share.root)
+        try:
+            self._recover()
+        except OSError as e:  # the share went away during start-up: the loop waits for it like any outage
+            log.warning("start-up recovery stopped: %s: %s; it runs again at the next start [worker %s]",
+                        type(e).__name__, e, self.id)
+        self.watcher = FolderWatcher([self.share.inbox, self.share.queue, self.share.cancel], self.cfg.watch,
+                                     self.share.settings.poll_interval)
+        self.watcher.start()
+        log.info("worker %s watching with the %s observer", self.id, self.watcher.mode)
+
+    def _recover(self) -> None:
+        """Finish what this worker id left when it died: held jobs back to the queue, its intake, and results
+        whose concluder died between the commit and the final rename."""
         for path in claim.held(self.share, self.id):  # we died holding these: give them back, attempt + 1
             self._guarded(path, lambda p: release(self.share, p, self.id, self.clock, "the worker restarted",
                                                   count_attempt=True))
@@ -126,10 +139,6 @@ class Worker:
         for folder in self.share.results.glob("*"):
             if any(folder.glob(f".result.*{states.PENDING_SUFFIX}")):
                 self._guarded(folder, lambda f: states.complete_pending(self.share, f.name))
-        self.watcher = FolderWatcher([self.share.inbox, self.share.queue, self.share.cancel], self.cfg.watch,
-                                     self.share.settings.poll_interval)
-        self.watcher.start()
-        log.info("worker %s watching with the %s observer", self.id, self.watcher.mode)
 
     def _refuse_twin(self) -> None:
         """Two live workers with one id would requeue each other's jobs at start-up. A heartbeat of our id that

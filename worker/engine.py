@@ -1,8 +1,9 @@
-"""The torch side of one training attempt: load, wrap with LoRA, train, evaluate, save, verify.
+"""The torch side of one training attempt, in torchtune's recipe order: check (``prepare``), ``setup``, train
+(``run_loop``, the loop itself is ``worker.loop``), save, verify.
 
-The loop is plain PyTorch rather than the HF Trainer: the spool needs a step-by-step hook for progress and
-cancellation, exact control over what is written to the share, and nothing that reaches for the network.
-Imported by ``worker.train.run_training`` in the training child only; ``train_adapter`` is its entry point.
+Everything that can refuse a job runs before weights are read. Probes and the "before" evaluation run on the
+untouched base, before a checkpoint is loaded, so they mean the same on a resumed attempt. Imported by
+``worker.train`` in the training child (or a DDP rank) only; ``train_adapter`` is its entry point.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     packed = t.packing if isinstance(t.packing, bool) else plan.device == "cuda"
     batcher = Batcher(splits.train, t.batch_size, t.max_length, data.pad_id_of(tokenizer), t.seed, packed,
                       dist.world, dist.rank)
-    rows = t.batch_size * (t.max_length if packed else max(len(e.input_ids) for e in splits.train))
-    recompute = wants_checkpointing(t.gradient_checkpointing, plan, model, rows)
+    tokens_per_step = t.batch_size * (t.max_length if packed else max(len(e.input_ids) for e in splits.train))
+    recompute = wants_checkpointing(t.gradient_checkpointing, plan, model, tokens_per_step)
     model = add_lora(model, req.job, plan, recompute)
     step_module = CausalLMLoss(model, chunked=True)
-    compile_seconds = _compile(step_module, model, plan) if t.compile else None
+    if t.compile:
+        _compile(step_module, model, plan)
     if dist.world > 1:
         step_module = _ddp(step_module, plan)
     total = t.max_steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
@@ -114,7 +116,6 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
                             t.checkpoint_every_minutes, req.file_mode, req.job.id or "job", fp, t.compile)
     metrics_log = MetricsLog(req.out_dir / "metrics.jsonl", req.file_mode) if dist.main else _NoMetrics()
     loop = Loop(model, step_module, batcher, settings, req.out_dir, metrics_log, report, should_stop, dist)
-    loop.compile_seconds = compile_seconds
     plan.notes += [f"gradient checkpointing {'on' if recompute else 'off'}, {'packed' if packed else 'padded'} "
                    f"batches"] if plan.device == "cuda" else []
     return model, loop
@@ -162,15 +163,15 @@ class _NoMetrics(MetricsLog):
     def close(self) -> None: ...
 
 
-def _compile(step_module: CausalLMLoss, model: torch.nn.Module, plan: Plan) -> float | None:
-    """torch.compile the transformer body in place (state-dict names unchanged). CUDA only: on CPU it costs
-    minutes of compile for little gain, so the setting is ignored there, with a note."""
+def _compile(step_module: CausalLMLoss, model: torch.nn.Module, plan: Plan) -> None:
+    """torch.compile the transformer body in place (state-dict names unchanged); the compile itself happens in
+    the first step, which the loop times as ``compile_seconds``. CUDA only: on CPU it costs minutes of compile
+    for little gain, so the setting is ignored there, with a note."""
     if plan.device != "cuda":
         plan.notes.append("training.compile is for cuda; ignored on CPU")
-        return None
+        return
     body = step_module._body if step_module.chunked else model.get_base_model()
     body.compile()
-    return None  # the compile happens in the first step, which the loop times
 
 
 def _ddp(module: torch.nn.Module, plan: Plan) -> torch.nn.Module:

@@ -326,7 +326,8 @@ class Loop:
         eta = step_seconds * (self.s.total_steps - self.pos.step)
         self.report(Progress(job=self.s.job_id, step=self.pos.step, total_steps=self.s.total_steps,
                              epoch=round(epoch, 4), loss=loss, learning_rate=lr, tokens_per_second=rate,
-                             eta_seconds=eta, tokens=self.pos.tokens, phase="training"))
+                             eta_seconds=eta, tokens=self.pos.tokens, padded_tokens=self.pos.padded_tokens,
+                             phase="training"))
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:

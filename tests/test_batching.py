@@ -1,0 +1,89 @@
+"""Batches: packed rows never attend or predict across rows, every row is trained once per epoch, the order is a
+function of (seed, epoch, world), and DDP ranks split one process's global batch."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from worker.batching import Batcher
+from worker.data import IGNORE, Example
+
+
+def _examples(n: int = 300, seed: int = 0) -> list[Example]:
+    rnd = random.Random(seed)
+    out = []
+    for k in range(n):
+        length = max(3, min(64, int(rnd.lognormvariate(math.log(20), 0.6))))
+        ids = [1000 * k + j for j in range(length)]  # ids tell which row and position a token came from
+        out.append(Example(ids, [IGNORE] + ids[1:]))
+    return out
+
+
+def _rows(b: Batcher, epoch: int) -> list[list[int]]:
+    return [row for step in b.epoch_plan(epoch) for row in step]
+
+
+def test_packed_rows_fit_cover_every_row_once_and_are_dense() -> None:
+    ex = _examples()
+    b = Batcher(ex, 4, 64, 0, seed=3, packed=True)
+    rows = _rows(b, 0)
+    assert sorted(i for r in rows for i in r) == list(range(len(ex)))
+    assert all(sum(len(ex[i].input_ids) for i in r) <= 64 for r in rows)
+    fill = sum(len(e.input_ids) for e in ex) / (len(rows) * 64)
+    assert fill > 0.9, fill
+
+
+def test_packed_batch_resets_positions_and_masks_row_starts() -> None:
+    ex = _examples(40)
+    b = Batcher(ex, 2, 64, 0, seed=1, packed=True)
+    batch = b.batch(0, 0)
+    assert batch.attention_mask is None and batch.input_ids.shape == (2, 64)
+    for r, members in enumerate(b.epoch_plan(0)[0]):
+        at = 0
+        for i in members:
+            n = len(ex[i].input_ids)
+            assert batch.input_ids[r, at:at + n].tolist() == ex[i].input_ids
+            assert batch.position_ids[r, at:at + n].tolist() == list(range(n))
+            assert batch.labels[r, at] == IGNORE  # never predicted from the row packed before it
+            assert batch.labels[r, at + 1:at + n].tolist() == ex[i].labels[1:]
+            at += n
+        assert (batch.labels[r, at:] == IGNORE).all()
+    assert batch.real_tokens == sum(len(ex[i].input_ids) for r in b.epoch_plan(0)[0] for i in r)
+    assert batch.padded_tokens == 2 * 64
+
+
+def test_padded_batches_are_length_grouped_and_cover_every_row() -> None:
+    ex = _examples()
+    b = Batcher(ex, 8, 64, 0, seed=2, packed=False)
+    plan = b.epoch_plan(0)
+    assert sorted(r[0] for step in plan for r in step) == list(range(len(ex)))
+    pad = sum(b.batch(0, k).padded_tokens - b.batch(0, k).real_tokens for k in range(len(plan)))
+    random_pad = 0
+    order = list(range(len(ex)))
+    random.Random(0).shuffle(order)
+    for k in range(0, len(order), 8):
+        lens = [len(ex[i].input_ids) for i in order[k:k + 8]]
+        random_pad += max(lens) * len(lens) - sum(lens)
+    assert pad < random_pad / 2, (pad, random_pad)
+
+
+def test_order_depends_only_on_seed_epoch_and_world() -> None:
+    ex = _examples()
+    for packed in (True, False):
+        a, b = Batcher(ex, 4, 64, 0, 7, packed), Batcher(ex, 4, 64, 0, 7, packed)
+        assert a.epoch_plan(1) == b.epoch_plan(1)
+        assert a.epoch_plan(0) != a.epoch_plan(1)
+        assert Batcher(ex, 4, 64, 0, 8, packed).epoch_plan(0) != a.epoch_plan(0)
+
+
+def test_ranks_split_the_global_batch_of_one_process() -> None:
+    ex = _examples(64)
+    one = Batcher(ex, 8, 64, 0, 5, packed=False)
+    ranks = [Batcher(ex, 4, 64, 0, 5, packed=False, world=2, rank=r) for r in (0, 1)]
+    for step in range(len(one.epoch_plan(0))):
+        whole = one.batch(0, step)
+        parts = [rk.batch(0, step) for rk in ranks]
+        assert sum(p.real_tokens for p in parts) == whole.real_tokens
+        got = sorted(t for p in parts for row in p.input_ids.tolist() for t in row if t != 0)
+        assert got == sorted(t for row in whole.input_ids.tolist() for t in row if t != 0)
