@@ -39,7 +39,8 @@ def run_demo(keep: Path | None, steps: int) -> int:
         job_id = f"demo-{len(list(share.results.glob('demo-*'))) + 1}"
         job = {"id": job_id, "kind": "train", "base_model": "models/tiny", "dataset": "datasets/demo.jsonl",
                "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-               "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 3e-3, "max_length": 96}}
+               "training": {"max_steps": steps, "batch_size": 8, "learning_rate": 3e-3, "max_length": 96},
+               "probes": ["What color is the sky?", "What does the cow say?"]}
         job_file = share.root / "tmp" / f"{job_id}.json"
         job_file.write_text(json.dumps(job, indent=2))
         submit.drop(share, job_file)
