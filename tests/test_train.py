@@ -99,6 +99,36 @@ def test_other_shapes_learn(share_root: Path, shape: str) -> None:
     assert outcome.metrics.eval_loss_after < outcome.metrics.eval_loss_before, outcome.metrics
 
 
+def test_prompt_completion_rows_learn(share_root: Path) -> None:
+    rows = [json.loads(line) for line in (share_root / "datasets" / "alpaca.jsonl").read_text().splitlines()]
+    path = share_root / "datasets" / "completion.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["instruction"] + "\n", "completion": r["output"]}) + "\n"
+                            for r in rows))
+    outcome = train(share_root, make_job("learn-completion", dataset="datasets/completion.jsonl"))
+    assert outcome.metrics.eval_loss_after < outcome.metrics.eval_loss_before, outcome.metrics
+    assert outcome.data is not None and outcome.data.files == ["datasets/completion.jsonl"]
+
+
+def test_dora_with_modules_to_save_trains_and_loads(share_root: Path) -> None:
+    """use_dora and modules_to_save reach peft: DoRA magnitudes and a full lm_head copy are saved and load back."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    job = make_job("dora", max_steps=10)
+    job.lora.use_dora, job.lora.modules_to_save = True, ["lm_head"]
+    outcome = train(share_root, job)
+    assert outcome.metrics.eval_loss_after < outcome.metrics.eval_loss_before, outcome.metrics
+    with safe_open(str(outcome.adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("lora_magnitude_vector" in k for k in keys), keys
+    assert any("lm_head" in k for k in keys), keys
+    config = json.loads((outcome.adapter_dir / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["modules_to_save"] == ["lm_head"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(share_root / "models" / "tiny"),
+                              outcome.adapter_dir)
+
+
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────
 def test_adapter_loads_the_plain_way_and_is_share_readable(share_root: Path, alpaca_outcome: Any) -> None:
     import torch
