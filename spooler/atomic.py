@@ -96,3 +96,19 @@ def write_json(target: Path, record: BaseModel | dict[str, Any], mode: int = 0o6
     else:
         text = json.dumps(record, indent=2, sort_keys=True)
     write_bytes(target, (text + "\n").encode(), mode)
+
+
+def dir_mode_for(file_mode: int) -> int:
+    """The folder mode that matches a file mode: whoever may read a file may list its folder (0664 -> 0775)."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def chmod_tree(folder: Path, file_mode: int) -> None:
+    """Give every file ``file_mode`` and every folder the matching mode: safetensors and torch.save write 0600,
+    mkdir what the umask allows, and other users of the share must read what a worker wrote."""
+    os.chmod(folder, dir_mode_for(file_mode))
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode_for(file_mode))
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)

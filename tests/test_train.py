@@ -17,9 +17,9 @@ import pytest
 
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec
+from spooler.atomic import dir_mode_for
 from spooler.errors import Cancelled, Rejected
 from worker import data
-from worker.engine import dir_mode_for
 from worker.modelguard import check_dataset_file, check_model_dir
 from worker.tinymodel import write_dataset
 from worker.train import TrainOutcome, TrainRequest, run_training

@@ -102,6 +102,8 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Shar
     checkpoints = sorted(share.result_dir("graceful").glob("attempts/*/checkpoints/step-*"))
     assert len(checkpoints) == 1, "SIGTERM writes exactly one checkpoint before the worker exits"
     stopped_at = int(checkpoints[0].name.removeprefix("step-"))
+    assert stat.S_IMODE(checkpoints[0].stat().st_mode) == 0o775  # readable by every user of the share
+    assert {stat.S_IMODE(f.stat().st_mode) for f in checkpoints[0].iterdir()} == {0o664}
     assert stopped_at >= 20
     procs.worker(share, "w2")
     r = wait_result(share, "graceful", 300)

@@ -33,7 +33,7 @@ import torch
 
 from schemas.checkpoint import CheckpointState
 from schemas.job import JobSpec
-from spooler.atomic import fsync_tree, write_bytes
+from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ def save(checkpoints: Path, state: CheckpointState, weights: dict[str, torch.Ten
     """Write one checkpoint and drop the oldest beyond ``KEEP``. Returns the new folder."""
     from safetensors.torch import save_file
 
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    if not checkpoints.is_dir():
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        os.chmod(checkpoints, dir_mode_for(file_mode))
     final = checkpoints / f"step-{state.step}"
     tmp = checkpoints / f".step-{state.step}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
@@ -126,8 +128,7 @@ def save(checkpoints: Path, state: CheckpointState, weights: dict[str, torch.Ten
     torch.save(optim, tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     write_bytes(tmp / STATE, state.model_dump_json(indent=2).encode(), file_mode)
-    for f in tmp.iterdir():
-        os.chmod(f, file_mode)
+    chmod_tree(tmp, file_mode)
     fsync_tree(tmp)
     if final.exists():  # the same step again (a stop right after a periodic checkpoint): the older one stays
         shutil.rmtree(tmp)

@@ -26,7 +26,7 @@ import torch
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec, Quantization, TrainingSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
-from spooler.atomic import fsync_tree
+from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree
 from spooler.errors import Cancelled, Rejected
 from worker import checkpoint, data
 from worker.batching import Batcher
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 # Everything this process reads is on the share: never let a library reach for the hub (set before the
 # lazy transformers/peft imports below read it).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 
 @dataclass
@@ -116,8 +115,9 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
                             t.checkpoint_every_minutes, req.file_mode, req.job.id or "job", fp, t.compile)
     metrics_log = MetricsLog(req.out_dir / "metrics.jsonl", req.file_mode) if dist.main else _NoMetrics()
     loop = Loop(model, step_module, batcher, settings, req.out_dir, metrics_log, report, should_stop, dist)
-    plan.notes += [f"gradient checkpointing {'on' if recompute else 'off'}, {'packed' if packed else 'padded'} "
-                   f"batches"] if plan.device == "cuda" else []
+    if plan.device == "cuda":
+        plan.notes.append(f"gradient checkpointing {'on' if recompute else 'off'}, "
+                          f"{'packed' if packed else 'padded'} batches")
     return model, loop
 
 
@@ -371,27 +371,12 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool) 
 
 
 # ── saving and checking the adapter ──────────────────────────────────────────────────────────────────────
-def dir_mode_for(file_mode: int) -> int:
-    """The folder mode that matches a file mode: whoever may read a file may list its folder (0664 -> 0775)."""
-    return file_mode | ((file_mode & 0o444) >> 2)
-
-
 def _makedirs(path: Path, mode: int) -> None:
     """mkdir -p, chmod-ing each folder this call creates (mkdir's own mode is cut by the umask)."""
     missing = [p for p in [path, *path.parents] if not p.exists()]
     for folder in reversed(missing):
         folder.mkdir(exist_ok=True)
         os.chmod(folder, mode)
-
-
-def chmod_tree(folder: Path, file_mode: int) -> None:
-    """Give every file ``file_mode`` and every folder the matching mode: safetensors writes 0600."""
-    os.chmod(folder, dir_mode_for(file_mode))
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), dir_mode_for(file_mode))
-        for name in files:
-            os.chmod(os.path.join(root, name), file_mode)
 
 
 def save_adapter(model: torch.nn.Module, req: TrainRequest, job_id: str,

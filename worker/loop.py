@@ -56,13 +56,16 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def total(self, value: float, device: str) -> float:
-        """The sum of ``value`` over every rank."""
+    def totals(self, values: list[float], device: str) -> list[float]:
+        """Each of ``values`` summed over every rank, in one all-reduce."""
         if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
+
+    def total(self, value: float, device: str) -> float:
+        return self.totals([value], device)[0]
 
     def agree(self, flag: bool, device: str) -> bool:
         """True on every rank when it is true on any: a stop seen by rank 0 stops them all at the same step."""
@@ -229,13 +232,12 @@ class Loop:
             return module(b.input_ids, b.labels, b.attention_mask, b.position_ids)
 
     # ── training ────────────────────────────────────────────────────────────────────────────────────────
-    def train(self) -> list[float]:
-        """Steps until ``total_steps``; returns every loss of this attempt. Stops (Cancelled) with a checkpoint."""
+    def train(self) -> None:
+        """Steps until ``total_steps``. Stops (Cancelled) with a checkpoint when asked."""
         self.step_module.train()
-        started, start_tokens = time.monotonic(), self.pos.tokens
+        started, start_tokens, start_step = time.monotonic(), self.pos.tokens, self.pos.step
         last_ckpt_step, last_ckpt_time = self.pos.step, time.monotonic()
         per_epoch = max(1, self.batcher.steps_per_epoch())
-        losses: list[float] = []
         while self.pos.step < self.s.total_steps:
             self._stop_if_asked(save=True)
             step_started = time.monotonic()
@@ -243,19 +245,17 @@ class Loop:
             if self.compile_seconds is None and self.s.compile:
                 self.compile_seconds = round(time.monotonic() - step_started, 3)
                 log.info("job %s first (compiling) step took %.1fs", self.s.job_id, self.compile_seconds)
-            losses.append(loss)
             self.pos.losses = (self.pos.losses + [loss])[-LAST_STEPS:]
             elapsed = time.monotonic() - started
             rate = (self.pos.tokens - start_tokens) / elapsed if elapsed > 0 else None
             epoch = self.pos.epoch + self.pos.batch_in_epoch / per_epoch
             self.metrics.train(self.pos.step, loss, lr, round(epoch, 4), self.pos.tokens, rate, grad_norm)
-            self._progress(loss, lr, epoch, rate, elapsed / len(losses))
+            self._progress(loss, lr, epoch, rate, elapsed / (self.pos.step - start_step))
             due_steps = self.pos.step - last_ckpt_step >= self.s.checkpoint_every_steps
             due_time = time.monotonic() - last_ckpt_time >= 60 * self.s.checkpoint_every_minutes
             if (due_steps or due_time) and self.pos.step < self.s.total_steps:
                 self.save_checkpoint()
                 last_ckpt_step, last_ckpt_time = self.pos.step, time.monotonic()
-        return losses
 
     def _next_batch(self) -> Batch:
         plan = self.batcher.epoch_plan(self.pos.epoch)
@@ -272,7 +272,8 @@ class Loop:
         """One optimizer step: (loss, grad norm, learning rate)."""
         batch = self._next_batch()
         lr = self.schedule.get_last_lr()[0]
-        n_global = self.dist.total(float((batch.labels[:, 1:] != IGNORE).sum()), self.s.device)
+        labelled = float((batch.labels[:, 1:] != IGNORE).sum())
+        n_global, real, padded = self.dist.totals([labelled, batch.real_tokens, batch.padded_tokens], self.s.device)
         loss_sum, _ = self._forward(batch)
         # Sum over this rank / tokens of the whole step, times world to undo DDP's averaging: the global mean.
         loss = loss_sum * (self.dist.world / max(n_global, 1.0))
@@ -287,8 +288,8 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         self.pos.step += 1
-        self.pos.tokens += int(self.dist.total(batch.real_tokens, self.s.device))
-        self.pos.padded_tokens += int(self.dist.total(batch.padded_tokens, self.s.device))
+        self.pos.tokens += int(real)
+        self.pos.padded_tokens += int(padded)
         return reported, grad_norm, lr
 
     def _check_loss(self, loss: float, lr: float) -> None:
