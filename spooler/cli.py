@@ -10,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from spooler import cli_adapters, cli_deploy
 from spooler.clock import SystemClock
+
+GROUPS = (cli_adapters, cli_deploy)  # subcommands kept beside their subject: adapters, deployment
 
 
 def _share_arg(p: argparse.ArgumentParser) -> None:
@@ -65,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="write the JSON Schemas of every record on the share")
     p.add_argument("--out", type=Path, default=None, help="folder (default: the package's schemas/json)")
+    for group in GROUPS:
+        group.add_parsers(sub, _share_arg)
     return ap
 
 
@@ -195,6 +200,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 COMMANDS = {"init": cmd_init, "worker": cmd_worker, "submit": cmd_submit, "status": cmd_status,
             "cancel": cmd_cancel, "ping": cmd_ping, "demo": cmd_demo, "schema": cmd_schema}
+for _group in GROUPS:
+    COMMANDS.update(_group.COMMANDS)
 
 if __name__ == "__main__":
     sys.exit(main())
