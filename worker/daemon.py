@@ -159,13 +159,17 @@ class Worker:
         self.hb.stop(WorkerState.stopped)
         log.info("worker %s stopped", self.id)
 
+    def request_stop(self, why: str) -> None:
+        """The one graceful stop, for SIGTERM, Ctrl-C and a Windows service stop alike: the training child
+        checkpoints at its step, the job goes back to the queue, the last heartbeat says "stopped"."""
+        log.info("worker %s got %s: finishing the current step, then stopping", self.id, why)
+        self.stopping.set()
+        if self.watcher is not None:
+            self.watcher.wake.set()
+
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: object) -> None:
-            log.info("worker %s got %s: finishing the current step, then stopping", self.id,
-                     signal.Signals(signum).name)
-            self.stopping.set()
-            if self.watcher is not None:
-                self.watcher.wake.set()
+            self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGINT, handler)
         if hasattr(signal, "SIGTERM"):
