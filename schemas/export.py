@@ -10,15 +10,20 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from schemas.adapter import AdapterList, BaseHashCache, GcReport, Manifest, MergedModel
 from schemas.checkpoint import CheckpointState, MetricsLine
 from schemas.heartbeat import Heartbeat
 from schemas.job import JobSpec
 from schemas.result import Result
 from schemas.settings import ShareSettings
+from schemas.verify import ChainReport, CompatReport, VerifyReport
 
 RECORDS: dict[str, type[BaseModel]] = {
     "job": JobSpec, "result": Result, "heartbeat": Heartbeat, "share-settings": ShareSettings,
     "checkpoint-state": CheckpointState, "metrics-line": MetricsLine,
+    "adapter-manifest": Manifest, "merged-model-manifest": MergedModel, "verify-report": VerifyReport,
+    "chain-report": ChainReport, "compat-report": CompatReport, "adapter-list": AdapterList, "gc-report": GcReport,
+    "base-hash-cache": BaseHashCache,
 }
 DEFAULT_DIR = Path(__file__).parent / "json"
 

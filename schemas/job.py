@@ -11,7 +11,7 @@ import re
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # A job id becomes a folder name on SMB, NFS and NTFS alike: keep to the characters all three accept,
 # and refuse the names Windows reserves whatever their extension.
@@ -35,9 +35,32 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A registered adapter version, NAME/VERSION: ``support/v2``. The name follows the job id's rule.
+ADAPTER_REF = re.compile(r"^(?P<name>[^/\\]+)/(?P<version>v[1-9][0-9]{0,5})$")
+
+
+def ref_problem(value: str) -> str | None:
+    """Why ``value`` is not NAME/VERSION of a registered adapter (``support/v2``), or None when it is."""
+    m = ADAPTER_REF.match(value)
+    if not m:
+        return f"{value!r} is not NAME/VERSION of a registered adapter, like \"support/v2\""
+    return id_problem(m["name"])
+
+
+def adapter_arg_problem(value: str) -> str | None:
+    """Why ``value`` is neither NAME/VERSION nor a share-relative folder. NAME/vN is always read as a version."""
+    if ADAPTER_REF.match(value):
+        return ref_problem(value)
+    from spooler.paths import share_path_problem  # no import cycle at module load
+
+    return share_path_problem(value)
+
+
 class JobKind(str, Enum):
     train = "train"
     probe = "probe"
+    verify = "verify"
+    merge = "merge"
 
 
 class Quantization(str, Enum):
@@ -93,6 +116,88 @@ class TrainingSpec(Strict):
         return self
 
 
+class VerifySpec(Strict):
+    """What a ``kind: "verify"`` job checks: one adapter, or every version of a name and their links."""
+
+    adapter: str | None = Field(None, description="NAME/VERSION of a registered adapter, or an adapter folder "
+                                                  "relative to the share (one made elsewhere needs no manifest).")
+    chain: str | None = Field(None, description="An adapter name: verify every version and every parent link.")
+    eval_tolerance: float = Field(0.05, gt=0, le=10, description="With a dataset: the eval loss may differ from "
+                                                                 "the manifest's by this fraction of it.")
+    rehash_base: bool = Field(False, description="Hash the base model's files again instead of trusting the "
+                                                 "cached hashes (size and mtime unchanged).")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> VerifySpec:
+        if (self.adapter is None) == (self.chain is None):
+            raise ValueError("give exactly one of \"adapter\" (NAME/VERSION or a folder) or \"chain\" (NAME)")
+        if self.adapter is not None and (problem := adapter_arg_problem(self.adapter)):
+            raise ValueError(f"adapter: {problem}")
+        if self.chain is not None and (problem := id_problem(self.chain)):
+            raise ValueError(f"chain: {problem}")
+        return self
+
+
+Combination = Literal["linear", "cat", "svd", "ties", "dare_linear"]
+
+
+class MergeSpec(Strict):
+    """What a ``kind: "merge"`` job makes. Its inputs are never changed: the result is a new folder."""
+
+    adapters: list[str] = Field(min_length=1, max_length=8, description="NAME/VERSION of each input adapter.")
+    into: Literal["base", "adapter"] = Field(
+        description="base: merge_and_unload one adapter into its base, saved as a new model folder. adapter: "
+                    "combine several adapters into one new registered version (peft add_weighted_adapter).")
+    combination: Combination = Field(
+        "cat", description="into adapter: cat (exact sum, rank = sum of ranks), svd (the sum cut to the largest "
+                           "rank), linear (same rank only; averages A and B, rough), ties, dare_linear (same rank).")
+    weights: list[float] | None = Field(None, description="One per adapter (into adapter); default 1.0 each.")
+    density: float | None = Field(None, gt=0, le=1, description="ties and dare_linear: the fraction of each "
+                                                                "update kept (default 0.5).")
+    output: str | None = Field(None, description="into base: the model folder to create, relative to the share; "
+                                                 "default models/merged/<name>-<version>. It must not exist.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _refs(cls, v: list[str]) -> list[str]:
+        for ref in v:
+            if problem := ref_problem(ref):
+                raise ValueError(problem)
+        if len(set(v)) != len(v):
+            raise ValueError("names one adapter twice")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output_path(cls, v: str | None) -> str | None:
+        from spooler.paths import share_path_problem  # no import cycle at module load
+
+        if v is not None and (problem := share_path_problem(v)):
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> MergeSpec:
+        n = len(self.adapters)
+        if self.into == "base":
+            if n != 1:
+                raise ValueError(f"into \"base\" merges exactly one adapter, got {n}; merge them into one adapter "
+                                 "first (into \"adapter\")")
+            if self.weights is not None or self.density is not None:
+                raise ValueError("weights and density are for into \"adapter\"")
+            return self
+        if n < 2:
+            raise ValueError("into \"adapter\" combines at least two adapters; to fold one into its base use "
+                             "into \"base\"")
+        if self.output is not None:
+            raise ValueError("output is for into \"base\"; a merged adapter is registered (see register_as)")
+        if self.weights is not None and len(self.weights) != n:
+            raise ValueError(f"weights has {len(self.weights)} entries for {n} adapters")
+        if self.density is not None and self.combination not in ("ties", "dare_linear"):
+            raise ValueError(f"density is for ties and dare_linear, not {self.combination}")
+        return self
+
+
 class JobSpec(Strict):
     """A job as submitted. ``id`` defaults to the file name without ``.json``."""
 
@@ -109,6 +214,14 @@ class JobSpec(Strict):
                               description="Up to 8 prompts, answered greedily by the base and the adapted model.")
     devices: Literal["auto", "all"] = Field(
         "auto", description="auto: one GPU (or the CPU). all: one job across every GPU of the worker (DDP).")
+    parent: str | None = Field(
+        None, description="train: NAME/VERSION of a registered adapter to continue training (its LoRA shape "
+                          "wins over lora).")
+    register_as: str | None = Field(
+        None, description="train, merge into adapter: the adapter name to register the result under, as its "
+                          "next version. Default: the parent's name (or the first input's), else the job id.")
+    verify: VerifySpec | None = Field(None, description="kind verify: what to check.")
+    merge: MergeSpec | None = Field(None, description="kind merge: what to merge, and into what.")
 
     @field_validator("id")
     @classmethod
@@ -131,6 +244,34 @@ class JobSpec(Strict):
                 raise ValueError(problem)
         return v
 
+    @field_validator("parent")
+    @classmethod
+    def _parent_ref(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            if info.data.get("kind") not in (JobKind.train, None):
+                raise ValueError("only a train job continues from a parent")
+            if problem := ref_problem(v):
+                raise ValueError(problem)
+        return v
+
+    @field_validator("register_as")
+    @classmethod
+    def _register_name(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            if info.data.get("kind") not in (JobKind.train, JobKind.merge, None):
+                raise ValueError("only train and merge jobs register an adapter")
+            if problem := id_problem(v):
+                raise ValueError(problem)
+        return v
+
+    @field_validator("verify", "merge")
+    @classmethod
+    def _block_of_kind(cls, v: BaseModel | None, info: ValidationInfo) -> BaseModel | None:
+        kind = info.data.get("kind")
+        if v is not None and kind is not None and kind.value != info.field_name:
+            raise ValueError(f"is for kind \"{info.field_name}\", not {kind.value!r}")
+        return v
+
     def dataset_files(self) -> list[str]:
         """The dataset as a list, whichever form the job used."""
         return [] if self.dataset is None else [self.dataset] if isinstance(self.dataset, str) else self.dataset
@@ -141,4 +282,11 @@ class JobSpec(Strict):
             missing = [f for f in ("base_model", "dataset") if getattr(self, f) is None]
             if missing:
                 raise ValueError(f"a train job needs {' and '.join(missing)}")
+        for kind, example in ((JobKind.verify, '{"adapter": "support/v2"}'),
+                              (JobKind.merge, '{"adapters": ["support/v2"], "into": "base"}')):
+            if self.kind is kind and getattr(self, kind.value) is None:
+                raise ValueError(f"{kind.value}: is required for a {kind.value} job, e.g. {example}")
+        if self.merge is not None and self.merge.into == "base" and self.register_as is not None:
+            raise ValueError("register_as: a merge into the base makes a model folder (merge.output), not an "
+                             "adapter version")
         return self

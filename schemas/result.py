@@ -6,6 +6,8 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
+from schemas.verify import ChainReport, VerifyReport
+
 
 class Terminal(str, Enum):
     succeeded = "succeeded"
@@ -76,3 +78,9 @@ class Result(BaseModel):
     data: DataReport | None = None
     probes: list[ProbeOutput] = Field(default_factory=list)
     source_file: str | None = Field(None, description="The inbox file name the job arrived as.")
+    registered: str | None = Field(None, description="NAME/VERSION the job's adapter was registered as under "
+                                                     "adapters/ (train jobs, merges into an adapter).")
+    merged_model: str | None = Field(None, description="The model folder a merge into the base made, relative to "
+                                                       "the share.")
+    verify: VerifyReport | None = Field(None, description="A verify job's checks (one adapter).")
+    verify_chain: ChainReport | None = Field(None, description="A verify job's checks (a whole chain).")

@@ -26,6 +26,11 @@ class ShareSettings(BaseModel):
                     "clients (rclone) can tell two racing clients that both won.")
     rescan_interval: float = Field(5.0, gt=0, description="Full rescan of the folders, whatever the watcher saw.")
     poll_interval: float = Field(0.5, gt=0, description="Polling observer period on network filesystems.")
+    # An adapter chain's size (base + the version + its ancestors, GB = 10^9 bytes) sets its warning level in
+    # `loraspool adapters`: optimal below size_plan_gb, then "consider planning", "merge recommended", "critical".
+    size_plan_gb: float = Field(6.0, gt=0, description="Chains from this size on: consider planning.")
+    size_merge_gb: float = Field(9.0, gt=0, description="Chains from this size on: merge recommended.")
+    size_critical_gb: float = Field(16.0, gt=0, description="Chains from this size on: critical.")
 
     @field_validator("file_mode", "dir_mode")
     @classmethod
@@ -37,6 +42,13 @@ class ShareSettings(BaseModel):
         if not 0 <= mode <= 0o777:
             raise ValueError(f"{v!r} is outside 0000-0777")
         return v
+
+    @model_validator(mode="after")
+    def _size_levels_rise(self) -> ShareSettings:
+        if not self.size_plan_gb <= self.size_merge_gb <= self.size_critical_gb:
+            raise ValueError(f"size levels must rise: size_plan_gb ({self.size_plan_gb}) <= size_merge_gb "
+                             f"({self.size_merge_gb}) <= size_critical_gb ({self.size_critical_gb})")
+        return self
 
     @model_validator(mode="after")
     def _stale_after_spans_beats(self) -> ShareSettings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,10 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         sub = getattr(field, "annotation", None) if field else None
-        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+        models = [t for t in (sub, *typing.get_args(sub)) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:  # a plain field, or a block that may be null (verify, merge): the model inside counts
             return []
-        model = sub
+        model = models[0]
     return list(model.model_fields)
 
 
@@ -122,9 +124,20 @@ def _explain(error: dict[str, Any]) -> Rejected:
     if kind == "missing":
         return Rejected(field, "is required")
     msg = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "value_error" and (named := _named_field(msg, loc)):  # a cross-field check naming the field
+        return Rejected(*named)
     if "input" in error and kind not in ("value_error",) and not isinstance(error["input"], dict | list):
         msg = f"{msg}, got {error['input']!r}"
     return Rejected(field, msg)
+
+
+def _named_field(msg: str, loc: tuple) -> tuple[str, str] | None:
+    """("verify.adapter", "has a '..' ...") from "adapter: has a '..' ..." raised at ``verify``: a check across
+    fields names the one that is wrong at the start of its message."""
+    head, sep, rest = msg.partition(": ")
+    if sep and head in _fields_of(JobSpec, loc):
+        return ".".join([*(str(p) for p in loc), head]), rest
+    return None
 
 
 def parse_spec(data: bytes, file_name: str, max_bytes: int) -> JobSpec:

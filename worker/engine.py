@@ -62,6 +62,7 @@ class Trained:
     data: DataReport
     resumed_from_step: int | None
     probes: list[ProbeOutput] = field(default_factory=list)
+    quantization: str = "none"
 
 
 def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_stop: Callable[[], bool],
@@ -70,7 +71,7 @@ def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_
     dist = dist or Dist()
     plan, tokenizer, splits = prepare(req)
     _makedirs(req.out_dir, dir_mode_for(req.file_mode))  # the attempt's folder, kept even if it dies
-    fp = checkpoint.fingerprint(req.job, splits.report.sha256, dist.world)
+    fp = _with_parent(checkpoint.fingerprint(req.job, splits.report.sha256, dist.world), req.job.parent)
     found = checkpoint.latest(req.out_dir.parent.parent, fp)
     _stop_if(should_stop)
     with TrainLog(req.out_dir, file_mode=req.file_mode) if dist.main else contextlib.nullcontext():
@@ -90,7 +91,17 @@ def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_
         report(Progress(job=req.job.id or "job", phase="verifying"))
         verify_adapter(req.model_dir, adapter_dir, plan, sample, expected)
     return Trained(metrics, adapter_dir, plan.notes + splits.notes, splits.report,
-                   found.state.step if found else None, pair(req.job.probes, base_answers, adapted_answers))
+                   found.state.step if found else None, pair(req.job.probes, base_answers, adapted_answers),
+                   plan.quantization.value)
+
+
+def _with_parent(fp: str, parent: str | None) -> str:
+    """A run continued from a parent adapter starts from other weights: its checkpoints are its own."""
+    if parent is None:
+        return fp
+    import hashlib
+
+    return hashlib.sha256(f"{fp}\0parent={parent}".encode()).hexdigest()
 
 
 def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, report: Callable[[Progress], None],
@@ -104,7 +115,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
                       dist.world, dist.rank)
     tokens_per_step = t.batch_size * (t.max_length if packed else max(len(e.input_ids) for e in splits.train))
     recompute = wants_checkpointing(t.gradient_checkpointing, plan, model, tokens_per_step)
-    model = add_lora(model, req.job, plan, recompute)
+    model = add_lora(model, req.job, plan, recompute, req.parent_dir)
     step_module = CausalLMLoss(model, chunked=True)
     if t.compile:
         _compile(step_module, model, plan)
@@ -211,7 +222,7 @@ def _free_bytes(plan: Plan) -> float:
 def prepare(req: TrainRequest) -> tuple[Plan, Any, data.Splits]:
     """Everything that can refuse the job short of reading weights: the tokenizer, every dataset row, the
     target module names (against the model's structure, built without weights)."""
-    _quiet_libraries()
+    quiet_libraries()
     t = req.job.training
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device)
@@ -228,7 +239,7 @@ def _stop_if(should_stop: Callable[[], bool]) -> None:
         raise Cancelled()
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep the worker log for things a person must act on: progress goes to the heartbeat, not tqdm bars;
     bitsandbytes' CPU-kernel notice and peft's use of a deprecated transformers name are not actionable."""
     from transformers.utils import logging as hf_logging
@@ -273,7 +284,7 @@ def load_tokenizer(model_dir: Path) -> Any:
                                      "into the model folder with tokenizer.save_pretrained") from e
 
 
-def _meta_model(model_dir: Path) -> torch.nn.Module:
+def meta_model(model_dir: Path) -> torch.nn.Module:
     """The model's structure with no weights (on the meta device): module names in a second, not a load."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -312,7 +323,7 @@ def check_targets(model_dir: Path, targets: list[str] | str) -> None:
     """Refuse unknown ``lora.target_modules`` before any weights are read."""
     if targets == "all-linear":
         return
-    if problem := target_problem(_meta_model(model_dir), list(targets)):
+    if problem := target_problem(meta_model(model_dir), list(targets)):
         raise Rejected("lora.target_modules", problem)
 
 
@@ -347,9 +358,11 @@ def _check_vocab(model: torch.nn.Module, splits: data.Splits) -> None:
                                      "rows: the tokenizer does not belong to this model")
 
 
-def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool) -> torch.nn.Module:
-    """Wrap ``model`` with trainable LoRA (or DoRA) layers, kept in fp32 by peft's autocast_adapter_dtype."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
+             parent_dir: Path | None = None) -> torch.nn.Module:
+    """Wrap ``model`` with trainable LoRA (or DoRA) layers, kept in fp32 by peft's autocast_adapter_dtype; with
+    ``parent_dir``, the parent adapter's own layers and weights, trainable, so training continues from it."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing needs inputs that require grad; LoRA has none
     if plan.quantization is not Quantization.none:
@@ -358,16 +371,29 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool) 
     elif recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     lora = job.lora
-    config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, use_dora=lora.use_dora,
-                        modules_to_save=lora.modules_to_save, bias="none")
-    model = get_peft_model(model, config)
+    if parent_dir is not None:
+        model = PeftModel.from_pretrained(model, parent_dir, is_trainable=True)
+        _note_parent_shape(model.peft_config["default"], job, plan)
+    else:
+        config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, use_dora=lora.use_dora,
+                            modules_to_save=lora.modules_to_save, bias="none")
+        model = get_peft_model(model, config)
     # An absolute path on this worker's mount means nothing elsewhere: record the share-relative one.
     model.peft_config["default"].base_model_name_or_path = job.base_model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s r=%d on %s: %d trainable parameters", "DoRA" if lora.use_dora else "LoRA", lora.r,
              lora.target_modules, trainable)
     return model
+
+
+def _note_parent_shape(config: Any, job: JobSpec, plan: Plan) -> None:
+    """A continued adapter keeps its parent's shape; say so when the job asked for another."""
+    targets = sorted(config.target_modules) if isinstance(config.target_modules, set | list) else config.target_modules
+    asked = job.lora.target_modules if isinstance(job.lora.target_modules, str) else sorted(job.lora.target_modules)
+    if (config.r, float(config.lora_alpha), targets) != (job.lora.r, float(job.lora.alpha), asked):
+        plan.notes.append(f"continued from {job.parent}: its LoRA shape (r={config.r}, alpha={config.lora_alpha}, "
+                          f"target_modules={targets}) is kept; the job's lora settings were not used")
 
 
 # ── saving and checking the adapter ──────────────────────────────────────────────────────────────────────

@@ -1,0 +1,458 @@
+"""The adapter registry on the share: ``SHARE/adapters/<name>/v<N>/``, write-once, one folder per version.
+
+A version appears by one rename of a fully written temp folder (``adapters/<name>/.v-<token>.tmp/``) onto
+``v<N>``. A version folder is never empty (it holds its manifest), and a rename onto a non-empty folder fails on
+POSIX, SMB and NFS alike, so of two registrations racing for v3 exactly one gets it; the other retries as v4.
+The manifest is read back after the rename (its ``token`` must be ours), because some SMB clients report a
+rename as done to both sides of a race. Nothing here changes or deletes a registered version, except
+``gc`` with ``--apply``, and then only versions a person named. No torch: the CLI lists and collects on a laptop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.adapter import (
+    MANIFEST,
+    AdapterList,
+    BaseIdentity,
+    BaseNode,
+    DatasetInfo,
+    GcReport,
+    LoraShape,
+    Manifest,
+    MergeInfo,
+    SizeLevel,
+    VersionNode,
+)
+from schemas.job import ADAPTER_REF, JobSpec, id_problem, ref_problem
+from schemas.result import DataReport, Metrics, Result
+from spooler.atomic import chmod_tree, fsync_dir, fsync_tree
+from spooler.clock import iso
+from spooler.errors import Rejected
+from spooler.paths import resolve_in_share
+from spooler.share import Share, read_model
+from worker.verify import base_identity, file_entries
+
+log = logging.getLogger(__name__)
+
+ADAPTERS = "adapters"
+HASH_CACHE = ".base-hashes"  # per-share: hashed once by whichever machine first needs it, reused by all
+VERSION = re.compile(r"^v([1-9][0-9]*)$")
+GB = 10**9
+MAX_TRIES = 1000
+
+
+class RegistryError(Exception):
+    """A registration or removal could not be done; the message says what to do."""
+
+
+@dataclass(frozen=True, order=True)
+class Ref:
+    name: str
+    number: int
+
+    @classmethod
+    def parse(cls, text: str, field: str = "adapter") -> Ref:
+        if problem := ref_problem(text):
+            raise Rejected(field, problem)
+        m = ADAPTER_REF.match(text)
+        assert m is not None
+        return cls(m["name"], int(m["version"][1:]))
+
+    @property
+    def version(self) -> str:
+        return f"v{self.number}"
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+# ── reading ──────────────────────────────────────────────────────────────────────────────────────────────
+def root(share: Share) -> Path:
+    return share.root / ADAPTERS
+
+
+def version_dir(share: Share, ref: Ref) -> Path:
+    return root(share) / ref.name / ref.version
+
+
+def names(share: Share) -> list[str]:
+    base = root(share)
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and id_problem(p.name) is None)
+
+
+def numbers(share: Share, name: str) -> list[int]:
+    """The registered version numbers of ``name``, oldest first (temp and removal folders are dot names)."""
+    folder = root(share) / name
+    if not folder.is_dir():
+        return []
+    return sorted(int(m[1]) for p in folder.iterdir() if p.is_dir() and (m := VERSION.match(p.name)))
+
+
+def refs(share: Share) -> list[Ref]:
+    return [Ref(n, v) for n in names(share) for v in numbers(share, n)]
+
+
+def read_manifest(share: Share, ref: Ref) -> Manifest | None:
+    return read_model(version_dir(share, ref) / MANIFEST, Manifest)
+
+
+def manifests(share: Share) -> tuple[dict[Ref, Manifest], list[str]]:
+    """Every readable manifest, and a warning for each version folder without one."""
+    found: dict[Ref, Manifest] = {}
+    warnings = []
+    for ref in refs(share):
+        manifest = read_manifest(share, ref)
+        if manifest is None:
+            warnings.append(f"{ADAPTERS}/{ref} has no readable {MANIFEST}; run: loraspool verify {ref}")
+        else:
+            found[ref] = manifest
+    return found, warnings
+
+
+def resolve(share: Share, text: str, field: str) -> tuple[Ref, Path]:
+    """A registered version's ref and folder, or Rejected(field) saying what is registered."""
+    ref = Ref.parse(text, field)
+    folder = version_dir(share, ref)
+    if (folder / MANIFEST).is_file():  # a symlinked registry folder may not lead out of the share
+        folder = resolve_in_share(share.root, f"{ADAPTERS}/{ref}", field)
+    if not (folder / MANIFEST).is_file():
+        have = numbers(share, ref.name)
+        known = (f"{ref.name} has {', '.join(f'v{n}' for n in have)}" if have
+                 else f"no adapter named {ref.name!r} is registered")
+        raise Rejected(field, f"{text!r} is not registered ({known}); see: loraspool adapters")
+    return ref, folder
+
+
+def base_cache_file(share: Share, rel_path: str) -> Path:
+    key = hashlib.sha256(rel_path.replace("\\", "/").strip("/").encode()).hexdigest()[:24]
+    return root(share) / HASH_CACHE / f"{key}.json"
+
+
+def base_identity_of(share: Share, rel_path: str, rehash: bool = False) -> BaseIdentity:
+    """The identity of a base model folder on the share, hashed through the share's cache."""
+    folder = resolve_in_share(share.root, rel_path, "base_model")
+    return base_identity(folder, rel_path, base_cache_file(share, rel_path), rehash, share.file_mode)
+
+
+# ── registering ──────────────────────────────────────────────────────────────────────────────────────────
+def stage(share: Share, name: str) -> Path:
+    """A fresh temp folder beside the versions of ``name``, on the same file system, for ``publish``."""
+    if problem := id_problem(name):
+        raise Rejected("register_as", problem)
+    share.makedirs(root(share) / name)
+    folder = root(share) / name / f".v-{uuid.uuid4().hex[:12]}.tmp"
+    folder.mkdir()
+    os.chmod(folder, share.dir_mode)
+    return folder
+
+
+def publish(share: Share, staged: Path, manifest: Manifest) -> Ref:
+    """Rename the fully written ``staged`` folder to the next free ``v<N>``: exactly once, never over another."""
+    name_dir = staged.parent
+    number = max(numbers(share, manifest.name), default=0) + 1
+    for _ in range(MAX_TRIES):
+        manifest.version = f"v{number}"
+        share.write_json(staged / MANIFEST, manifest)
+        fsync_tree(staged)
+        target = name_dir / manifest.version
+        try:
+            os.rename(staged, target)
+        except OSError as e:
+            if not (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)):
+                raise
+            number = max(number, *numbers(share, manifest.name)) + 1  # another registration won v<number>
+            continue
+        _confirm(target, manifest)
+        fsync_dir(name_dir)
+        ref = Ref(manifest.name, number)
+        log.info("adapter %s registered (job %s, %d bytes)", ref, manifest.job_id, manifest.size_bytes)
+        return ref
+    raise RegistryError(f"no free version of {manifest.name} after {MAX_TRIES} tries; is adapters/ writable?")
+
+
+def _confirm(target: Path, manifest: Manifest) -> None:
+    written = read_model(target / MANIFEST, Manifest)
+    if written is None or written.token != manifest.token:
+        raise RegistryError(f"{target} does not hold this registration after the rename (the share's client "
+                            "reported a rename that another registration won); run the job again")
+
+
+def copy_adapter(share: Share, source: Path, staged: Path, expected: dict[str, str] | None = None) -> None:
+    """Copy an adapter's files into ``staged`` and prove the copy whole against ``expected`` (name -> sha256)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_symlink() or not path.is_file() or path.name == MANIFEST:
+            continue
+        dest = staged / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    chmod_tree(staged, share.file_mode)
+    if expected is not None:
+        got = {n: e.sha256 for n, e in file_entries(staged).items()}
+        if got != expected:
+            raise RegistryError(f"the copy of {source} into the registry does not match its hashes; the source "
+                                "changed or the share lost bytes: check it with loraspool verify")
+
+
+def register(share: Share, name: str, source: Path, manifest: Manifest,
+             expected: dict[str, str] | None = None) -> Ref:
+    """Register the adapter in ``source`` as the next version of ``name``; ``manifest`` is completed here."""
+    staged = stage(share, name)
+    try:
+        copy_adapter(share, source, staged, expected)
+        entries = file_entries(staged, skip=(MANIFEST,))
+        manifest.name, manifest.files = name, entries
+        manifest.size_bytes = sum(e.size for e in entries.values())
+        return publish(share, staged, manifest)
+    finally:
+        if staged.exists():  # our own temp folder, never published: nobody else knows it
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def lora_shape(adapter_dir: Path, quantization: str) -> LoraShape:
+    """The LoRA shape peft saved in adapter_config.json."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = config.get("target_modules") or []
+    return LoraShape(target_modules=sorted(targets) if isinstance(targets, list) else targets,
+                     r=int(config.get("r", 0)), alpha=float(config.get("lora_alpha", 0)),
+                     use_dora=bool(config.get("use_dora", False)), modules_to_save=config.get("modules_to_save"),
+                     quantization=quantization)
+
+
+def name_for(spec: JobSpec) -> str:
+    """register_as, else the parent's (or the first merged input's) name, else the job id."""
+    if spec.register_as:
+        return spec.register_as
+    first = spec.parent or (spec.merge.adapters[0] if spec.merge else None)
+    return Ref.parse(first).name if first else str(spec.id)
+
+
+def registered_by(share: Share, name: str, job_id: str) -> Ref | None:
+    """The version a job already registered: a job that runs again (requeued after a crash) registers once."""
+    for number in numbers(share, name):
+        manifest = read_manifest(share, Ref(name, number))
+        if manifest is not None and manifest.job_id == job_id:
+            return Ref(name, number)
+    return None
+
+
+def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Metrics, data: DataReport | None,
+                     quantization: str = "none", notes: list[str] | None = None,
+                     expected: dict[str, str] | None = None) -> Ref:
+    """Register a train job's adapter; idempotent per job id."""
+    name = name_for(spec)
+    if (done := registered_by(share, name, str(spec.id))) is not None:
+        return done
+    assert spec.base_model is not None
+    dataset = None if data is None else DatasetInfo(files=data.files, sha256=data.sha256,
+                                                     train_rows=data.train_rows, eval_rows=data.eval_rows)
+    manifest = Manifest(name=name, version="v0", origin="train", job_id=spec.id, created_at=iso(time.time()),
+                        token=uuid.uuid4().hex, files={}, size_bytes=0,
+                        base=base_identity_of(share, spec.base_model), lora=lora_shape(adapter_dir, quantization),
+                        dataset=dataset, training=spec.training, metrics=metrics,
+                        parents=[spec.parent] if spec.parent else [], notes=list(notes or []))
+    return register(share, name, adapter_dir, manifest, expected)
+
+
+def register_merged(share: Share, name: str, adapter_dir: Path, base: BaseIdentity, parents: list[str],
+                    merge: MergeInfo, job_id: str | None, notes: list[str]) -> Ref:
+    """Register an adapter made by combining registered ones; idempotent per job id."""
+    if job_id is not None and (done := registered_by(share, name, job_id)) is not None:
+        return done
+    manifest = Manifest(name=name, version="v0", origin="merge", job_id=job_id, created_at=iso(time.time()),
+                        token=uuid.uuid4().hex, files={}, size_bytes=0, base=base,
+                        lora=lora_shape(adapter_dir, "none"), parents=parents, merge=merge, notes=notes)
+    return register(share, name, adapter_dir, manifest)
+
+
+def register_from_result(share: Share, result: Result, spec: JobSpec) -> Ref:
+    """Register a succeeded train job's adapter from ``results/<id>/adapter`` (for results that predate the
+    registry, or a daemon that registers after concluding). Idempotent per job id."""
+    if result.adapter is None:
+        raise RegistryError(f"job {result.id} has no adapter to register (status {result.status.value})")
+    folder = resolve_in_share(share.root, result.adapter.path, "adapter")
+    quantization = "none" if any("plain LoRA" in n for n in result.notes) else spec.quantization.value
+    return register_trained(share, spec, folder, result.metrics, result.data, quantization, result.notes,
+                            result.adapter.files)
+
+
+# ── the tree, sizes and warnings ─────────────────────────────────────────────────────────────────────────
+def level_of(chain_bytes: int, share: Share) -> SizeLevel:
+    s = share.settings
+    gb = chain_bytes / GB
+    if gb >= s.size_critical_gb:
+        return SizeLevel.critical
+    if gb >= s.size_merge_gb:
+        return SizeLevel.merge
+    if gb >= s.size_plan_gb:
+        return SizeLevel.plan
+    return SizeLevel.optimal
+
+
+def ancestors(ref: str, by_ref: dict[str, Manifest]) -> list[str]:
+    """Every registered version ``ref`` descends from (parents of parents...), each once."""
+    seen: list[str] = []
+    pending = list(by_ref[ref].parents) if ref in by_ref else []
+    while pending:
+        parent = pending.pop()
+        if parent in seen or parent == ref:
+            continue
+        seen.append(parent)
+        if parent in by_ref:
+            pending.extend(by_ref[parent].parents)
+    return seen
+
+
+def chain_bytes(ref: str, by_ref: dict[str, Manifest]) -> int:
+    m = by_ref[ref]
+    return m.base.size_bytes + m.size_bytes + sum(by_ref[a].size_bytes for a in ancestors(ref, by_ref)
+                                                  if a in by_ref)
+
+
+def _node(ref: str, by_ref: dict[str, Manifest], share: Share) -> VersionNode:
+    m = by_ref[ref]
+    total = chain_bytes(ref, by_ref)
+    node = VersionNode(ref=ref, origin=m.origin, job_id=m.job_id, created_at=m.created_at, size_bytes=m.size_bytes,
+                       chain_bytes=total, level=level_of(total, share),
+                       eval_loss=m.metrics.eval_loss_after if m.metrics else None, parents=m.parents)
+    node.warnings = _warnings(node, m, by_ref)
+    return node
+
+
+def _warnings(node: VersionNode, m: Manifest, by_ref: dict[str, Manifest]) -> list[str]:
+    out = []
+    if node.level is not SizeLevel.optimal:
+        out.append(f"chain is {node.chain_bytes / GB:.1f} GB: {node.level.value}"
+                   + ("; fold it into the base: loraspool merge " + node.ref + " --into base"
+                      if node.level in (SizeLevel.merge, SizeLevel.critical) else ""))
+    for parent in m.parents:
+        p = by_ref.get(parent)
+        if p is None:
+            out.append(f"parent {parent} is not registered (removed, or registered on another share)")
+        elif p.base.sha256 != m.base.sha256:
+            out.append(f"parent {parent} was trained on another base ({p.base.path}, sha256 {p.base.sha256[:12]})")
+        elif (node.eval_loss is not None and p.metrics and p.metrics.eval_loss_after is not None
+              and m.origin == "train" and node.eval_loss > p.metrics.eval_loss_after):
+            out.append(f"eval loss {node.eval_loss:.4g} is worse than its parent's ({p.metrics.eval_loss_after:.4g})")
+    return out
+
+
+def listing(share: Share) -> AdapterList:
+    """The registry as a tree: each base model (folder and hash) at a root, versions under their parents."""
+    found, warnings = manifests(share)
+    by_ref = {str(r): m for r, m in sorted(found.items())}
+    nodes = {ref: _node(ref, by_ref, share) for ref in by_ref}
+    bases: dict[tuple[str, str], BaseNode] = {}
+    for ref, m in by_ref.items():
+        key = (m.base.path, m.base.sha256)
+        base = bases.setdefault(key, BaseNode(path=m.base.path, sha256=m.base.sha256, size_bytes=m.base.size_bytes))
+        parent = next((p for p in m.parents if p in by_ref and by_ref[p].base.sha256 == m.base.sha256), None)
+        (nodes[parent].children if parent else base.versions).append(nodes[ref])
+    paths = [path for path, _ in bases]
+    for path in sorted({p for p in paths if paths.count(p) > 1}):
+        warnings.append(f"{path} changed between registrations ({paths.count(path)} different hashes): adapters "
+                        "trained on an older copy need that copy; see loraspool verify")
+    return AdapterList(bases=sorted(bases.values(), key=lambda b: b.path), warnings=warnings)
+
+
+def render(tree: AdapterList) -> str:
+    lines = []
+    for base in tree.bases:
+        lines.append(f"{base.path}  (base, sha256 {base.sha256[:12]}, {human(base.size_bytes)})")
+        lines += _render_nodes(base.versions, "")
+    lines += [f"warning: {w}" for w in tree.warnings]
+    return "\n".join(lines) if lines else "no adapters registered yet"
+
+
+def _render_nodes(nodes: list[VersionNode], prefix: str) -> list[str]:
+    lines = []
+    for i, node in enumerate(nodes):
+        last = i == len(nodes) - 1
+        loss = f"eval {node.eval_loss:.4g}" if node.eval_loss is not None else "eval -"
+        extra = f"  from {', '.join(node.parents)}" if node.origin == "merge" else ""
+        lines.append(f"{prefix}{'└── ' if last else '├── '}{node.ref}  {human(node.size_bytes)}  {loss}  "
+                     f"chain {human(node.chain_bytes)} ({node.level.value}){extra}")
+        inner = prefix + ("    " if last else "│   ")
+        lines += [f"{inner}  ! {w}" for w in node.warnings]
+        lines += _render_nodes(node.children, inner)
+    return lines
+
+
+def human(n: int) -> str:
+    for unit, size in (("GB", GB), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+# ── retention ────────────────────────────────────────────────────────────────────────────────────────────
+def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str]) -> dict[str, str]:
+    """Why each version must stay: the newest of its name, asked to stay, or an ancestor of one that stays."""
+    why: dict[str, str] = {}
+    newest: dict[str, int] = {}
+    for r in all_refs:
+        newest[r.name] = max(newest.get(r.name, 0), r.number)
+    for r in all_refs:
+        if r.number == newest[r.name]:
+            why[str(r)] = f"the newest version of {r.name}"
+    for ref in sorted(keep - set(why)):
+        why[ref] = "not named for removal"
+    for r in all_refs:
+        if str(r) not in by_ref:  # its parents are unknown, so nothing says it is safe to lose
+            why.setdefault(str(r), f"no readable {MANIFEST}; check it with loraspool verify {r}")
+    for ref in list(why):
+        for parent in ancestors(ref, by_ref):
+            why.setdefault(parent, f"an ancestor of {ref}, which stays")
+    return why
+
+
+def gc(share: Share, remove: list[str] | None = None) -> GcReport:
+    """Report what could be removed; with ``remove`` (NAME/VERSION a person typed), remove those of them no
+    rule keeps. Never the newest version of a name, never an ancestor of a version that stays."""
+    found, _ = manifests(share)
+    all_refs = refs(share)
+    by_ref = {str(r): m for r, m in found.items()}
+    asked = set(remove or [])
+    kept = _kept(all_refs, by_ref, {str(r) for r in all_refs} - asked if remove is not None else set())
+    report = GcReport(kept=kept, removable=[str(r) for r in all_refs if str(r) not in kept])
+    for text in sorted(asked):
+        try:
+            ref, _folder = resolve(share, text, "gc")
+        except Rejected as e:
+            report.refused[text] = e.problem
+            continue
+        if text in kept:
+            report.refused[text] = f"kept: {kept[text]}"
+            continue
+        report.freed_bytes += _remove(share, ref, by_ref.get(text))
+        report.removed.append(text)
+    return report
+
+
+def _remove(share: Share, ref: Ref, manifest: Manifest | None) -> int:
+    """Rename the version out of the registry's sight first, then delete: a half-deleted folder is never a
+    version. Only ever called for a version a person named."""
+    folder = version_dir(share, ref)
+    doomed = folder.with_name(f".gc-{ref.version}-{uuid.uuid4().hex[:8]}.tmp")
+    os.rename(folder, doomed)
+    size = manifest.size_bytes if manifest else 0
+    shutil.rmtree(doomed, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        fsync_dir(doomed.parent)
+    log.info("adapter %s removed by gc --apply (%d bytes freed)", ref, size)
+    return size

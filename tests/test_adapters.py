@@ -1,0 +1,559 @@
+"""Adapters you can trust (issue #4), on the tiny model on CPU: registration, verification with each corruption
+caught for the right reason, chains, compatibility, merging, size levels and retention.
+
+One module-scoped share holds a chain support/v1 -> v2 -> v3, a billing/v1 and a wide/v1 (another rank and
+other target modules), each trained for a few steps in this process the way the worker's child trains them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.adapter import MANIFEST, Manifest, MergedModel
+from schemas.job import JobSpec
+from schemas.result import Result, Terminal
+from schemas.verify import CheckStatus, VerifyReport
+from spooler import registry
+from spooler.errors import Rejected
+from spooler.jobfile import parse_spec
+from spooler.share import Share, read_model
+from tests.conftest import make_share
+from worker.train import TrainOutcome, TrainRequest, run_training
+from worker.verify import base_identity
+
+STEPS = 4
+
+
+# ── the module's share ───────────────────────────────────────────────────────────────────────────────────
+def _job(job_id: str, **fields: Any) -> JobSpec:
+    lora = fields.pop("lora", {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    training = {"max_steps": STEPS, "batch_size": 8, "learning_rate": 3e-3, "max_length": 64,
+                **fields.pop("training", {})}
+    return JobSpec(id=job_id, kind=fields.pop("kind", "train"), base_model=fields.pop("base_model", "models/tiny"),
+                   dataset=fields.pop("dataset", "datasets/alpaca.jsonl"), lora=lora, training=training, **fields)
+
+
+def _request(share: Share, job: JobSpec) -> TrainRequest:
+    model = share.root / job.base_model if job.base_model else None
+    return TrainRequest(job=job, model_dir=model, datasets=[share.root / d for d in job.dataset_files()],
+                        share_root=share.root, out_dir=share.result_dir(job.id or "x") / "attempts" / "a1-w",
+                        device="cpu", file_mode=share.file_mode)
+
+
+def run(share: Share, job: JobSpec) -> Any:
+    """A job the way the worker's child runs it (worker.train.run_training), in this process."""
+    return run_training(_request(share, job), lambda _p: None, lambda: False)
+
+
+@pytest.fixture(scope="module")
+def share(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Share:
+    from worker.tinymodel import build_tiny_model, write_dataset
+
+    s = make_share(tmp_path_factory.mktemp("adapters") / "share")
+    shutil.copytree(tiny_model_dir, s.root / "models" / "tiny")
+    build_tiny_model(s.root / "models" / "tiny-other", seed=1)  # same shapes, other weights
+    write_dataset(s.root / "datasets" / "alpaca.jsonl", "alpaca", rows=64)
+    write_dataset(s.root / "datasets" / "chat.jsonl", "chat", rows=64, seed=3)
+    return s
+
+
+@pytest.fixture(scope="module")
+def trained(share: Share) -> dict[str, TrainOutcome]:
+    out = {"s1": run(share, _job("s1", register_as="support"))}
+    out["s2"] = run(share, _job("s2", parent="support/v1"))
+    out["s3"] = run(share, _job("s3", parent="support/v2"))
+    out["b1"] = run(share, _job("b1", register_as="billing", training={"seed": 1}))
+    out["w1"] = run(share, _job("w1", register_as="wide", lora={"r": 8, "alpha": 16, "target_modules": ["q_proj"]}))
+    return out
+
+
+def version(share: Share, ref: str) -> Path:
+    return registry.version_dir(share, registry.Ref.parse(ref))
+
+
+def copy_of(share: Share, ref: str, tmp_path: Path) -> Path:
+    """A copy of a registered version (manifest included) to corrupt; the registry itself is never touched."""
+    dest = tmp_path / ref.replace("/", "-")
+    shutil.copytree(version(share, ref), dest)
+    return dest
+
+
+def check(report: VerifyReport, name: str) -> Any:
+    return next(c for c in report.checks if c.name == name)
+
+
+def verify_folder(share: Share, folder: Path, **options: Any) -> VerifyReport:
+    from worker.adapter_verify import folder_target, verify
+
+    return verify(folder_target(folder, folder.name, share, **options))
+
+
+def rewrite_tensors(folder: Path, change: Any) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+# ── registration ─────────────────────────────────────────────────────────────────────────────────────────
+def test_trained_adapters_are_registered_with_a_full_manifest(share: Share, trained: dict) -> None:
+    assert [trained[k].registered for k in ("s1", "s2", "s3", "b1", "w1")] == \
+        ["support/v1", "support/v2", "support/v3", "billing/v1", "wide/v1"]
+    m = registry.read_manifest(share, registry.Ref("support", 2))
+    assert m is not None and (m.name, m.version, m.origin, m.job_id) == ("support", "v2", "train", "s2")
+    assert m.parents == ["support/v1"]
+    folder = version(share, "support/v2")
+    for name, entry in m.files.items():
+        assert (folder / name).stat().st_size == entry.size
+    assert set(m.files) == {p.name for p in folder.iterdir()} - {MANIFEST}
+    assert "adapter_model.safetensors" in m.files and m.size_bytes == sum(e.size for e in m.files.values())
+    fresh = base_identity(share.root / "models" / "tiny", "models/tiny")
+    assert (m.base.path, m.base.sha256, m.base.size_bytes) == ("models/tiny", fresh.sha256, fresh.size_bytes)
+    assert set(m.base.files) == {"config.json", "model.safetensors"}
+    assert (m.lora.r, m.lora.alpha, m.lora.target_modules, m.lora.quantization) == (4, 8.0, ["q_proj", "v_proj"],
+                                                                                    "none")
+    assert m.dataset is not None and m.dataset.sha256 == trained["s2"].data.sha256 and m.dataset.eval_rows > 0
+    assert m.metrics is not None and m.metrics.eval_loss_after == trained["s2"].metrics.eval_loss_after
+    assert m.training is not None and m.training.max_steps == STEPS
+    names = sorted(p.name for p in (registry.root(share) / "support").iterdir())
+    assert names == ["v1", "v2", "v3"], "a temp folder was left behind"
+
+
+def test_registration_is_once_per_job(share: Share, trained: dict) -> None:
+    o = trained["b1"]
+    again = registry.register_trained(share, _job("b1", register_as="billing", training={"seed": 1}),
+                                      o.adapter_dir, o.metrics, o.data)
+    assert str(again) == "billing/v1" and registry.numbers(share, "billing") == [1]
+
+
+def test_racing_registrations_each_get_their_own_version(share: Share, trained: dict) -> None:
+    """Eight threads register at once: the rename onto a taken v<N> fails, so each gets a distinct version."""
+    source = trained["b1"].adapter_dir
+    template = registry.read_manifest(share, registry.Ref("billing", 1))
+    assert template is not None
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def register(i: int) -> None:
+        try:
+            m = template.model_copy(update={"job_id": f"race-{i}", "token": f"token-{i}"})
+            got.append(str(registry.register(share, "race", source, m)))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(got) == sorted(f"race/v{n}" for n in range(1, 9))
+    jobs = {registry.read_manifest(share, registry.Ref("race", n)).job_id for n in range(1, 9)}  # type: ignore
+    assert jobs == {f"race-{i}" for i in range(8)}
+    assert sorted(p.name for p in (registry.root(share) / "race").iterdir()) == sorted(f"v{n}" for n in range(1, 9))
+
+
+def test_base_hashes_are_cached_by_size_and_mtime(share: Share, trained: dict) -> None:
+    """The cache on the share is what spares an 8 GB base a rehash; --rehash reads the files again."""
+    cache = registry.base_cache_file(share, "models/tiny")
+    record = json.loads(cache.read_text())
+    assert record["path"] == "models/tiny" and set(record["files"]) == {"config.json", "model.safetensors"}
+    real = registry.base_identity_of(share, "models/tiny").sha256
+    record["files"]["config.json"]["sha256"] = "0" * 64  # same size and mtime: the cache is believed
+    cache.write_text(json.dumps(record))
+    try:
+        assert registry.base_identity_of(share, "models/tiny").sha256 != real
+        assert registry.base_identity_of(share, "models/tiny", rehash=True).sha256 == real
+    finally:
+        registry.base_identity_of(share, "models/tiny", rehash=True)  # rewrites the true hashes
+    assert registry.base_identity_of(share, "models/tiny").sha256 == real
+
+
+def test_a_parent_must_be_registered_and_on_the_same_base(share: Share, trained: dict) -> None:
+    with pytest.raises(Rejected, match=r"'support/v9' is not registered \(support has v1, v2, v3\)") as e:
+        run(share, _job("p-missing", parent="support/v9"))
+    assert e.value.field == "parent"
+    with pytest.raises(Rejected, match=r"was trained on models/tiny .* base_model models/tiny-other") as e:
+        run(share, _job("p-other", parent="support/v1", base_model="models/tiny-other"))
+    assert e.value.field == "parent"
+
+
+# ── verification: a good adapter, and each corruption caught for its reason ──────────────────────────────
+def test_a_registered_adapter_passes_every_check(share: Share, trained: dict) -> None:
+    from worker.adapter_verify import registered_target, verify
+
+    report = verify(registered_target(share, "support/v3", dataset=[share.root / "datasets" / "alpaca.jsonl"]))
+    assert report.ok, report
+    assert [(c.name, c.status) for c in report.checks] == [(n, CheckStatus.passed) for n in
+                                                           ("files", "safetensors", "keys", "base-identity", "load",
+                                                            "eval")]
+    assert "the manifest says" in check(report, "eval").reason and "training eval split" in check(report,
+                                                                                                  "eval").reason
+
+
+def test_a_plain_peft_folder_skips_only_the_manifest_checks(share: Share, trained: dict) -> None:
+    """An adapter made elsewhere: no manifest, the base from its adapter_config.json."""
+    report = verify_folder(share, trained["s1"].adapter_dir)  # the attempt's own folder: no manifest in it
+    assert report.ok and report.base == "models/tiny"
+    skipped = {c.name for c in report.checks if c.status is CheckStatus.skipped}
+    assert skipped == {"files", "base-identity", "eval"}
+    assert "no manifest.json" in check(report, "files").reason
+
+
+def test_a_flipped_byte_fails_the_hashes(share: Share, trained: dict, tmp_path: Path) -> None:
+    folder = copy_of(share, "support/v1", tmp_path)
+    path = folder / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor's bytes: the header still parses
+    path.write_bytes(bytes(data))
+    report = verify_folder(share, folder)
+    assert not report.ok
+    files = check(report, "files")
+    assert files.status is CheckStatus.failed
+    assert "adapter_model.safetensors has a different sha256 than the manifest" in files.reason
+
+
+def test_a_zeroed_lora_b_is_an_adapter_that_never_trained(share: Share, trained: dict, tmp_path: Path) -> None:
+    folder = copy_of(share, "support/v1", tmp_path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    rewrite_tensors(folder, lambda t: t.__setitem__(key, t[key] * 0))
+    report = verify_folder(share, folder)
+    safe = check(report, "safetensors")
+    assert safe.status is CheckStatus.failed
+    assert f"{key} is all zeros: this adapter was never trained" in safe.reason
+
+
+def test_a_renamed_key_maps_to_no_module(share: Share, trained: dict, tmp_path: Path) -> None:
+    folder = copy_of(share, "support/v1", tmp_path)
+    old = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    new = old.replace("q_proj", "qq_proj")
+    rewrite_tensors(folder, lambda t: t.__setitem__(new, t.pop(old)))
+    report = verify_folder(share, folder)
+    keys = check(report, "keys")
+    assert keys.status is CheckStatus.failed
+    assert "the base model has no module 'model.layers.0.self_attn.qq_proj'" in keys.reason
+    assert "model.layers.0.self_attn.q_proj: has lora_B but no lora_A" in keys.reason
+
+
+def test_peft_missing_keys_are_a_failure(share: Share, trained: dict, tmp_path: Path) -> None:
+    folder = copy_of(share, "support/v1", tmp_path)
+    prefix = "base_model.model.model.layers.1.self_attn.q_proj"
+
+    def drop(t: dict) -> None:
+        del t[f"{prefix}.lora_A.weight"], t[f"{prefix}.lora_B.weight"]
+
+    rewrite_tensors(folder, drop)
+    keys = check(verify_folder(share, folder), "keys")
+    assert keys.status is CheckStatus.failed
+    assert "model.layers.1.self_attn.q_proj: targeted by adapter_config.json but has no adapter weights" in keys.reason
+    assert "peft: Found missing adapter keys" in keys.reason or "(and" in keys.reason
+
+
+def test_a_wrong_shape_is_named(share: Share, trained: dict, tmp_path: Path) -> None:
+    import torch
+
+    folder = copy_of(share, "support/v1", tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    rewrite_tensors(folder, lambda t: t.__setitem__(key, torch.ones(4, 32)))
+    report = verify_folder(share, folder)
+    assert "lora_A.weight: shape [4, 32] does not fit the base's layer (expects ['r', 64])" in \
+        check(report, "keys").reason
+    assert check(report, "load").status is CheckStatus.failed  # peft refuses the size mismatch too
+
+
+def test_another_base_of_the_same_shape_is_caught_by_identity(share: Share, trained: dict) -> None:
+    """Loads and runs without a complaint: only the hash says it is the wrong base."""
+    from worker.adapter_verify import registered_target, verify
+
+    report = verify(registered_target(share, "support/v1", base=share.root / "models" / "tiny-other"))
+    assert not report.ok
+    ident = check(report, "base-identity")
+    assert ident.status is CheckStatus.failed
+    assert "is not the base it was trained on (models/tiny)" in ident.reason and "model.safetensors" in ident.reason
+    assert check(report, "load").status is CheckStatus.passed and check(report, "keys").status is CheckStatus.passed
+
+
+class _Planted:
+    """A pickle that runs code when loaded: it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_file_fails_and_is_never_opened(share: Share, trained: dict, tmp_path: Path) -> None:
+    marker = tmp_path / "pickle-ran"
+    folder = copy_of(share, "support/v1", tmp_path)
+    with open(folder / "adapter_model.bin", "wb") as f:
+        pickle.dump({"weights": _Planted(marker)}, f)
+    report = verify_folder(share, folder)
+    safe = check(report, "safetensors")
+    assert safe.status is CheckStatus.failed and "adapter_model.bin is a pickle file" in safe.reason
+    assert "adapter_model.bin is not in the manifest" in check(report, "files").reason
+    (folder / "adapter_model.safetensors").unlink()  # a pickle-only adapter: nothing may be loaded at all
+    report = verify_folder(share, folder)
+    assert "no *.safetensors file" in check(report, "safetensors").reason
+    assert {check(report, n).status for n in ("keys", "load", "eval")} == {CheckStatus.skipped}
+    assert not marker.exists(), "a pickle was unpickled"
+
+
+def test_eval_loss_outside_the_tolerance_fails(share: Share, trained: dict) -> None:
+    from worker.adapter_verify import registered_target, verify
+
+    target = registered_target(share, "support/v1", dataset=[share.root / "datasets" / "chat.jsonl"],
+                               tolerance=1e-6)
+    ev = check(verify(target), "eval")
+    assert ev.status is CheckStatus.failed and "the eval split of the given dataset" in ev.reason
+    assert "outside" in ev.reason
+
+
+def test_a_chain_of_three_verifies(share: Share, trained: dict) -> None:
+    from worker.adapter_verify import verify_chain
+
+    chain = verify_chain(share, "support")
+    assert chain.ok, chain
+    assert [r.target for r in chain.versions] == ["support/v1", "support/v2", "support/v3"]
+    assert [(c.name, c.status) for c in chain.links] == [("link support/v2 -> support/v1", CheckStatus.passed),
+                                                         ("link support/v3 -> support/v2", CheckStatus.passed)]
+
+
+def test_verify_cli_exit_status_and_json(share: Share, trained: dict, tmp_path: Path) -> None:
+    folder = copy_of(share, "support/v2", tmp_path)
+    rewrite_tensors(folder, lambda t: t.__setitem__(next(iter(t)), t[next(iter(t))] * 0))
+    good = _cli("verify", "support/v2", "--share", str(share.root), "--json")
+    bad = _cli("verify", str(folder), "--share", str(share.root))
+    assert good.returncode == 0, good.stderr
+    assert VerifyReport.model_validate_json(good.stdout).ok
+    assert bad.returncode == 1 and "FAIL files" in bad.stdout and "FAILED" in bad.stdout
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spooler.cli", *args], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "LORASPOOL_SHARE": ""})
+
+
+# ── compatibility ────────────────────────────────────────────────────────────────────────────────────────
+def _side(share: Share, ref: str, weight: float = 1.0) -> Any:
+    from worker.compat import Side
+
+    return Side(ref, version(share, ref), registry.read_manifest(share, registry.Ref.parse(ref)), weight)
+
+
+def test_compat_rules_and_risk(share: Share, trained: dict) -> None:
+    from worker.compat import compat
+
+    same = compat(_side(share, "support/v3"), _side(share, "billing/v1"), "linear")
+    assert same.compatible and 40 <= same.risk <= 100 and same.overlap == 1.0
+    assert same.cosine is not None and same.norm_ratio is not None and same.reasons
+    wide = compat(_side(share, "support/v3"), _side(share, "wide/v1"), "linear")
+    assert not wide.compatible and wide.risk == 100
+    assert {c.name for c in wide.checks if c.status is CheckStatus.failed} == {"rank", "target-modules"}
+    cat = compat(_side(share, "support/v3"), _side(share, "wide/v1"), "cat")
+    assert cat.compatible and cat.overlap == 0.5  # q_proj in both layers shared, v_proj only in support
+    assert cat.risk < same.risk
+    opposed = compat(_side(share, "support/v3"), _side(share, "support/v3", -1.0), "cat")
+    assert opposed.cosine == pytest.approx(-1.0) and opposed.risk == 70 and "opposed" in " ".join(opposed.reasons)
+
+
+# ── merging ──────────────────────────────────────────────────────────────────────────────────────────────
+def test_merge_into_base_equals_adapter_on_base(share: Share, trained: dict) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    before = registry.read_manifest(share, registry.Ref("support", 3))
+    outcome = run(share, JobSpec(id="m-base", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
+    assert outcome.ok and outcome.merged_model == "models/merged/support-v3"
+    out = share.root / outcome.merged_model
+    record = read_model(out / MANIFEST, MergedModel)
+    assert record is not None and record.adapter == "support/v3" and record.max_logit_diff <= record.tolerance
+    assert any(n.endswith(".safetensors") for n in record.files) and not list(out.glob("*.bin"))
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    base = AutoModelForCausalLM.from_pretrained(share.root / "models" / "tiny")
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, version(share, "support/v3"))(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+    assert torch.allclose(adapted, merged, atol=1e-4), float((adapted - merged).abs().max())
+    assert registry.read_manifest(share, registry.Ref("support", 3)) == before  # the input is untouched
+    with pytest.raises(Rejected, match="already exists; a merge never replaces a folder") as e:
+        run(share, JobSpec(id="m-base-2", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
+    assert e.value.field == "merge.output"
+
+
+@pytest.mark.parametrize("combination", ["linear", "dare_linear", "cat"])
+def test_weighted_merge_loads_and_runs(share: Share, trained: dict, combination: str) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    job = JobSpec(id=f"mix-{combination}", kind="merge", register_as=f"mix-{combination}",
+                  merge={"adapters": ["support/v3", "billing/v1"], "into": "adapter", "combination": combination,
+                         "weights": [0.7, 0.3]})
+    outcome = run(share, job)
+    assert outcome.ok, outcome.error
+    assert outcome.registered == f"mix-{combination}/v1" and outcome.verify is not None and outcome.verify.ok
+    m = registry.read_manifest(share, registry.Ref.parse(outcome.registered))
+    assert m is not None and m.origin == "merge" and m.parents == ["support/v3", "billing/v1"]
+    assert m.merge is not None and (m.merge.combination, m.merge.weights) == (combination, [0.7, 0.3])
+    assert m.lora.r == (8 if combination == "cat" else 4)
+    ids = torch.tensor([[1, 40, 41, 42]])
+    base = AutoModelForCausalLM.from_pretrained(share.root / "models" / "tiny")
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        mixed = PeftModel.from_pretrained(base, version(share, outcome.registered))(input_ids=ids).logits
+    assert torch.isfinite(mixed).all() and not torch.allclose(plain, mixed)
+
+
+def test_a_merge_of_incompatible_ranks_is_rejected(share: Share, trained: dict) -> None:
+    job = JobSpec(id="mix-bad", kind="merge", merge={"adapters": ["support/v3", "wide/v1"], "into": "adapter",
+                                                     "combination": "linear"})
+    with pytest.raises(Rejected, match="peft refuses linear") as e:
+        run(share, job)
+    assert e.value.field == "merge.combination"
+
+
+# ── verify and merge jobs: results ───────────────────────────────────────────────────────────────────────
+def test_verify_jobs_report_every_check_in_the_result(share: Share, trained: dict) -> None:
+    base = Result(id="v", status=Terminal.failed)
+    good = run(share, JobSpec(id="v-good", kind="verify", verify={"chain": "support"}))
+    assert good.result(base).status is Terminal.succeeded and good.result(base).verify_chain.ok
+    other = run(share, JobSpec(id="v-other", kind="verify", base_model="models/tiny-other",
+                               verify={"adapter": "support/v1"}))
+    result = other.result(base)
+    assert result.status is Terminal.failed and result.error.startswith("verification failed: base-identity:")
+    assert result.verify is not None and check(result.verify, "base-identity").status is CheckStatus.failed
+    folder = share.rel(trained["s1"].adapter_dir)
+    plain = run(share, JobSpec(id="v-plain", kind="verify", verify={"adapter": folder}))
+    assert plain.ok and check(plain.verify, "files").status is CheckStatus.skipped
+
+
+@pytest.mark.parametrize(("job", "field", "problem"), [
+    ({"kind": "verify"}, "verify", "is required for a verify job"),
+    ({"kind": "verify", "verify": {"adapter": "../x"}}, "verify.adapter", "'..' component"),
+    ({"kind": "verify", "verify": {"adapter": "a/v1", "chain": "a"}}, "verify", "exactly one of"),
+    ({"kind": "train", "base_model": "m", "dataset": "d", "parent": "support"}, "parent", "not NAME/VERSION"),
+    ({"kind": "probe", "parent": "support/v1"}, "parent", "only a train job"),
+    ({"kind": "train", "base_model": "m", "dataset": "d", "register_as": "a b"}, "register_as", "not a safe"),
+    ({"kind": "merge", "merge": {"adapters": ["a/v1", "b/v1"], "into": "base"}}, "merge", "exactly one adapter"),
+    ({"kind": "merge", "merge": {"adapters": ["a/v1", "b/v1"], "into": "adapter", "weights": [1]}}, "merge",
+     "weights has 1 entries for 2 adapters"),
+    ({"kind": "merge", "merge": {"adapters": ["a/v1", "b/v1"], "into": "adapter", "combination": "tie"}},
+     "merge.combination", "'tie'"),
+    ({"kind": "merge", "merge": {"adapters": ["a/v1"], "into": "base", "output": "/abs"}}, "merge.output",
+     "absolute"),
+    ({"kind": "train", "base_model": "m", "dataset": "d", "verify": {"adapter": "a/v1"}}, "verify",
+     "is for kind \"verify\""),
+])
+def test_bad_adapter_job_fields_are_rejected_by_name(job: dict, field: str, problem: str) -> None:
+    with pytest.raises(Rejected) as e:
+        parse_spec(json.dumps(job).encode(), "j.json", 10**6)
+    assert e.value.field == field and problem in e.value.problem, str(e.value)
+
+
+# ── listing, sizes and retention ─────────────────────────────────────────────────────────────────────────
+def test_the_listing_is_a_tree_with_sizes_losses_and_levels(share: Share, trained: dict) -> None:
+    tree = registry.listing(share)
+    base = next(b for b in tree.bases if b.path == "models/tiny")
+    v1 = next(n for n in base.versions if n.ref == "support/v1")
+    v2 = v1.children[0]
+    v3 = v2.children[0]
+    assert [v2.ref, v3.ref] == ["support/v2", "support/v3"]
+    sizes = {r: registry.read_manifest(share, registry.Ref.parse(r)).size_bytes  # type: ignore[union-attr]
+             for r in ("support/v1", "support/v2", "support/v3")}
+    assert v3.size_bytes == sizes["support/v3"]
+    assert v3.chain_bytes == base.size_bytes + sum(sizes.values())
+    assert v3.eval_loss == trained["s3"].metrics.eval_loss_after and v3.level.value == "optimal"
+    gb = 1e9
+    small = Share(share.root, share.settings.model_copy(update={
+        "size_plan_gb": (base.size_bytes + 1) / gb, "size_merge_gb": v2.chain_bytes / gb,
+        "size_critical_gb": v3.chain_bytes / gb}))
+    levels = {n.ref: n for n in _walk(registry.listing(small))}
+    assert [levels[r].level.value for r in ("support/v1", "support/v2", "support/v3")] == \
+        ["consider planning", "merge recommended", "critical"]
+    assert "loraspool merge support/v3 --into base" in " ".join(levels["support/v3"].warnings)
+    text = _cli("adapters", "--share", str(share.root))
+    assert text.returncode == 0 and "models/tiny  (base" in text.stdout and "└── support/v2" in text.stdout
+
+
+def _walk(tree: Any) -> list[Any]:
+    out, pending = [], [n for b in tree.bases for n in b.versions]
+    while pending:
+        node = pending.pop()
+        out.append(node)
+        pending.extend(node.children)
+    return out
+
+
+def test_gc_never_removes_a_newest_version_or_a_parent(share: Share, trained: dict) -> None:
+    """scratch/v1, v2 stand alone; v3 descends from v2. Only v1 can go, and only when a person names it."""
+    source = trained["b1"].adapter_dir
+    template = registry.read_manifest(share, registry.Ref("billing", 1))
+    assert template is not None
+    for n, parents in ((1, []), (2, []), (3, ["scratch/v2"])):
+        m = template.model_copy(update={"job_id": f"scratch-{n}", "token": f"t{n}", "parents": parents})
+        assert str(registry.register(share, "scratch", source, m)) == f"scratch/v{n}"
+    report = registry.gc(share)
+    assert "scratch/v1" in report.removable and report.removed == []
+    for ref in ("scratch/v2", "scratch/v3", "support/v1", "support/v2", "support/v3"):
+        assert ref not in report.removable and ref in report.kept
+    assert report.kept["scratch/v2"] == "an ancestor of scratch/v3, which stays"
+    assert report.kept["scratch/v3"] == "the newest version of scratch"
+    assert version(share, "scratch/v1").is_dir(), "gc without --apply removed something"
+    cli = _cli("gc", "--share", str(share.root), "--apply", "scratch/v1", "scratch/v2", "scratch/v3", "support/v1",
+               "nope/v1", "--json")
+    applied = json.loads(cli.stdout)
+    assert cli.returncode == 1 and applied["removed"] == ["scratch/v1"]
+    assert set(applied["refused"]) == {"scratch/v2", "scratch/v3", "support/v1", "nope/v1"}
+    assert applied["refused"]["support/v1"].startswith("kept: an ancestor of ")
+    assert registry.numbers(share, "scratch") == [2, 3] and registry.numbers(share, "support") == [1, 2, 3]
+    assert not [p for p in (registry.root(share) / "scratch").iterdir() if p.name.startswith(".")]
+
+
+def test_manifests_validate_against_their_schema(share: Share, trained: dict) -> None:
+    for path in registry.root(share).glob("*/v*/manifest.json"):
+        Manifest.model_validate_json(path.read_bytes())
+
+
+# ── through a worker (needs the daemon wiring of issue #4: skipped until worker/daemon.py has it) ────────────
+def _daemon_wired() -> bool:
+    import inspect
+
+    import worker.daemon
+
+    return "AdapterJobOutcome" in inspect.getsource(worker.daemon)
+
+
+@pytest.mark.skipif(not _daemon_wired(), reason="worker/daemon.py does not hand verify/merge outcomes over yet")
+def test_train_verify_and_merge_jobs_through_a_worker(tmp_path: Path, tiny_model_dir: Path, procs: Any) -> None:
+    from tests.conftest import drop, train_job, wait_result
+    from worker.tinymodel import write_dataset
+
+    s = make_share(tmp_path / "e2e")  # its own share: this module's "share" fixture is the registry's
+    shutil.copytree(tiny_model_dir, s.root / "models" / "tiny")
+    write_dataset(s.root / "datasets" / "alpaca.jsonl", "alpaca", rows=64)
+    procs.worker(s, "w1")
+    drop(s, "t1.json", {**train_job("t1", steps=4), "register_as": "support"})
+    r = wait_result(s, "t1", 180)
+    assert r.status is Terminal.succeeded and r.registered == "support/v1", r.error
+    drop(s, "v1.json", {"id": "v1", "kind": "verify", "verify": {"adapter": "support/v1"}})
+    drop(s, "m1.json", {"id": "m1", "kind": "merge", "merge": {"adapters": ["support/v1"], "into": "base"}})
+    drop(s, "bad.json", {"id": "bad", "kind": "verify", "verify": {"adapter": "support/v7"}})
+    verified, merged = wait_result(s, "v1", 120), wait_result(s, "m1", 120)
+    assert verified.status is Terminal.succeeded and verified.verify is not None and verified.verify.ok
+    assert merged.status is Terminal.succeeded and merged.merged_model == "models/merged/support-v1"
+    bad = wait_result(s, "bad", 60)
+    assert bad.status is Terminal.rejected and bad.error.startswith("verify.adapter: 'support/v7' is not registered")
