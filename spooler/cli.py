@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -34,13 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--file-mode", help='octal mode for files the system writes, e.g. "0664"')
 
     p = sub.add_parser("worker", help="run a worker in the foreground until SIGTERM or SIGINT")
-    _share_arg(p)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--id", help="worker id (default: the host name)")
-    p.add_argument("--watch", choices=["auto", "native", "polling"],
-                   help="folder watcher; auto uses polling on network filesystems")
-    p.add_argument("--only", dest="only_job", help=argparse.SUPPRESS)
-    p.add_argument("--fallback", action="store_true", default=None, help=argparse.SUPPRESS)
+    cli_deploy.worker_args(p)
 
     p = sub.add_parser("submit", help="validate a job file and drop it into the inbox")
     p.add_argument("job", type=Path)
@@ -75,8 +68,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    from spooler.logs import setup_logging
+
+    setup_logging(args.verbose)
     from spooler.errors import Rejected
     from spooler.share import ShareError
 
@@ -111,16 +105,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from spooler.config import ConfigError, resolve
+    from spooler.logs import setup_logging
+    from spooler.share import Share
 
-    flags = {k: getattr(args, k, None) for k in ("share", "id", "device", "watch", "only_job", "fallback")}
     try:
-        cfg, _sources = resolve(flags)
+        cfg, _sources = resolve(cli_deploy.worker_flags(args))
     except ConfigError as e:
         print(f"loraspool worker: {e}", file=sys.stderr)
         return 2
+    setup_logging(args.verbose, cfg.log_file, cfg.log_max_bytes, cfg.log_backups)
     from worker.daemon import run_worker
 
-    return run_worker(_share(args), cfg)
+    return run_worker(Share.open(cfg.share), cfg)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -1,0 +1,90 @@
+"""``loraspool doctor`` on real temp shares and real child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spooler import doctor
+from spooler.share import Share
+
+GB = 1024**3
+
+
+def by_name(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
+    return {c.name: c for c in checks}
+
+
+def test_a_local_share_passes_and_is_left_as_it_was(share: Share, tmp_path: Path) -> None:
+    (share.tmp / "a-persons-file").write_text("keep me")
+    before = sorted(p.name for p in share.root.rglob("*"))
+    checks = by_name(doctor.run_checks(share.root, tmp_path / "cache", packages=False))
+    for name in ("share reachable", "share writable", "rename", "locks", "change notification", "clock offset",
+                 "share free space", "cache free space"):
+        assert checks[name].status == "ok", (name, checks[name])
+    assert "native notification sees another process" in checks["change notification"].detail
+    assert "kept out" in checks["locks"].detail
+    assert sorted(p.name for p in share.root.rglob("*")) == before
+
+
+def test_an_uninitialised_or_missing_share_fails_with_the_fix(tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    checks = by_name(doctor.share_checks(bare))
+    assert checks["share reachable"].status == "fail" and f"loraspool init {bare}" in checks["share reachable"].fix
+    assert checks["rename"].status == "ok" and list(bare.iterdir()) == []
+    gone = by_name(doctor.share_checks(tmp_path / "gone"))
+    assert gone["share reachable"].status == "fail" and "mount the share" in gone["share reachable"].fix
+    assert by_name(doctor.run_checks(None, None, packages=False))["share reachable"].status == "fail"
+
+
+def test_clock_offset_is_a_warning(tmp_path: Path) -> None:
+    ahead = doctor.clock_offset(tmp_path, now=lambda: time.time() - 120)
+    assert ahead.status == "warn" and "ahead of" in ahead.detail and "NTP" in ahead.fix
+    assert doctor.clock_offset(tmp_path).status == "ok"
+
+
+def test_package_verdicts() -> None:
+    missing = by_name(doctor.package_checks({"torch_error": "ModuleNotFoundError: torch"}, gpu_count=0))
+    assert missing["torch"].status == "fail" and "deploy/setup.sh" in missing["torch"].fix
+    assert missing["bitsandbytes"].status == "warn"
+    cpu_build = by_name(doctor.package_checks({"torch": "2.13.0+cpu", "cuda": False}, gpu_count=2))
+    assert cpu_build["torch"].status == "fail" and "CUDA build" in cpu_build["torch"].fix
+    good = by_name(doctor.package_checks({"torch": "2.13.0", "cuda_build": "12.8", "cuda": True,
+                                          "gpus": ["NVIDIA RTX 4090"], "bf16": True, "bitsandbytes": "0.48"},
+                                         gpu_count=1))
+    assert good["torch"].status == "ok" and "RTX 4090" in good["torch"].detail
+    assert good["bitsandbytes"].status == "ok"
+    cpu_only = by_name(doctor.package_checks({"torch": "2.13.0+cpu", "cuda": False}, gpu_count=0))
+    assert cpu_only["torch"].status == "warn"
+
+
+def test_gpu_memory_verdicts() -> None:
+    checks = doctor.gpu_memory([{"index": 0, "name": "A", "free": 20 * GB, "total": 24 * GB},
+                                {"index": 1, "name": "B", "free": 2 * GB, "total": 24 * GB}])
+    assert [c.status for c in checks] == ["ok", "warn"] and "nvidia-smi" in checks[1].fix
+    assert doctor.gpu_memory([])[0].status == "warn"
+
+
+def test_doctor_cli_survives_a_broken_torch(share: Share, tmp_path: Path) -> None:
+    """A torch that fails to import (no CUDA libraries, a half-finished install) is a line in the report."""
+    fake = tmp_path / "fake-site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libcudart.so.12: cannot open shared object file')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASPOOL_")}
+    env["PYTHONPATH"] = str(tmp_path / "fake-site")
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "doctor", "--share", str(share.root), "--json"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1])
+    assert out.returncode == 1, out.stderr
+    doc = json.loads(out.stdout)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert doc["ok"] is False and checks["torch"]["status"] == "fail"
+    assert "libcudart" in checks["torch"]["detail"]
+    assert checks["share reachable"]["status"] == "ok" and checks["rename"]["status"] == "ok"
+    text = subprocess.run([sys.executable, "-m", "spooler.cli", "doctor", "--share", str(share.root)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1])
+    assert "fix: install it into the worker's venv" in text.stdout and "to fix" in text.stdout
