@@ -44,7 +44,8 @@ class Procs:
     def start(self, *args: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([sys.executable, "-m", "spooler.cli", *args], stdout=subprocess.PIPE,
-                                stderr=log, env={**os.environ, **(env or {})}, start_new_session=True)
+                                stderr=log, start_new_session=True,
+                                env={**os.environ, "XDG_CACHE_HOME": str(self.logdir / "cache"), **(env or {})})
         proc.log_path = self.logdir / f"{name}.log"  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc

@@ -16,13 +16,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from schemas.heartbeat import Heartbeat, Progress, WorkerState
 from schemas.result import AdapterInfo, Metrics, Result, Terminal
 from spooler import cancel, claim, states
 from spooler.clock import Clock, SystemClock, iso
-from spooler.config import WorkerSettings
+from spooler.config import WorkerSettings, in_quiet_hours, model_allowed
 from spooler.errors import ClaimLost, Rejected
 from spooler.heartbeat import HeartbeatWriter, Liveness
 from spooler.intake import Intake
@@ -33,6 +34,7 @@ from spooler.share import SETTINGS_FILE, Share, read_model
 from spooler.submit import find_result
 from spooler.watch import FolderWatcher
 from worker import horse
+from worker.adapter_jobs import AdapterJobOutcome
 from worker.sysinfo import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Worker:
         self._missing_since: float | None = None
         self._last_phase = ""
         self._last_trouble = ""
+        self._was_quiet = False
         self.watcher: FolderWatcher | None = None
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -77,7 +80,7 @@ class Worker:
                     self._trouble(e)
                     busy_inbox = False
                 try:
-                    job = claim.next_job(self.share, self.id, self.cfg.only_job)
+                    job = None if self._quiet() else claim.next_job(self.share, self.id, self.cfg.only_job)
                     if self._last_trouble:
                         log.info("worker %s is taking jobs again", self.id)
                         self._last_trouble = ""
@@ -233,18 +236,23 @@ class Worker:
             base.kind = spec.kind.value
             if spec.kind.value == "probe":
                 return base.model_copy(update={"status": Terminal.succeeded, "metrics": Metrics(seconds=0.0)})
-            model_dir = resolve_in_share(self.share.root, spec.base_model or "", "base_model")
+            model_dir = resolve_in_share(self.share.root, spec.base_model, "base_model") if spec.base_model else None
             datasets = [resolve_in_share(self.share.root, d, "dataset") for d in spec.dataset_files()]
+            if model_dir is not None and (problem := model_allowed(self.cfg, self.share.root, model_dir)):
+                raise Rejected("base_model", f"{problem} (this worker's allowed_model_roots)")
         except Rejected as e:
             return base.model_copy(update={"status": Terminal.rejected, "error": str(e)})
         out_dir = states.attempt_dir(self.share, key.job_id, key.attempt, self.id)
         request = {"job": spec, "model_dir": model_dir, "datasets": datasets, "share_root": self.share.root,
-                   "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode}
+                   "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode,
+                   "cache_dir": self.cfg.cache_dir if self._caches_models() else None}
         t0 = time.monotonic()
         outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id))
         return self._result_of(outcome, base, running_file, time.monotonic() - t0)
 
     def _result_of(self, out: horse.HorseResult, base: Result, running_file: Path, seconds: float) -> Result | None:
+        if out.kind == "done" and isinstance(out.outcome, AdapterJobOutcome):  # verify and merge jobs
+            return out.outcome.result(base)
         if out.kind == "done":
             o = out.outcome
             metrics = o.metrics.model_copy(update={"seconds": o.metrics.seconds or seconds})
@@ -252,7 +260,7 @@ class Worker:
                                   size_bytes=o.size_bytes)
             return base.model_copy(update={"status": Terminal.succeeded, "metrics": metrics, "adapter": adapter,
                                            "notes": list(o.notes), "data": o.data, "probes": list(o.probes),
-                                           "resumed_from_step": o.resumed_from_step})
+                                           "resumed_from_step": o.resumed_from_step, "registered": o.registered})
         if out.kind == "died" and self.stopping.is_set():  # the stop signal reached the child too
             out = horse.HorseResult("cancelled", error="shutdown")
         if out.kind == "rejected":
@@ -310,6 +318,20 @@ class Worker:
         import torch  # only on a machine that has an NVIDIA driver
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _caches_models(self) -> bool:
+        """A submitter's one-off fallback run reads the base from the share: a laptop's disk is not a cache."""
+        return self.cfg.cache_models and not self.cfg.fallback and not self.cfg.only_job
+
+    def _quiet(self) -> bool:
+        """No new claims in quiet hours (the desktop is someone's by day); intake and heartbeats go on."""
+        quiet = bool(self.cfg.quiet_hours) and not self.cfg.only_job and in_quiet_hours(
+            self.cfg, datetime.fromtimestamp(self.clock.wall()))
+        if quiet != self._was_quiet:
+            log.info("worker %s %s", self.id, f"in quiet hours ({self.cfg.quiet_hours}): taking no new jobs"
+                     if quiet else "out of quiet hours: taking jobs")
+            self._was_quiet = quiet
+        return quiet
 
     def _only_job_done(self) -> bool:
         assert self.cfg.only_job is not None

@@ -10,6 +10,7 @@ that imports this module in the daemon, which must never load torch. The torch s
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,18 +24,23 @@ from worker.modelguard import check_dataset_file, check_model_dir
 from worker.verify import hash_folder
 
 if TYPE_CHECKING:
+    from spooler.share import Share
     from worker.loop import Dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainRequest:
     job: JobSpec  # validated; job.id is set
-    model_dir: Path  # already resolved inside the share
+    model_dir: Path | None  # resolved inside the share; None only for verify/merge jobs that name no base
     datasets: list[Path]  # already resolved inside the share, in the job's order
     share_root: Path
     out_dir: Path  # this attempt's folder on the share (may not exist yet); the adapter goes to out_dir / "adapter"
     device: str  # "cpu" or "cuda"
     file_mode: int  # chmod for every file written (safetensors writes 0600; other share users must read them)
+    parent_dir: Path | None = None  # the registered adapter job.parent names; set by check_inputs
+    cache_dir: Path | None = None  # this machine's model cache; None: read the base from the share
 
 
 @dataclass
@@ -47,6 +53,8 @@ class TrainOutcome:
     data: DataReport | None = None
     resumed_from_step: int | None = None
     probes: list[ProbeOutput] = field(default_factory=list)
+    quantization: str = "none"  # what the base was really loaded as (a CPU worker trains 4bit jobs plain)
+    registered: str | None = None  # NAME/VERSION under adapters/, once registered
 
 
 # ── entry point ──────────────────────────────────────────────────────────────────────────────────────────
@@ -54,23 +62,100 @@ def run_training(req: TrainRequest, report: Callable[[Progress], None],
                  should_stop: Callable[[], bool]) -> TrainOutcome:
     """Train one adapter and save it to ``req.out_dir / "adapter"``. Raises Rejected (bad input), Cancelled,
     or RuntimeError (training diverged, the saved adapter does not load). A ``devices: "all"`` job on several
-    GPUs runs as torchrun ranks (``worker.ddp``), this process relaying; its outcome is the same."""
+    GPUs runs as torchrun ranks (``worker.ddp``), this process relaying; its outcome is the same.
+    Verify and merge jobs run here too (``worker.adapter_jobs``), so they get the same child process."""
+    if req.job.kind.value in ("verify", "merge"):
+        from worker.adapter_jobs import run_adapter_job
+
+        return run_adapter_job(req, report, should_stop)  # type: ignore[return-value]
     check_inputs(req)
+    req.model_dir = local_model(req, should_stop)
     from worker import ddp  # light: torch only in the ranks, and to count GPUs
 
     world = ddp.processes(req.job.devices, req.device)
-    if world > 1:
-        return ddp.launch(req, world, report, should_stop)
-    outcome = train_checked(req, report, should_stop)
+    outcome = (ddp.launch(req, world, report, should_stop) if world > 1
+               else train_checked(req, report, should_stop))
     assert outcome is not None  # only DDP ranks other than 0 get None
+    register(req, outcome)
     return outcome
 
 
 def check_inputs(req: TrainRequest) -> None:
-    """The cheap refusals (model folder, dataset files), before anything heavy starts."""
+    """The cheap refusals (model folder, dataset files, the parent adapter), before anything heavy starts."""
+    assert req.model_dir is not None  # a train job always names its base_model
     check_model_dir(req.model_dir, req.share_root)
     for path in req.datasets:
         check_dataset_file(path)
+    if req.job.parent:
+        req.parent_dir = check_parent(req)
+
+
+def local_model(req: TrainRequest, should_stop: Callable[[], bool]) -> Path:
+    """The base model's verified local copy, so an 8 GB load reads a local disk, not the network. A cache that
+    cannot be used (full disk, no permission) is not worth failing the job for: train from the share."""
+    assert req.model_dir is not None
+    if req.cache_dir is None:
+        return req.model_dir
+    from worker.modelcache import CacheError, local_copy
+
+    try:
+        return local_copy(req.model_dir, req.cache_dir, should_stop=should_stop)
+    except CacheError as e:
+        if should_stop():
+            from spooler.errors import Cancelled
+
+            raise Cancelled("stopped while copying the base model to the local cache") from None
+        log.warning("job %s: model cache not used: %s; loading %s from the share", req.job.id, e, req.model_dir)
+        return req.model_dir
+
+
+def check_parent(req: TrainRequest) -> Path:
+    """The parent's folder, once it is registered and was trained on this very base (by hash, not by name)."""
+    from spooler import registry
+    from spooler.errors import Rejected
+
+    share = _share(req)
+    if share is None:
+        raise Rejected("parent", f"{req.share_root} is not a loraspool share, so it has no adapter registry")
+    assert req.job.parent and req.job.base_model
+    ref, folder = registry.resolve(share, req.job.parent, "parent")
+    manifest = registry.read_manifest(share, ref)
+    assert manifest is not None  # resolve checked it is there
+    base = registry.base_identity_of(share, req.job.base_model)
+    if base.sha256 != manifest.base.sha256:
+        raise Rejected("parent", f"{ref} was trained on {manifest.base.path} (sha256 {manifest.base.sha256[:12]}), "
+                                 f"but base_model {req.job.base_model} hashes to {base.sha256[:12]}; continue it "
+                                 f"on its own base")
+    return folder
+
+
+def _share(req: TrainRequest) -> Share | None:
+    from spooler.share import Share, ShareError
+
+    try:
+        return Share.open(req.share_root)
+    except ShareError:
+        return None
+
+
+def register(req: TrainRequest, outcome: TrainOutcome) -> None:
+    """Register the adapter under adapters/ (idempotent per job id). A trained adapter is never lost to a failed
+    registration: it still lands in results/<id>/adapter, and a note says how to register it by hand."""
+    from spooler import registry
+
+    share = _share(req)
+    if share is None:  # a bare folder (tests of the recipe alone): no registry to write to
+        log.info("job %s: %s is not a loraspool share; adapter not registered", req.job.id, req.share_root)
+        return
+    try:
+        ref = registry.register_trained(share, req.job, outcome.adapter_dir, outcome.metrics, outcome.data,
+                                        outcome.quantization, outcome.notes, outcome.files)
+    except Exception as e:  # the training is done and good: report, do not fail it
+        log.warning("job %s: adapter not registered: %s: %s", req.job.id, type(e).__name__, e)
+        outcome.notes.append(f"not registered in adapters/ ({type(e).__name__}: {e}); register it with: "
+                             f"loraspool register {req.job.id}")
+        return
+    outcome.registered = str(ref)
 
 
 def train_checked(req: TrainRequest, report: Callable[[Progress], None], should_stop: Callable[[], bool],
@@ -87,4 +172,4 @@ def train_checked(req: TrainRequest, report: Callable[[Progress], None], should_
     files, size = hash_folder(trained.adapter_dir)
     trained.metrics.seconds = round(time.monotonic() - started, 3)
     return TrainOutcome(trained.metrics, trained.adapter_dir, files, size, trained.notes, trained.data,
-                        trained.resumed_from_step, trained.probes)
+                        trained.resumed_from_step, trained.probes, trained.quantization)
