@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.heartbeat import Heartbeat, Progress, WorkerState
+from spooler import atomic
 from spooler.clock import Clock, iso, parse_iso
 from spooler.share import Share, read_model
 
@@ -54,8 +55,9 @@ class HeartbeatWriter:
     """Writes ``heartbeats/<id>.json`` every interval from its own thread, whatever the daemon is doing."""
 
     def __init__(self, share: Share, worker: str, device: str, clock: Clock, fallback: bool = False,
-                 sample: Callable[[], dict] | None = None) -> None:
+                 sample: Callable[[], dict] | None = None, local: Path | None = None) -> None:
         self.share, self.worker, self.device, self.clock, self.fallback = share, worker, device, clock, fallback
+        self.local = local  # a copy on this machine's disk, readable while the share is away
         self.sample = sample or (lambda: {})
         self.state = WorkerState.starting
         self.job: str | None = None
@@ -82,6 +84,7 @@ class HeartbeatWriter:
                            state=self.state, host=socket.gethostname(), pid=os.getpid(), device=self.device,
                            fallback=self.fallback, written_at=iso(self.clock.wall()), job=self.job,
                            progress=self.progress, **self.sample())
+        self._write_local(record)
         try:
             self.share.write_json(self.share.heartbeat_file(self.worker), record)
         except OSError as e:
@@ -93,6 +96,15 @@ class HeartbeatWriter:
         if self._failing:
             log.info("heartbeat written again [worker %s]", self.worker)
         self._failing = False
+
+    def _write_local(self, record: Heartbeat) -> None:
+        if self.local is None:
+            return
+        try:
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.local, record)
+        except OSError as e:  # a full or read-only local disk: the share copy is the one that matters
+            log.debug("local heartbeat %s not written: %s", self.local, e)
 
     def _run(self) -> None:
         while not self._stop.wait(self.share.settings.heartbeat_interval):

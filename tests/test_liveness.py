@@ -173,8 +173,11 @@ def test_worker_outlives_the_share_going_away_and_coming_back(share: Share, proc
     wait_for(lambda: "watching with the" in log_of(w), 30, "the worker to finish starting")
     away = share.root.with_name("share-away")
     share.root.rename(away)  # the server rebooted, or the mount dropped
+    local = procs.logdir / "cache" / "loraspool" / "heartbeat-w1.json"  # the worker's cache_dir (conftest)
+    seq_then = json.loads(local.read_text())["seq"]
     time.sleep(2.0)
     assert not share.root.exists(), "the worker must not rebuild a share on the local disk"
+    assert json.loads(local.read_text())["seq"] > seq_then, "the heartbeat goes on locally while the share is away"
     away.rename(share.root)
     (share.inbox / "back.json").write_text(json.dumps({"kind": "probe"}))
     assert wait_result(share, "back", 30).status.value == "succeeded"

@@ -60,8 +60,19 @@ def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs)
         tmp.rename(side.inbox / f"{job_id}.json")
     wait_for(lambda: all(result_of(a, j) for j in jobs), 180, "80 results", every=0.5)
     procs.stop_all()
-    claims = collections.Counter(re.findall(r"job (r\d{3}) claimed", log_of(wa) + log_of(wb)))
-    assert set(claims) == set(jobs) and max(claims.values()) == 1, claims.most_common(3)
+    logs = log_of(wa) + log_of(wb)
+    # Exactly once per queue entry: (job, attempt) is claimed by one worker. A job may be claimed again only
+    # as a later attempt, after a reaper judged its worker stale (a loaded machine can stall an rclone mount
+    # for seconds), and then the earlier claimer's outcome must have been fenced off, not written.
+    claims = collections.Counter(re.findall(r"job (r\d{3}) claimed, attempt (\d+)", logs))
+    twice = [c for c, n in claims.items() if n > 1]
+    again = sorted({j for j, a in claims if a != "1"})
+    for line in logs.splitlines():  # shown by pytest on failure: how a second claim came about
+        if any(j in line for j, _ in twice) or any(j in line for j in again) or "ERROR" in line:
+            print(line)
+    assert {j for j, _ in claims} == set(jobs) and not twice, twice
+    for job_id in again:
+        assert re.search(rf"job {job_id} (outcome )?dropped", logs), f"{job_id} ran twice and was not fenced"
     workers = collections.Counter(result_of(b, j).worker for j in jobs)
     assert set(workers) == {"on-a", "on-b"}, workers
     assert "polling observer" in log_of(wa) and "polling observer" in log_of(wb)

@@ -53,7 +53,8 @@ class Worker:
         self.clock = clock or SystemClock()
         self.sampler = SystemSampler()
         self.device = self._pick_device(cfg.device)
-        self.hb = HeartbeatWriter(share, self.id, self.device, self.clock, cfg.fallback, self.sampler)
+        self.hb = HeartbeatWriter(share, self.id, self.device, self.clock, cfg.fallback, self.sampler,
+                                  local=None if cfg.fallback else cfg.cache_dir / f"heartbeat-{cfg.id}.json")
         self.liveness = Liveness(share, self.clock)
         self.intake = Intake(share, self.id, self.clock)
         self.stopping = threading.Event()
@@ -63,6 +64,7 @@ class Worker:
         self._last_phase = ""
         self._last_trouble = ""
         self._was_quiet = False
+        self._start_trouble = ""
         self.watcher: FolderWatcher | None = None
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -204,6 +206,14 @@ class Worker:
             result = self._run(running_file, key, base)
         except ClaimLost as e:
             log.warning("job %s dropped: %s [worker %s]", key.job_id, e, self.id)
+            return
+        except OSError as e:  # the share failed under us: the job stays claimed, and the loop tries it again
+            kind = f"{key.job_id}: {type(e).__name__}: {e}"
+            if kind != self._start_trouble:  # once, not once a second while the share is away
+                log.warning("job %s could not start: %s: %s; it stays claimed and is tried again when the share "
+                            "answers [worker %s]", key.job_id, type(e).__name__, e, self.id)
+            self._start_trouble = kind
+            self.stopping.wait(self.share.settings.heartbeat_interval)
             return
         except Exception as e:  # the loop boundary: a bug in one job must not stop the worker
             log.exception("job %s crashed the worker's job handling [worker %s]", key.job_id, self.id)
