@@ -35,6 +35,7 @@ from spooler.submit import find_result
 from spooler.watch import FolderWatcher
 from worker import horse
 from worker.adapter_jobs import AdapterJobOutcome
+from worker.outbox import Outbox
 from worker.sysinfo import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Worker:
         self._last_trouble = ""
         self._was_quiet = False
         self._start_trouble = ""
+        self.outbox = Outbox(cfg.cache_dir / "outbox" / cfg.id)
         self.watcher: FolderWatcher | None = None
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -137,6 +139,8 @@ class Worker:
         """Finish what this worker id left when it died: held jobs back to the queue, its intake, and results
         whose concluder died between the commit and the final rename."""
         for path in claim.held(self.share, self.id):  # we died holding these: give them back, attempt + 1
+            if self.outbox.kept(path.name) is not None:
+                continue  # finished while the share was away: the loop delivers it
             self._guarded(path, lambda p: release(self.share, p, self.id, self.clock, "the worker restarted",
                                                   count_attempt=True))
         for path in sorted(self.share.intake(self.id).glob(f"*{states.TOKEN_SEP}*")):
@@ -195,6 +199,10 @@ class Worker:
     def perform(self, running_file: Path) -> None:
         key = states.QueueKey.parse(running_file.name)
         assert key is not None
+        kept = self.outbox.kept(running_file.name)
+        if kept is not None:  # it finished while the share was away: deliver it, never run it again
+            self.deliver(running_file, key, kept, retry=True)
+            return
         self.hb.state, self.hb.job, self.hb.progress = WorkerState.busy, key.job_id, None
         started = self.clock.wall()
         origin = states.read_origin(self.share, key.job_id)
@@ -223,15 +231,26 @@ class Worker:
         if result is None:  # released for a graceful stop
             return
         result.finished_at = iso(self.clock.wall())
+        self.deliver(running_file, key, result)
+
+    def deliver(self, running_file: Path, key: states.QueueKey, result: Result, retry: bool = False) -> None:
+        """Write the outcome to the share. If the share is away, keep it locally: the job stays in our
+        running folder, and the loop delivers it from there when the share answers again."""
         try:
             states.conclude(self.share, running_file, result)
         except ClaimLost as e:
             log.warning("job %s outcome dropped: %s [worker %s]", key.job_id, e, self.id)
+            self.outbox.delivered(running_file.name)
             return
-        except Exception as e:  # the share failed under us: the job stays in running/ and runs again
-            log.error("job %s outcome could not be written: %s: %s; it will run again [worker %s]",
-                      key.job_id, type(e).__name__, e, self.id)
+        except Exception as e:  # the share failed under us
+            if not retry and self.outbox.keep(running_file.name, result):  # logged once, not once per try
+                log.error("job %s outcome could not be written: %s: %s; kept in %s and delivered when the share "
+                          "answers [worker %s]", key.job_id, type(e).__name__, e, self.outbox.folder, self.id)
+            self.stopping.wait(self.share.settings.heartbeat_interval)
             return
+        self.outbox.delivered(running_file.name)
+        if retry:
+            log.info("job %s: the outcome kept locally is delivered [worker %s]", key.job_id, self.id)
         if result.status is Terminal.cancelled:
             cancel.file_request(self.share, key.job_id)
         log.info("job %s %s%s [worker %s]", key.job_id, result.status.value,

@@ -1,0 +1,53 @@
+"""Share outages at the worst moment: the job is done and its outcome cannot be written.
+
+The worker runs in-process here so the outage can be placed exactly between the run and the write; the
+share, the folders and the outcome files are real.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas.result import Result
+from spooler import claim
+from spooler.clock import SkewedClock
+from spooler.config import WorkerSettings
+from spooler.share import Share, read_model
+from tests.conftest import drop
+from worker.daemon import Worker
+
+
+def _worker(share: Share, cache: Path, clock: SkewedClock | None = None) -> Worker:
+    return Worker(share, WorkerSettings(share=share.root, id="w1", device="cpu", cache_dir=cache), clock)
+
+
+def test_outcome_written_while_the_share_refuses_is_kept_locally_and_delivered_once(share: Share,
+                                                                                   tmp_path: Path) -> None:
+    w = _worker(share, tmp_path / "cache")
+    drop(share, "late.json", {"kind": "probe"})
+    w.intake.scan()
+    job = claim.next_job(share, "w1")
+    assert job is not None
+    results, away = share.results, share.root / "results-away"
+    results.rename(away)
+    results.write_text("not a folder: every write under results/ fails, as on a share that went read-only")
+
+    w.perform(job)
+
+    kept = list((tmp_path / "cache" / "outbox" / "w1").glob("*.result.json"))
+    assert len(kept) == 1 and job.exists(), "the outcome waits locally; the job stays claimed"
+    first = Result.model_validate_json(kept[0].read_bytes())
+
+    # A restart (an hour later by its clock) must not requeue a job whose outcome is kept, nor run it again.
+    restarted = _worker(share, tmp_path / "cache", SkewedClock(3600))
+    restarted._recover()
+    assert job.exists()
+
+    results.unlink()
+    away.rename(results)
+    restarted.perform(job)
+
+    result = read_model(share.result_dir("late") / "result.json", Result)
+    assert result is not None and result.status.value == "succeeded"
+    assert (result.started_at, result.finished_at) == (first.started_at, first.finished_at), "not run again"
+    assert not job.exists() and not list((tmp_path / "cache" / "outbox" / "w1").glob("*"))
