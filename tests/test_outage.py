@@ -6,14 +6,17 @@ share, the folders and the outcome files are real.
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from schemas.heartbeat import Heartbeat
 from schemas.result import Result
 from spooler import claim
 from spooler.clock import SkewedClock
 from spooler.config import WorkerSettings
 from spooler.share import Share, read_model
-from tests.conftest import drop
+from tests.conftest import Procs, drop, log_of, result_of, wait_for
 from worker.daemon import Worker
 
 
@@ -51,3 +54,16 @@ def test_outcome_written_while_the_share_refuses_is_kept_locally_and_delivered_o
     assert result is not None and result.status.value == "succeeded"
     assert (result.started_at, result.finished_at) == (first.started_at, first.finished_at), "not run again"
     assert not job.exists() and not list((tmp_path / "cache" / "outbox" / "w1").glob("*"))
+
+
+def test_quiet_hours_take_no_new_jobs_but_accept_and_beat(share: Share, procs: Procs) -> None:
+    now = datetime.now()
+    span = f"{(now - timedelta(hours=1)):%H:%M}-{(now + timedelta(hours=1)):%H:%M}"  # may wrap midnight
+    w = procs.worker(share, "q1", env={"LORASPOOL_QUIET_HOURS": span})
+    wait_for(lambda: (hb := read_model(share.heartbeat_file("q1"), Heartbeat)) and hb.state.value == "paused", 30,
+             "a paused heartbeat")
+    drop(share, "later.json", {"kind": "probe"})
+    wait_for(lambda: list(share.queue.glob("*later*")), 30, "the job to be accepted into the queue")
+    time.sleep(1.0)  # several loops of the worker: none may claim it
+    assert list(share.queue.glob("*later*")) and result_of(share, "later") is None
+    assert log_of(w).count("in quiet hours") == 1, "one line per change, not one per loop"

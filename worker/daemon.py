@@ -96,7 +96,7 @@ class Worker:
                     continue
                 if busy_inbox:
                     continue
-                self.hb.state = WorkerState.idle
+                self.hb.state = WorkerState.paused if self._was_quiet else WorkerState.idle
                 assert self.watcher is not None
                 self.watcher.wait(min(self.share.settings.rescan_interval, self.share.settings.heartbeat_interval))
         finally:
@@ -172,6 +172,7 @@ class Worker:
         """The one graceful stop, for SIGTERM, Ctrl-C and a Windows service stop alike: the training child
         checkpoints at its step, the job goes back to the queue, the last heartbeat says "stopped"."""
         log.info("worker %s got %s: finishing the current step, then stopping", self.id, why)
+        self.hb.state = WorkerState.stopping  # the heartbeats until the last one ("stopped") say so
         self.stopping.set()
         if self.watcher is not None:
             self.watcher.wake.set()
