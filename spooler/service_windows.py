@@ -152,11 +152,12 @@ class ServiceRunner:
         return self._work(share, cfg)
 
     def _work(self, share: Any, cfg: Any) -> int:
-        from worker.daemon import Worker, WorkerError
+        from worker.daemon import WorkerError
+        from worker.slots import Slots
 
         try:
             with self._lock:
-                self.worker = (self.make_worker or Worker)(share, cfg)
+                self.worker = (self.make_worker or Slots)(share, cfg)
                 if self._stop_why is not None:  # the stop came while the worker was being built
                     self.worker.request_stop(self._stop_why)
             return self.worker.work()

@@ -67,3 +67,26 @@ def test_quiet_hours_take_no_new_jobs_but_accept_and_beat(share: Share, procs: P
     time.sleep(1.0)  # several loops of the worker: none may claim it
     assert list(share.queue.glob("*later*")) and result_of(share, "later") is None
     assert log_of(w).count("in quiet hours") == 1, "one line per change, not one per loop"
+
+
+def test_two_slots_run_two_jobs_at_once(train_share: Share, procs: Procs) -> None:
+    """max_concurrent_jobs = 2 on a CPU worker: slots w and w-2. A probe dropped while a training job runs
+    is answered by the other slot before the training ends."""
+    from tests.conftest import train_job, wait_result
+
+    w = procs.worker(train_share, "w", env={"LORASPOOL_MAX_CONCURRENT_JOBS": "2"})
+    drop(train_share, "long.json", train_job("long", steps=400))
+
+    def trainer() -> str | None:
+        for wid in ("w", "w-2"):
+            hb = read_model(train_share.heartbeat_file(wid), Heartbeat)
+            if hb is not None and hb.job == "long":
+                return wid
+        return None
+
+    busy = wait_for(trainer, 60, "a slot busy with the training job")
+    drop(train_share, "quick.json", {"kind": "probe"})
+    quick = wait_result(train_share, "quick", 60)
+    assert quick.worker == ({"w", "w-2"} - {busy}).pop(), "the other slot answered"
+    assert result_of(train_share, "long") is None, "while the training still ran"
+    assert "runs 2 jobs at once" in log_of(w)

@@ -49,8 +49,10 @@ class WorkerError(Exception):
 
 
 class Worker:
-    def __init__(self, share: Share, cfg: WorkerSettings, clock: Clock | None = None) -> None:
+    def __init__(self, share: Share, cfg: WorkerSettings, clock: Clock | None = None,
+                 gpus: list[int] | None = None) -> None:
         self.share, self.cfg, self.id = share, cfg, cfg.id
+        self.gpus = gpus  # this slot's GPUs (worker.slots); None: whatever the machine shows
         self.clock = clock or SystemClock()
         self.sampler = SystemSampler()
         self.device = self._pick_device(cfg.device)
@@ -177,14 +179,6 @@ class Worker:
         if self.watcher is not None:
             self.watcher.wake.set()
 
-    def install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: object) -> None:
-            self.request_stop(signal.Signals(signum).name)
-
-        signal.signal(signal.SIGINT, handler)
-        if hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, handler)
-
     def maintenance(self, force: bool = False) -> None:
         now = self.clock.monotonic()
         if not force and now - self._last_maintenance < self.share.settings.heartbeat_interval:
@@ -275,7 +269,7 @@ class Worker:
         out_dir = states.attempt_dir(self.share, key.job_id, key.attempt, self.id)
         request = {"job": spec, "model_dir": model_dir, "datasets": datasets, "share_root": self.share.root,
                    "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode,
-                   "cache_dir": self.cfg.cache_dir if self._caches_models() else None}
+                   "cache_dir": self.cfg.cache_dir if self._caches_models() else None, "gpus": self.gpus}
         t0 = time.monotonic()
         outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id))
         return self._result_of(outcome, base, running_file, time.monotonic() - t0)
@@ -375,11 +369,24 @@ class Worker:
 
 
 def run_worker(share: Share, cfg: WorkerSettings, clock: Clock | None = None) -> int:
-    worker = Worker(share, cfg, clock)
-    worker.install_signal_handlers()
-    log.debug("pid %d", os.getpid())
+    from worker.slots import Slots
+
     try:
-        return worker.work()
+        slots = Slots(share, cfg, clock)
+        install_signal_handlers(slots.request_stop)
+        log.debug("pid %d", os.getpid())
+        return slots.work()
     except WorkerError as e:
         log.error("worker %s cannot start: %s", cfg.id, e)
         return 2
+
+
+def install_signal_handlers(request_stop: Callable[[str], None]) -> None:
+    """SIGTERM (systemd) and Ctrl-C both mean the graceful stop; Windows has no SIGTERM (its service stop
+    calls ``request_stop`` itself)."""
+    def handler(signum: int, _frame: object) -> None:
+        request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,75 @@
+"""Several jobs at once on one machine: one ``Worker`` per slot, each with its own GPUs.
+
+A desktop with two cards trains two jobs, one per card, by default (``max_concurrent_jobs`` says otherwise).
+Each slot is a complete worker with its own id, heartbeat and running folder, so the claim protocol, the
+reaper and ``loraspool status`` need no notion of slots: slot 1 is the configured id, the others add
+``-2``, ``-3``, .... A slot's training child sees only its GPUs (``CUDA_VISIBLE_DEVICES``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from spooler.clock import Clock
+from spooler.config import WorkerSettings, concurrency, devices_problem, gpu_indices
+from spooler.share import Share
+from worker.daemon import Worker
+from worker.sysinfo import SystemSampler
+
+log = logging.getLogger(__name__)
+
+
+def slot_gpus(gpus: list[int], slots: int) -> list[list[int] | None]:
+    """GPUs per slot: dealt out in turn while there are at least as many GPUs as slots; with more slots than
+    GPUs (or none), every slot sees them all (None: leave CUDA_VISIBLE_DEVICES as it is)."""
+    if not gpus or slots > len(gpus):
+        return [None] * slots
+    return [gpus[i::slots] for i in range(slots)]
+
+
+def slot_id(base: str, index: int) -> str:
+    return base if index == 0 else f"{base[:60]}-{index + 1}"
+
+
+class Slots:
+    """The same face as ``Worker`` (``work``, ``request_stop``), for the CLI, systemd and the Windows service."""
+
+    def __init__(self, share: Share, cfg: WorkerSettings, clock: Clock | None = None) -> None:
+        gpu_count = SystemSampler().gpu_count()
+        if problem := devices_problem(cfg, gpu_count):
+            log.warning("worker %s: %s", cfg.id, problem)
+        one_off = bool(cfg.only_job or cfg.fallback)  # a submitter's fallback runs its one job
+        n = 1 if one_off else concurrency(cfg, gpu_count)
+        gpus = gpu_indices(cfg, gpu_count) if cfg.devices is not None or n > 1 else []
+        self.workers = [Worker(share, cfg.model_copy(update={"id": slot_id(cfg.id, i)}), clock, gpus=g)
+                        for i, g in enumerate(slot_gpus(gpus, n))]
+        if n > 1:
+            log.info("worker %s runs %d jobs at once: %s", cfg.id, n,
+                     ", ".join(f"{w.id} on {'GPU ' + ','.join(map(str, w.gpus)) if w.gpus else w.device}"
+                               for w in self.workers))
+
+    def request_stop(self, why: str) -> None:
+        for w in self.workers:
+            w.request_stop(why)
+
+    def work(self) -> int:
+        if len(self.workers) == 1:
+            return self.workers[0].work()
+        codes: dict[str, int] = {}
+        threads = [threading.Thread(target=self._run_slot, args=(w, codes), name=f"slot-{w.id}")
+                   for w in self.workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)  # short joins: the main thread must stay free to run the signal handlers
+        return max(codes.values(), default=0)
+
+    def _run_slot(self, worker: Worker, codes: dict[str, int]) -> None:
+        try:
+            codes[worker.id] = worker.work()
+        except Exception:  # one slot's failure to start must not leave the others running unsupervised
+            log.exception("worker %s stopped with an error; stopping the other slots", worker.id)
+            codes[worker.id] = 2
+            self.request_stop(f"slot {worker.id} failed")
