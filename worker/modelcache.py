@@ -38,6 +38,7 @@ import psutil
 from filelock import FileLock
 
 from worker.modelguard import CODE_CONFIGS, SAFETENSORS_INDEX, TOKENIZER_FILES, check_model_dir
+from worker.verify import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +206,10 @@ def _copy_one(src: Path, tmp: Path, entry: tuple[str, int, int], should_stop: Ca
     if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
         raise CacheError(f"{src / name} changed while it was copied (someone is still copying the model to the "
                          "share?); the job can run again once the copy on the share is complete")
-    if _sha256(tmp / name) != source_hash.hexdigest():
+    if hash_file(tmp / name) != source_hash.hexdigest():
         raise CacheError(f"the local copy of {name} differs from what was read from the share; check the cache "
                          f"disk ({tmp.parent}) for errors")
     return {"name": name, "size": size, "mtime_ns": mtime_ns, "sha256": source_hash.hexdigest()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
