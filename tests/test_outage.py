@@ -90,3 +90,22 @@ def test_two_slots_run_two_jobs_at_once(train_share: Share, procs: Procs) -> Non
     assert quick.worker == ({"w", "w-2"} - {busy}).pop(), "the other slot answered"
     assert result_of(train_share, "long") is None, "while the training still ran"
     assert "runs 2 jobs at once" in log_of(w)
+
+
+def test_training_interrupted_by_a_share_outage_resumes_instead_of_failing(train_share: Share, procs: Procs) -> None:
+    from tests.conftest import train_job, wait_result
+
+    w = procs.worker(train_share, "w")
+    drop(train_share, "cut.json", train_job("cut", steps=150, checkpoint_every_steps=2))
+    checkpoints = train_share.result_dir("cut") / "attempts"
+    wait_for(lambda: list(checkpoints.rglob("state.json")), 120, "a first checkpoint")
+    away = train_share.root.with_name("share-away")
+    train_share.root.rename(away)  # the mount drops in the middle of the training
+    time.sleep(3.0)
+    away.rename(train_share.root)
+    result = wait_result(train_share, "cut", 300)
+    assert result.status.value == "succeeded", result.error
+    log = log_of(w)
+    assert log.count("interrupted by the share") == 1, log[-3000:]
+    assert log.count("progress of job cut not written") <= 1, "one line per outage, not one per second"
+    assert result.resumed_from_step, "it went on from its checkpoint"

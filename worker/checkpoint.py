@@ -119,7 +119,8 @@ def save(checkpoints: Path, state: CheckpointState, weights: dict[str, torch.Ten
     from safetensors.torch import save_file
 
     if not checkpoints.is_dir():
-        checkpoints.mkdir(parents=True, exist_ok=True)
+        checkpoints.mkdir(exist_ok=True)  # not parents: a missing attempt folder means the share went away,
+        # and rebuilding its path would write checkpoints onto the bare mount point's local disk
         os.chmod(checkpoints, dir_mode_for(file_mode))
     final = checkpoints / f"step-{state.step}"
     tmp = checkpoints / f".step-{state.step}.{secrets.token_hex(4)}.tmp"

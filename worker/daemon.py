@@ -68,6 +68,7 @@ class Worker:
         self._last_trouble = ""
         self._was_quiet = False
         self._start_trouble = ""
+        self._progress_failing = False
         self.outbox = Outbox(cfg.cache_dir / "outbox" / cfg.id)
         self.watcher: FolderWatcher | None = None
 
@@ -213,8 +214,8 @@ class Worker:
         except OSError as e:  # the share failed under us: the job stays claimed, and the loop tries it again
             kind = f"{key.job_id}: {type(e).__name__}: {e}"
             if kind != self._start_trouble:  # once, not once a second while the share is away
-                log.warning("job %s could not start: %s: %s; it stays claimed and is tried again when the share "
-                            "answers [worker %s]", key.job_id, type(e).__name__, e, self.id)
+                log.warning("job %s interrupted by the share: %s: %s; it stays claimed and runs again (from its last "
+                            "checkpoint) when the share answers [worker %s]", key.job_id, type(e).__name__, e, self.id)
             self._start_trouble = kind
             self.stopping.wait(self.share.settings.heartbeat_interval)
             return
@@ -272,6 +273,10 @@ class Worker:
                    "cache_dir": self.cfg.cache_dir if self._caches_models() else None, "gpus": self.gpus}
         t0 = time.monotonic()
         outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id))
+        if outcome.kind in ("failed", "died") and not (self.share.root / SETTINGS_FILE).exists():
+            # The share went away under the training (its checkpoint or log write failed): not the job's fault.
+            # Keep it claimed; it resumes from its last checkpoint when the share is back.
+            raise OSError(f"the share went away during the job ({outcome.error})")
         return self._result_of(outcome, base, running_file, time.monotonic() - t0)
 
     def _result_of(self, out: horse.HorseResult, base: Result, running_file: Path, seconds: float) -> Result | None:
@@ -330,8 +335,11 @@ class Worker:
             self._last_progress_write, self._last_phase = now, progress.phase
             try:
                 self.share.write_json(self.share.result_dir(progress.job) / "progress.json", progress)
+                self._progress_failing = False
             except OSError as e:
-                log.warning("progress of job %s not written: %s [worker %s]", progress.job, e, self.id)
+                if not self._progress_failing:  # once per outage, not once a second
+                    log.warning("progress of job %s not written: %s [worker %s]", progress.job, e, self.id)
+                self._progress_failing = True
 
     # ── helpers ─────────────────────────────────────────────────────────────────────────────────────
     def _pick_device(self, wanted: str) -> str:
