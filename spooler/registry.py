@@ -176,7 +176,7 @@ def publish(share: Share, staged: Path, manifest: Manifest) -> Ref:
         except OSError as e:
             if not (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)):
                 raise
-            number = max(number, *numbers(share, manifest.name)) + 1  # another registration won v<number>
+            number = max([number, *numbers(share, manifest.name)]) + 1  # another registration won v<number>
             continue
         _confirm(target, manifest)
         fsync_dir(name_dir)
@@ -427,19 +427,28 @@ def gc(share: Share, remove: list[str] | None = None) -> GcReport:
     found, _ = manifests(share)
     all_refs = refs(share)
     by_ref = {str(r): m for r, m in found.items()}
-    asked = set(remove or [])
-    kept = _kept(all_refs, by_ref, {str(r) for r in all_refs} - asked if remove is not None else set())
-    report = GcReport(kept=kept, removable=[str(r) for r in all_refs if str(r) not in kept])
-    for text in sorted(asked):
+    report = GcReport(kept={}, removable=[])
+    asked: dict[str, Ref] = {}  # what a person typed -> the exact registered version it names
+    for text in sorted(set(remove or [])):
         try:
             ref, _folder = resolve(share, text, "gc")
         except Rejected as e:
             report.refused[text] = e.problem
             continue
-        if text in kept:
-            report.refused[text] = f"kept: {kept[text]}"
+        if ref not in all_refs or str(ref) != text:
+            # A case-insensitive share (SMB, NTFS) finds "Support/v2" in support/v2: the rules below speak
+            # of exact names, so only an exact name may remove anything.
+            report.refused[text] = "not a registered version under that exact name (names are case-sensitive)"
             continue
-        report.freed_bytes += _remove(share, ref, by_ref.get(text))
+        asked[text] = ref
+    keep = {str(r) for r in all_refs} - {str(r) for r in asked.values()} if remove is not None else set()
+    kept = _kept(all_refs, by_ref, keep)
+    report.kept, report.removable = kept, [str(r) for r in all_refs if str(r) not in kept]
+    for text, ref in asked.items():
+        if str(ref) in kept:
+            report.refused[text] = f"kept: {kept[str(ref)]}"
+            continue
+        report.freed_bytes += _remove(share, ref, by_ref.get(str(ref)))
         report.removed.append(text)
     return report
 

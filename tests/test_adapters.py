@@ -528,16 +528,7 @@ def test_manifests_validate_against_their_schema(share: Share, trained: dict) ->
         Manifest.model_validate_json(path.read_bytes())
 
 
-# ── through a worker (needs the daemon wiring of issue #4: skipped until worker/daemon.py has it) ────────────
-def _daemon_wired() -> bool:
-    import inspect
-
-    import worker.daemon
-
-    return "AdapterJobOutcome" in inspect.getsource(worker.daemon)
-
-
-@pytest.mark.skipif(not _daemon_wired(), reason="worker/daemon.py does not hand verify/merge outcomes over yet")
+# ── through a worker ──────────────────────────────────────────────────────────────────────────────────────
 def test_train_verify_and_merge_jobs_through_a_worker(tmp_path: Path, tiny_model_dir: Path, procs: Any) -> None:
     from tests.conftest import drop, train_job, wait_result
     from worker.tinymodel import write_dataset

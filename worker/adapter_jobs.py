@@ -178,7 +178,7 @@ def _check_inside(share: Share, out_dir: Path, field_name: str) -> None:
 def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Path,
               base) -> AdapterJobOutcome:  # noqa: ANN001 - BaseIdentity
     from spooler import registry
-    from worker.adapter_verify import registered_target, verify
+    from worker.adapter_verify import folder_target, registered_target, verify
     from worker.merge import combine, merge_info
 
     spec = req.job.merge
@@ -190,12 +190,17 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
     staged = share.makedirs(share.tmp) / f".merge-{req.job.id or 'cli'}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         combine(inputs, base_dir, base.path, weights, spec.combination, spec.density, staged, req.device)
+        # Verified before it is registered: a bad merge must never become the newest version of a name.
+        staged_report = verify(folder_target(staged, f"merge of {name}", share, base=base_dir), req.device)
+        if not staged_report.ok:
+            return AdapterJobOutcome("merge", False, f"the merged adapter fails verification, so it was not "
+                                     f"registered: {failures(staged_report)}", verify=staged_report)
         info = merge_info(spec.combination, weights, spec.density)
         ref = registry.register_merged(share, name, staged, base, [i.label for i in inputs], info, req.job.id,
                                        [f"{spec.combination} of {', '.join(i.label for i in inputs)} with weights "
                                         f"{weights}"])
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # our own scratch copy; the registered version is the result
-    report = verify(registered_target(share, str(ref)), req.device)
+    report = verify(registered_target(share, str(ref)), req.device)  # as registered: hashes and manifest too
     error = None if report.ok else f"the merged adapter {ref} fails verification: {failures(report)}"
     return AdapterJobOutcome("merge", report.ok, error, verify=report, registered=str(ref))

@@ -87,7 +87,7 @@ class Worker:
                     self._trouble(e)
                     busy_inbox = False
                 try:
-                    job = None if self._quiet() else claim.next_job(self.share, self.id, self.cfg.only_job)
+                    job = self._next_job()
                     if self._last_trouble:
                         log.info("worker %s is taking jobs again", self.id)
                         self._last_trouble = ""
@@ -99,7 +99,8 @@ class Worker:
                     continue
                 if busy_inbox:
                     continue
-                self.hb.state = WorkerState.paused if self._was_quiet else WorkerState.idle
+                if not self.stopping.is_set():  # "stopping" stays until the last heartbeat
+                    self.hb.state = WorkerState.paused if self._was_quiet else WorkerState.idle
                 assert self.watcher is not None
                 self.watcher.wait(min(self.share.settings.rescan_interval, self.share.settings.heartbeat_interval))
         finally:
@@ -211,7 +212,13 @@ class Worker:
         except ClaimLost as e:
             log.warning("job %s dropped: %s [worker %s]", key.job_id, e, self.id)
             return
-        except OSError as e:  # the share failed under us: the job stays claimed, and the loop tries it again
+        except OSError as e:
+            if self._share_reachable():  # a share that answers: the error is this job's; report it, do not loop
+                log.exception("job %s failed on a file error [worker %s]", key.job_id, self.id)
+                result = base.model_copy(update={"error": f"{type(e).__name__}: {e}; see the worker log"})
+                self.deliver(running_file, key, result)
+                return
+            # the share went away under us: the job stays claimed, and the loop tries it again
             kind = f"{key.job_id}: {type(e).__name__}: {e}"
             if kind != self._start_trouble:  # once, not once a second while the share is away
                 log.warning("job %s interrupted by the share: %s: %s; it stays claimed and runs again (from its last "
@@ -273,7 +280,7 @@ class Worker:
                    "cache_dir": self.cfg.cache_dir if self._caches_models() else None, "gpus": self.gpus}
         t0 = time.monotonic()
         outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id))
-        if outcome.kind in ("failed", "died") and not (self.share.root / SETTINGS_FILE).exists():
+        if outcome.kind in ("failed", "died") and not self._share_reachable():
             # The share went away under the training (its checkpoint or log write failed): not the job's fault.
             # Keep it claimed; it resumes from its last checkpoint when the share is back.
             raise OSError(f"the share went away during the job ({outcome.error})")
@@ -321,7 +328,7 @@ class Worker:
         """True once our running file has been missing for two heartbeat intervals while the share is reachable.
         A share that went away, or a listing cached for a moment, must not kill hours of training."""
         now = self.clock.monotonic()
-        if running_file.exists() or not (self.share.root / SETTINGS_FILE).exists():
+        if running_file.exists() or not self._share_reachable():
             self._missing_since = None
             return False
         if self._missing_since is None:
@@ -351,9 +358,23 @@ class Worker:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def _share_reachable(self) -> bool:
+        """The share's settings file is there: a mount that dropped, or a server that went away, hides it."""
+        try:
+            return (self.share.root / SETTINGS_FILE).exists()
+        except OSError:
+            return False
+
     def _caches_models(self) -> bool:
         """A submitter's one-off fallback run reads the base from the share: a laptop's disk is not a cache."""
         return self.cfg.cache_models and not self.cfg.fallback and not self.cfg.only_job
+
+    def _next_job(self) -> Path | None:
+        """In quiet hours only what this worker already holds (an outcome to deliver, a job an outage cut
+        short) goes on; nothing new is claimed."""
+        if self._quiet():
+            return next(iter(claim.held(self.share, self.id)), None)
+        return claim.next_job(self.share, self.id, self.cfg.only_job)
 
     def _quiet(self) -> bool:
         """No new claims in quiet hours (the desktop is someone's by day); intake and heartbeats go on."""

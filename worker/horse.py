@@ -44,6 +44,7 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
     """Runs in the child. Everything it reports goes through ``conn``; it never writes a result itself."""
     gpus = request.pop("gpus", None)
     if gpus is not None:  # this slot's cards only, set before anything can import torch
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # number them as nvidia-smi and NVML do, not fastest-first
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or SIGTERM is the daemon's to handle, then ours
     if hasattr(signal, "SIGTERM"):  # via "stop" (systemd sends SIGTERM to the whole group)

@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 def slot_gpus(gpus: list[int], slots: int) -> list[list[int] | None]:
     """GPUs per slot: dealt out in turn while there are at least as many GPUs as slots; with more slots than
-    GPUs (or none), every slot sees them all (None: leave CUDA_VISIBLE_DEVICES as it is)."""
-    if not gpus or slots > len(gpus):
+    GPUs, every slot shares the allowed ones. None (no GPUs named): leave CUDA_VISIBLE_DEVICES as it is."""
+    if not gpus:
         return [None] * slots
+    if slots > len(gpus):
+        return [list(gpus)] * slots
     return [gpus[i::slots] for i in range(slots)]
 
 

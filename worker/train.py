@@ -100,7 +100,7 @@ def local_model(req: TrainRequest, should_stop: Callable[[], bool]) -> Path:
 
     try:
         return local_copy(req.model_dir, req.cache_dir, should_stop=should_stop)
-    except CacheError as e:
+    except (CacheError, OSError) as e:  # OSError: a full disk or a read error while copying
         if should_stop():
             from spooler.errors import Cancelled
 
