@@ -30,15 +30,8 @@ def hash_folder(folder: Path) -> tuple[dict[str, str], int]:
 
     Symlinks are skipped: the training writes none, and following one would hash a file outside the adapter.
     """
-    folder = Path(folder)
-    files: dict[str, str] = {}
-    total = 0
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        files[path.relative_to(folder).as_posix()] = hash_file(path)
-        total += path.stat().st_size
-    return files, total
+    entries = file_entries(folder)
+    return {name: e.sha256 for name, e in entries.items()}, sum(e.size for e in entries.values())
 
 
 # ── manifests and base identity (no torch: the registry and the CLI use these on a laptop) ─────────────────
