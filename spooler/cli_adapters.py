@@ -59,7 +59,8 @@ def add_parsers(sub: argparse._SubParsersAction, share_arg: Callable[[argparse.A
     p = sub.add_parser("gc", help="report which adapter versions could be removed; --apply removes those named")
     share_arg(p)
     p.add_argument("--apply", nargs="+", metavar="NAME/VERSION", help="remove these versions (only those no rule "
-                                                                      "keeps: never a newest, never a parent)")
+                                                                      "keeps: never a newest, never a parent, "
+                                                                      "never one an unfinished job names)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("register", help="register a succeeded train job's adapter (results/<id>/adapter)")

@@ -20,6 +20,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +39,14 @@ from schemas.adapter import (
 )
 from schemas.job import ADAPTER_REF, JobSpec, id_problem, ref_problem
 from schemas.result import DataReport, Metrics, Result
+from spooler import claim
 from spooler.atomic import chmod_tree, fsync_dir, fsync_tree
 from spooler.clock import iso
 from spooler.errors import Rejected
+from spooler.jobfile import looks_temporary, parse_spec, read_limited
 from spooler.paths import resolve_in_share
 from spooler.share import Share, read_model
+from spooler.states import JobState, source_name
 from worker.verify import base_identity, file_entries
 
 log = logging.getLogger(__name__)
@@ -401,8 +405,10 @@ def human(n: int) -> str:
 
 
 # ── retention ────────────────────────────────────────────────────────────────────────────────────────────
-def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str]) -> dict[str, str]:
-    """Why each version must stay: the newest of its name, asked to stay, or an ancestor of one that stays."""
+def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str],
+          named: dict[str, str]) -> dict[str, str]:
+    """Why each version must stay: the newest of its name, named by a job that has not finished (``named``,
+    keyed by the lower-cased ref), asked to stay, or an ancestor of one that stays."""
     why: dict[str, str] = {}
     newest: dict[str, int] = {}
     for r in all_refs:
@@ -410,6 +416,9 @@ def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str]) -> d
     for r in all_refs:
         if r.number == newest[r.name]:
             why[str(r)] = f"the newest version of {r.name}"
+    for r in all_refs:
+        if (jobs := named.get(str(r).lower())) is not None:
+            why.setdefault(str(r), jobs)
     for ref in sorted(keep - set(why)):
         why[ref] = "not named for removal"
     for r in all_refs:
@@ -421,9 +430,66 @@ def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str]) -> d
     return why
 
 
+def _unfinished_jobs(share: Share) -> Iterator[tuple[str, str, Path]]:
+    """(state, name to parse it as, path) of every job file not yet concluded: inbox, intake, queue, running.
+    Listed in the order jobs move, so a job that moves on while we look is still seen in its next folder.
+    The name to parse as gives a job without an ``id`` the id it has (or will get), as intake gives it."""
+    for path in _entries(share.inbox):
+        if not looks_temporary(path.name):
+            yield JobState.incoming.value, path.name, path
+    for worker in _entries(share.root / "intake"):
+        for path in _entries(worker):
+            yield JobState.accepting.value, source_name(path), path
+    for key, path in claim.queued(share):
+        yield JobState.queued.value, f"{key.job_id}.json", path
+    for worker_id, key, path in claim.running(share):
+        yield f"{JobState.running.value} on {worker_id}", f"{key.job_id}.json", path
+
+
+def _entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; none when it does not exist. Any other error stops gc: a folder of jobs that
+    cannot be listed may name any version, so nothing may be removed on its account."""
+    try:
+        return sorted(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _read_job(share: Share, path: Path, as_name: str) -> JobSpec | None:
+    """The job in ``path``, or None when it cannot be read (gone, half-copied, garbage, invalid): such a file
+    must not stop gc, and the versions it would name cannot be known anyway."""
+    limit = share.settings.max_job_bytes
+    try:
+        return parse_spec(read_limited(path, limit), as_name, limit)
+    except (OSError, Rejected):
+        return None
+
+
+def _job_refs(spec: JobSpec) -> list[str]:
+    """The registered versions a job will load: a train job's parent, a verify job's adapter (when it is
+    NAME/VERSION, not a folder), a merge job's inputs."""
+    named = [spec.parent, spec.verify.adapter if spec.verify else None, *(spec.merge.adapters if spec.merge else [])]
+    return [r for r in named if r is not None and ref_problem(r) is None]
+
+
+def _named_by_jobs(share: Share) -> dict[str, str]:
+    """Lower-cased NAME/VERSION -> "named by job <id> (<state>)" for every version a job that has not finished
+    will load: removing one would fail that job. Lower-cased because a case-insensitive share (SMB, NTFS)
+    loads support/v2 for a job that wrote Support/v2, and keeping one version too many is the safe side."""
+    found: dict[str, list[str]] = {}
+    for state, as_name, path in _unfinished_jobs(share):
+        spec = _read_job(share, path, as_name)
+        if spec is None:
+            continue
+        for ref in _job_refs(spec):
+            found.setdefault(ref.lower(), []).append(f"job {spec.id} ({state})")
+    return {ref: "named by " + ", ".join(jobs) for ref, jobs in found.items()}
+
+
 def gc(share: Share, remove: list[str] | None = None) -> GcReport:
     """Report what could be removed; with ``remove`` (NAME/VERSION a person typed), remove those of them no
-    rule keeps. Never the newest version of a name, never an ancestor of a version that stays."""
+    rule keeps. Never the newest version of a name, never one a job that has not finished names (it would
+    fail when it loads it), never an ancestor of a version that stays."""
     found, _ = manifests(share)
     all_refs = refs(share)
     by_ref = {str(r): m for r, m in found.items()}
@@ -442,7 +508,7 @@ def gc(share: Share, remove: list[str] | None = None) -> GcReport:
             continue
         asked[text] = ref
     keep = {str(r) for r in all_refs} - {str(r) for r in asked.values()} if remove is not None else set()
-    kept = _kept(all_refs, by_ref, keep)
+    kept = _kept(all_refs, by_ref, keep, _named_by_jobs(share))
     report.kept, report.removable = kept, [str(r) for r in all_refs if str(r) not in kept]
     for text, ref in asked.items():
         if str(ref) in kept:

@@ -23,11 +23,13 @@ from schemas.adapter import MANIFEST, Manifest, MergedModel
 from schemas.job import JobSpec
 from schemas.result import Result, Terminal
 from schemas.verify import CheckStatus, VerifyReport
-from spooler import registry
+from spooler import claim, registry, states
+from spooler.clock import SystemClock
 from spooler.errors import Rejected
+from spooler.intake import Intake
 from spooler.jobfile import parse_spec
 from spooler.share import Share, read_model
-from tests.conftest import make_share
+from tests.conftest import drop, make_share, result_of, train_job
 from worker.train import TrainOutcome, TrainRequest, run_training
 from worker.verify import base_identity
 
@@ -500,12 +502,7 @@ def _walk(tree: Any) -> list[Any]:
 
 def test_gc_never_removes_a_newest_version_or_a_parent(share: Share, trained: dict) -> None:
     """scratch/v1, v2 stand alone; v3 descends from v2. Only v1 can go, and only when a person names it."""
-    source = trained["b1"].adapter_dir
-    template = registry.read_manifest(share, registry.Ref("billing", 1))
-    assert template is not None
-    for n, parents in ((1, []), (2, []), (3, ["scratch/v2"])):
-        m = template.model_copy(update={"job_id": f"scratch-{n}", "token": f"t{n}", "parents": parents})
-        assert str(registry.register(share, "scratch", source, m)) == f"scratch/v{n}"
+    _register_copies(share, trained, "scratch", [[], [], ["scratch/v2"]])
     report = registry.gc(share)
     assert "scratch/v1" in report.removable and report.removed == []
     for ref in ("scratch/v2", "scratch/v3", "support/v1", "support/v2", "support/v3"):
@@ -521,6 +518,74 @@ def test_gc_never_removes_a_newest_version_or_a_parent(share: Share, trained: di
     assert applied["refused"]["support/v1"].startswith("kept: an ancestor of ")
     assert registry.numbers(share, "scratch") == [2, 3] and registry.numbers(share, "support") == [1, 2, 3]
     assert not [p for p in (registry.root(share) / "scratch").iterdir() if p.name.startswith(".")]
+
+
+def _register_copies(share: Share, trained: dict, name: str, parents: list[list[str]]) -> None:
+    """Register billing/v1's adapter again as NAME/v1, v2, ..., one version per entry, with those parents."""
+    source = trained["b1"].adapter_dir
+    template = registry.read_manifest(share, registry.Ref("billing", 1))
+    assert template is not None
+    for n, up in enumerate(parents, 1):
+        m = template.model_copy(update={"job_id": f"{name}-{n}", "token": f"{name}{n}", "parents": up})
+        assert str(registry.register(share, name, source, m)) == f"{name}/v{n}"
+
+
+def _enqueue(share: Share, job: dict) -> Path:
+    """Drop a job and accept it the way a worker's intake does; returns its file in queue/."""
+    job_id = Intake(share, "w-gc", SystemClock()).take(drop(share, f"{job['id']}.json", job))
+    return next(path for key, path in claim.queued(share) if key.job_id == job_id)
+
+
+def test_gc_keeps_the_versions_unfinished_jobs_name(share: Share, trained: dict) -> None:
+    """pinned/v1 <- v2; v3, v4 stand alone. A queued train job continues from v2, a claimed merge job and a verify
+    job still in the inbox read v3: gc --apply removes none of them, nor v2's parent, and says why."""
+    _register_copies(share, trained, "pinned", [[], ["pinned/v1"], [], []])
+    _enqueue(share, {**train_job("gc-train", steps=4), "parent": "pinned/v2"})
+    _enqueue(share, {"id": "gc-merge", "kind": "merge",
+                     "merge": {"adapters": ["pinned/v3", "billing/v1"], "into": "adapter"}})
+    assert claim.next_job(share, "w-gc", only="gc-merge") is not None  # claimed, as a worker claims it
+    drop(share, "gc-verify.json", {"id": "gc-verify", "kind": "verify", "verify": {"adapter": "pinned/v3"}})
+    report = registry.gc(share, ["pinned/v1", "pinned/v2", "pinned/v3"])
+    assert report.removed == [] and registry.numbers(share, "pinned") == [1, 2, 3, 4]
+    assert report.refused == {
+        "pinned/v1": "kept: an ancestor of pinned/v2, which stays",
+        "pinned/v2": "kept: named by job gc-train (queued)",
+        "pinned/v3": "kept: named by job gc-verify (incoming), job gc-merge (running on w-gc)"}
+    cli = _cli("gc", "--share", str(share.root), "--apply", "pinned/v2")
+    assert cli.returncode == 1 and "refused pinned/v2: kept: named by job gc-train (queued)" in cli.stdout
+    assert registry.numbers(share, "pinned") == [1, 2, 3, 4]
+
+
+def test_gc_removes_a_version_once_the_job_naming_it_has_finished(share: Share, trained: dict) -> None:
+    from spooler.cancel import request_cancel
+
+    _register_copies(share, trained, "done", [[], []])
+    _enqueue(share, {**train_job("gc-done", steps=4), "parent": "done/v1"})
+    assert registry.gc(share, ["done/v1"]).refused == {"done/v1": "kept: named by job gc-done (queued)"}
+    assert request_cancel(share, "gc-done", SystemClock()) == "job gc-done cancelled"
+    assert result_of(share, "gc-done").status is Terminal.cancelled  # type: ignore[union-attr]
+    report = registry.gc(share, ["done/v1"])
+    assert report.removed == ["done/v1"] and report.refused == {} and registry.numbers(share, "done") == [2]
+
+
+def test_unreadable_job_files_do_not_stop_gc(share: Share, trained: dict) -> None:
+    """Garbage, half-copied and invalid job files, a folder and a dangling link where job files lie: gc reads
+    past each. What a job that cannot be read names cannot be known, so junk/v1 still goes."""
+    _register_copies(share, trained, "junk", [[], []])
+    whole = json.dumps({**train_job("gc-junk", steps=4), "parent": "junk/v1"})
+    names = [states.QueueKey(0, "20260101000000000", f"gc-junk{n}", 1).name for n in range(5)]
+    (share.queue / names[0]).write_bytes(b"\x00\xff{ not json")
+    (share.queue / names[1]).write_text(whole[:-1])  # a copy cut short: no closing brace
+    (share.queue / names[2]).mkdir()
+    (share.queue / names[3]).symlink_to(share.root / "nowhere.json")
+    share.makedirs(share.running("w-junk"))
+    (share.running("w-junk") / names[4]).write_text(whole.replace('"parent"', '"paernt": 1, "parent"'))
+    drop(share, "gc-junk.json", whole[:30].encode())
+    share.makedirs(share.intake("w-junk"))
+    (share.intake("w-junk") / "0123456789ab__gc-junk.json").write_bytes(b"[" * 100 + b"junk/v1")
+    report = registry.gc(share, ["junk/v1"])
+    assert report.removed == ["junk/v1"] and report.refused == {} and registry.numbers(share, "junk") == [2]
+    assert not any(why.startswith("named by job gc-junk") for why in report.kept.values())
 
 
 def test_manifests_validate_against_their_schema(share: Share, trained: dict) -> None:
