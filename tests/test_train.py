@@ -21,6 +21,7 @@ from spooler.atomic import dir_mode_for
 from spooler.errors import Cancelled, Rejected
 from worker import data
 from worker.modelguard import check_dataset_file, check_model_dir
+from worker.outputs import read_metrics
 from worker.tinymodel import write_dataset
 from worker.train import TrainOutcome, TrainRequest, run_training
 from worker.verify import hash_folder
@@ -171,6 +172,31 @@ def test_should_stop_cancels_mid_training(share_root: Path) -> None:
     assert max(p.step for p in reports) == 3
     out_dir = request(share_root, job).out_dir
     assert out_dir.is_dir() and not (out_dir / "adapter").exists()
+
+
+class _Killed(Exception):
+    """Stands for kill -9: leaves the loop without the checkpoint a cancel would write."""
+
+
+def test_a_rerun_before_any_checkpoint_starts_its_history_afresh(share_root: Path) -> None:
+    job = make_job("rerun", max_steps=12, checkpoint_every_steps=100)
+    reports: list[Progress] = []
+
+    def killed() -> bool:
+        if any(p.step >= 5 for p in reports):
+            raise _Killed
+        return False
+
+    with pytest.raises(_Killed):
+        train(share_root, job, reports, killed)
+    out_dir = request(share_root, job).out_dir
+    assert [m.step for m in read_metrics(out_dir / "metrics.jsonl") if m.kind == "train"] == [1, 2, 3, 4, 5]
+    assert not (out_dir / "checkpoints").exists() or not any((out_dir / "checkpoints").iterdir())
+
+    train(share_root, job)  # the same attempt again, as after a crash of the worker before its first checkpoint
+    lines = read_metrics(out_dir / "metrics.jsonl")
+    assert [m.step for m in lines if m.kind == "train"] == list(range(1, 13))
+    assert [m.phase for m in lines if m.kind == "eval"] == ["before", "after"]
 
 
 def test_non_finite_loss_is_a_clear_error(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

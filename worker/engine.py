@@ -135,8 +135,10 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
 def run_loop(loop: Loop, splits: data.Splits, t: TrainingSpec, found: checkpoint.Found | None) -> Metrics:
     """Eval before (on the untouched base), resume if a checkpoint exists, train, eval after."""
     eval_batch = max(1, t.batch_size)
-    if found is not None:  # the history up to the checkpoint, with its own "before", comes first
-        loop.metrics.start_from(found.folder.parent.parent / "metrics.jsonl", found.state.step)
+    # The history up to the checkpoint, with its own "before", comes first. Without a checkpoint the file starts
+    # empty: a run of this attempt killed before its first checkpoint left steps that are about to be trained again.
+    previous = found.folder.parent.parent / "metrics.jsonl" if found is not None else None
+    loop.metrics.start_from(previous, found.state.step if found is not None else 0)
     before = loop.evaluate(splits.eval, "eval-before", eval_batch, record=found is None)
     if found is not None:
         loop.resume(found)
