@@ -46,6 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _shapes  # noqa: E402 - benchmarks/ is on sys.path when this runs as a script
+
 TOLERANCE = 0.02  # the worker's eval loss may be at most this fraction above the Trainer's
 MIN_GAIN = 2 * TOLERANCE  # the Trainer must beat the base by this much: a do-nothing adapter then fails
 MAX_LENGTH = 512
@@ -60,9 +62,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                   tie_word_embeddings=False),
     # The throughput benchmark's shape (the anchor's), with this tokenizer's vocabulary.
-    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                       max_position_embeddings=4096),
+    "qwen3-0.6b": {k: v for k, v in _shapes.SHAPES["qwen3-0.6b"].config.items() if k != "vocab_size"},
 }
 
 
@@ -147,6 +147,8 @@ def pretrain(model: Any, tokenizer: Any, texts: list[str], steps: int, device: s
     last step's loss."""
     import torch
 
+    from worker import data
+
     if steps <= 0:
         return None
     ids = [[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)][:MAX_LENGTH] for t in texts]
@@ -156,25 +158,14 @@ def pretrain(model: Any, tokenizer: Any, texts: list[str], steps: int, device: s
     loss = None
     for step in range(steps):
         rows = [ids[(step * 16 + k) % len(ids)] for k in range(16)]
-        batch = _pad(rows, tokenizer.pad_token_id, device)
+        batch = {k: v.to(device) for k, v in data.collate([data.Example(r, r) for r in rows],
+                                                           tokenizer.pad_token_id).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = model(**batch).loss
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
     return float(loss.detach()) if loss is not None else None
-
-
-def _pad(rows: list[list[int]], pad: int, device: str) -> dict[str, Any]:
-    import torch
-
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": ids.masked_fill(mask == 0, -100).to(device)}
 
 
 def ensure(cache: Path, shape: str, pretrain_steps: int, device: str) -> Path:
