@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,7 @@ HASH_CACHE = ".base-hashes"  # per-share: hashed once by whichever machine first
 VERSION = re.compile(r"^v([1-9][0-9]*)$")
 GB = 10**9
 MAX_TRIES = 1000
+ARRIVING = (JobState.incoming.value, JobState.accepting.value)  # job files that may still be copies in pieces
 
 
 class RegistryError(Exception):
@@ -472,18 +473,32 @@ def _job_refs(spec: JobSpec) -> list[str]:
     return [r for r in named if r is not None and ref_problem(r) is None]
 
 
-def _named_by_jobs(share: Share) -> dict[str, str]:
+def _named_by_jobs(share: Share, all_refs: list[Ref]) -> dict[str, str]:
     """Lower-cased NAME/VERSION -> "named by job <id> (<state>)" for every version a job that has not finished
     will load: removing one would fail that job. Lower-cased because a case-insensitive share (SMB, NTFS)
     loads support/v2 for a job that wrote Support/v2, and keeping one version too many is the safe side."""
     found: dict[str, list[str]] = {}
     for state, as_name, path in _unfinished_jobs(share):
         spec = _read_job(share, path, as_name)
-        if spec is None:
-            continue
-        for ref in _job_refs(spec):
-            found.setdefault(ref.lower(), []).append(f"job {spec.id} ({state})")
+        if spec is not None:
+            for ref in _job_refs(spec):
+                found.setdefault(ref.lower(), []).append(f"job {spec.id} ({state})")
+        elif state in ARRIVING:
+            for ref in _mentioned(share, path, all_refs):
+                found.setdefault(ref, []).append(f"{path.name}, a job file that cannot be read yet ({state})")
     return {ref: "named by " + ", ".join(jobs) for ref, jobs in found.items()}
+
+
+def _mentioned(share: Share, path: Path, all_refs: list[Ref]) -> list[str]:
+    """The versions whose NAME/VERSION appears in the raw bytes of a job file that does not parse. In the inbox
+    (or just taken from it) such a file is most often a copy still arriving in pieces: it will name what its
+    text names, so those versions stay until intake has read or rejected it."""
+    try:
+        text = read_limited(path, share.settings.max_job_bytes).decode("utf-8", "replace").lower()
+    except (OSError, Rejected):
+        return []
+    return [str(r).lower() for r in all_refs
+            if re.search(rf"(?<![a-z0-9._-]){re.escape(str(r).lower())}(?![0-9])", text)]
 
 
 def gc(share: Share, remove: list[str] | None = None) -> GcReport:
@@ -494,40 +509,71 @@ def gc(share: Share, remove: list[str] | None = None) -> GcReport:
     all_refs = refs(share)
     by_ref = {str(r): m for r, m in found.items()}
     report = GcReport(kept={}, removable=[])
-    asked: dict[str, Ref] = {}  # what a person typed -> the exact registered version it names
-    for text in sorted(set(remove or [])):
+    asked = _asked(share, remove or [], all_refs, report)
+    keep = {str(r) for r in all_refs} - {str(r) for r in asked.values()} if remove is not None else set()
+
+    def decide() -> dict[str, str]:
+        return _kept(all_refs, by_ref, keep, _named_by_jobs(share, all_refs))
+
+    report.kept = decide()
+    report.removable = [str(r) for r in all_refs if str(r) not in report.kept]
+    for text, ref in list(asked.items()):
+        if str(ref) in report.kept:
+            report.refused[text] = f"kept: {report.kept[str(ref)]}"
+            del asked[text]
+    if asked:
+        _apply(share, asked, decide, by_ref, report)
+    return report
+
+
+def _asked(share: Share, remove: list[str], all_refs: list[Ref], report: GcReport) -> dict[str, Ref]:
+    """What a person typed -> the exact registered version it names; anything else is refused, saying why."""
+    asked: dict[str, Ref] = {}
+    for text in sorted(set(remove)):
         try:
             ref, _folder = resolve(share, text, "gc")
         except Rejected as e:
             report.refused[text] = e.problem
             continue
         if ref not in all_refs or str(ref) != text:
-            # A case-insensitive share (SMB, NTFS) finds "Support/v2" in support/v2: the rules below speak
-            # of exact names, so only an exact name may remove anything.
+            # A case-insensitive share (SMB, NTFS) finds "Support/v2" in support/v2: the rules speak of exact
+            # names, so only an exact name may remove anything.
             report.refused[text] = "not a registered version under that exact name (names are case-sensitive)"
             continue
         asked[text] = ref
-    keep = {str(r) for r in all_refs} - {str(r) for r in asked.values()} if remove is not None else set()
-    kept = _kept(all_refs, by_ref, keep, _named_by_jobs(share))
-    report.kept, report.removable = kept, [str(r) for r in all_refs if str(r) not in kept]
+    return asked
+
+
+def _apply(share: Share, asked: dict[str, Ref], decide: Callable[[], dict[str, str]], by_ref: dict[str, Manifest],
+           report: GcReport) -> None:
+    """Hide the versions, look at the jobs again, put back what a job that came meanwhile names, delete the rest.
+    gc takes no lock that a submitter honours, so a job may land after the first look. Once hidden, a version
+    cannot be loaded by a job that comes later (that job is rejected, naming the field), and the second look
+    finds any job that came in between."""
+    hidden = {text: _hide(share, ref) for text, ref in asked.items()}
+    late = decide()
     for text, ref in asked.items():
-        if str(ref) in kept:
-            report.refused[text] = f"kept: {kept[str(ref)]}"
+        if str(ref) in late:
+            os.rename(hidden[text], version_dir(share, ref))
+            report.refused[text] = f"kept: {late[str(ref)]} (it came while gc ran)"
             continue
-        report.freed_bytes += _remove(share, ref, by_ref.get(str(ref)))
+        report.freed_bytes += _delete(ref, hidden[text], by_ref.get(str(ref)))
         report.removed.append(text)
-    return report
 
 
-def _remove(share: Share, ref: Ref, manifest: Manifest | None) -> int:
-    """Rename the version out of the registry's sight first, then delete: a half-deleted folder is never a
-    version. Only ever called for a version a person named."""
+def _hide(share: Share, ref: Ref) -> Path:
+    """Rename the version out of the registry's sight: a half-deleted folder is never a version. Only ever called
+    for a version a person named."""
     folder = version_dir(share, ref)
-    doomed = folder.with_name(f".gc-{ref.version}-{uuid.uuid4().hex[:8]}.tmp")
-    os.rename(folder, doomed)
+    hidden = folder.with_name(f".gc-{ref.version}-{uuid.uuid4().hex[:8]}.tmp")
+    os.rename(folder, hidden)
+    return hidden
+
+
+def _delete(ref: Ref, hidden: Path, manifest: Manifest | None) -> int:
     size = manifest.size_bytes if manifest else 0
-    shutil.rmtree(doomed, ignore_errors=True)
+    shutil.rmtree(hidden, ignore_errors=True)
     with contextlib.suppress(OSError):
-        fsync_dir(doomed.parent)
+        fsync_dir(hidden.parent)
     log.info("adapter %s removed by gc --apply (%d bytes freed)", ref, size)
     return size

@@ -7,6 +7,7 @@ other target modules), each trained for a few steps in this process the way the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -569,8 +570,9 @@ def test_gc_removes_a_version_once_the_job_naming_it_has_finished(share: Share, 
 
 
 def test_unreadable_job_files_do_not_stop_gc(share: Share, trained: dict) -> None:
-    """Garbage, half-copied and invalid job files, a folder and a dangling link where job files lie: gc reads
-    past each. What a job that cannot be read names cannot be known, so junk/v1 still goes."""
+    """Garbage, cut-short and invalid job files, a folder and a dangling link where job files lie: gc reads past
+    each. None that could still be arriving mentions junk/v1, and queue/ and running/ are written whole by the
+    spool, so junk/v1 still goes."""
     _register_copies(share, trained, "junk", [[], []])
     whole = json.dumps({**train_job("gc-junk", steps=4), "parent": "junk/v1"})
     names = [states.QueueKey(0, "20260101000000000", f"gc-junk{n}", 1).name for n in range(5)]
@@ -582,10 +584,54 @@ def test_unreadable_job_files_do_not_stop_gc(share: Share, trained: dict) -> Non
     (share.running("w-junk") / names[4]).write_text(whole.replace('"parent"', '"paernt": 1, "parent"'))
     drop(share, "gc-junk.json", whole[:30].encode())
     share.makedirs(share.intake("w-junk"))
-    (share.intake("w-junk") / "0123456789ab__gc-junk.json").write_bytes(b"[" * 100 + b"junk/v1")
+    (share.intake("w-junk") / "0123456789ab__gc-junk.json").write_bytes(b"[" * 100 + b"junk/v10 xjunk/v1")
     report = registry.gc(share, ["junk/v1"])
     assert report.removed == ["junk/v1"] and report.refused == {} and registry.numbers(share, "junk") == [2]
-    assert not any(why.startswith("named by job gc-junk") for why in report.kept.values())
+    assert not any("gc-junk" in why for why in report.kept.values())
+
+
+def test_a_job_file_still_being_copied_keeps_the_versions_its_text_names(share: Share, trained: dict) -> None:
+    """Copies arrive in pieces: an inbox file cut short does not parse yet, but the text it has names copy/v1,
+    so gc keeps copy/v1 (and not copy/v2, which no file names) until intake has read the whole job."""
+    _register_copies(share, trained, "copy", [[], [], []])
+    whole = json.dumps({**train_job("gc-copy", steps=4), "parent": "Copy/v1"})
+    drop(share, "gc-copy.json", whole[:-2].encode())  # ends in the middle of "Copy/v1"}
+    report = registry.gc(share, ["copy/v1", "copy/v2"])
+    assert report.removed == ["copy/v2"] and registry.numbers(share, "copy") == [1, 3]
+    assert report.refused == {"copy/v1": "kept: named by gc-copy.json, a job file that cannot be read yet "
+                                         "(incoming)"}
+
+
+def test_a_job_that_lands_while_gc_runs_keeps_its_versions(share: Share, trained: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc takes no lock a submitter honours. A job naming race/v2 lands right after gc has looked at the jobs
+    (dropped from inside that first look): gc hides race/v1 and v2, looks again, and puts back v2 and its parent
+    v1, each the same folder as before; an unnamed race/v3 still goes."""
+    _register_copies(share, trained, "race", [[], ["race/v1"], [], []])
+    before = {r: _tree_digest(version(share, r)) for r in ("race/v1", "race/v2")}
+    first_look = registry._named_by_jobs
+    looks: list[int] = []
+
+    def look_then_submit(s: Share, all_refs: list) -> dict[str, str]:
+        found = first_look(s, all_refs)
+        if not looks:
+            drop(share, "gc-late.json", {**train_job("gc-late", steps=4), "parent": "race/v2"})
+        looks.append(1)
+        return found
+
+    monkeypatch.setattr(registry, "_named_by_jobs", look_then_submit)
+    report = registry.gc(share, ["race/v1", "race/v2", "race/v3"])
+    assert len(looks) == 2 and report.removed == ["race/v3"] and registry.numbers(share, "race") == [1, 2, 4]
+    assert report.refused == {
+        "race/v1": "kept: an ancestor of race/v2, which stays (it came while gc ran)",
+        "race/v2": "kept: named by job gc-late (incoming) (it came while gc ran)"}
+    assert {r: _tree_digest(version(share, r)) for r in before} == before
+    assert not [p for p in (registry.root(share) / "race").iterdir() if p.name.startswith(".")]
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_manifests_validate_against_their_schema(share: Share, trained: dict) -> None:
