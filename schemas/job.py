@@ -106,7 +106,8 @@ class TrainingSpec(Strict):
                             "memory estimate says the batch would not fit.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack rows into full max_length sequences (attention never crosses rows): no compute "
-                            "on padding. auto: on for cuda, off on CPU.")
+                            "on padding. auto: on for cuda, off on CPU. A model that would let packed rows see "
+                            "each other (OPT, Falcon, Bloom) trains padded instead; the result's notes say so.")
     compile: bool = Field(False, description="torch.compile the model body (cuda only); compile time is reported.")
 
     @model_validator(mode="after")

@@ -1,10 +1,13 @@
 """Batches: packed rows never attend or predict across rows, every row is trained once per epoch, the order is a
-function of (seed, epoch, world), and DDP ranks split one process's global batch."""
+function of (seed, epoch, world), and DDP ranks split one process's global batch. And the model's side: the
+probe that tells whether a model keeps packed rows apart."""
 
 from __future__ import annotations
 
 import math
 import random
+
+import pytest
 
 from worker.batching import Batcher
 from worker.data import IGNORE, Example
@@ -87,3 +90,38 @@ def test_ranks_split_the_global_batch_of_one_process() -> None:
         assert sum(p.real_tokens for p in parts) == whole.real_tokens
         got = sorted(t for p in parts for row in p.input_ids.tolist() for t in row if t != 0)
         assert got == sorted(t for row in whole.input_ids.tolist() for t in row if t != 0)
+
+
+# ── the model's side of packing ──────────────────────────────────────────────────────────────────────────────
+ARCHS = {
+    "llama": {}, "qwen3": {"head_dim": 16}, "mistral": {}, "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64}, "falcon": {},
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_the_probe_tells_models_that_keep_packed_rows_apart_from_those_that_mix_them(arch: str) -> None:
+    """The probe against the ground truth: each document run alone. A model whose packed logits match those is
+    fit to pack (the probe says None); OPT and Falcon attend across rows, and the probe names that."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker.packprobe import packing_problem
+
+    config = AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  **ARCHS[arch])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 256, (1, 50))
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=torch.cat([torch.arange(20), torch.arange(30)])[None],
+                       use_cache=False).logits
+        alone = torch.cat([model(input_ids=ids[:, :20], use_cache=False).logits,
+                           model(input_ids=ids[:, 20:], use_cache=False).logits], dim=1)
+    keeps_apart = bool(torch.allclose(packed, alone, atol=1e-5))
+    problem = packing_problem(model.train())
+    assert keeps_apart == (arch not in ("opt", "falcon"))
+    assert (problem is None) == keeps_apart, problem
+    assert problem is None or "attend to the rows before it" in problem
+    assert model.training, "the probe left the model in eval mode"

@@ -130,6 +130,26 @@ def test_dora_with_modules_to_save_trains_and_loads(share_root: Path) -> None:
                               outcome.adapter_dir)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_packed_rows_learn_unless_the_model_would_mix_them(share_root: Path, arch: str) -> None:
+    """packing: true on a model that keeps packed rows apart: full max_length sequences, and it learns. OPT lets
+    packed rows attend to each other, so the same job trains length-grouped padded batches and says why."""
+    from worker.tinymodel import build_tiny_model
+
+    model = "models/tiny" if arch == "llama" else f"models/tiny-{arch}"
+    if arch != "llama":
+        build_tiny_model(share_root / model, arch=arch)
+    outcome = train(share_root, make_job(f"packed-{arch}", model=model, packing=True, max_steps=20))
+    m = outcome.metrics
+    assert m.eval_loss_after < m.eval_loss_before, m
+    assert m.padded_tokens is not None and m.tokens is not None
+    fallback = [n for n in outcome.notes if n.startswith("padded batches instead of packed")]
+    if arch == "llama":
+        assert fallback == [] and m.padded_tokens % 64 == 0 and m.tokens / m.padded_tokens > 0.9, m
+    else:
+        assert len(fallback) == 1 and "OPTForCausalLM lets a packed row attend" in fallback[0], outcome.notes
+
+
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────
 def test_adapter_loads_the_plain_way_and_is_share_readable(share_root: Path, alpaca_outcome: Any) -> None:
     import torch

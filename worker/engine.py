@@ -32,6 +32,7 @@ from worker import checkpoint, data
 from worker.batching import Batcher
 from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings
 from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
+from worker.packprobe import packing_problem
 from worker.probes import generate_answers, pair
 from worker.train import TrainRequest
 
@@ -110,7 +111,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     t = req.job.training
     model = load_model(req.model_dir, plan)
     _check_vocab(model, splits)
-    packed = t.packing if isinstance(t.packing, bool) else plan.device == "cuda"
+    packed = _packs(t, plan, model)
     batcher = Batcher(splits.train, t.batch_size, t.max_length, data.pad_id_of(tokenizer), t.seed, packed,
                       dist.world, dist.rank)
     tokens_per_step = t.batch_size * (t.max_length if packed else max(len(e.input_ids) for e in splits.train))
@@ -130,6 +131,18 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
         plan.notes.append(f"gradient checkpointing {'on' if recompute else 'off'}, "
                           f"{'packed' if packed else 'padded'} batches")
     return model, loop
+
+
+def _packs(t: TrainingSpec, plan: Plan, model: torch.nn.Module) -> bool:
+    """Packing, when asked for (or auto on cuda) and the model keeps packed rows apart; padded batches otherwise,
+    with a note: a model that lets rows see each other would train on text that is not each row's own."""
+    if not (t.packing if isinstance(t.packing, bool) else plan.device == "cuda"):
+        return False
+    if problem := packing_problem(model):
+        plan.notes.append(f"padded batches instead of packed: {problem}")
+        log.warning("packing off: %s", problem)
+        return False
+    return True
 
 
 def run_loop(loop: Loop, splits: data.Splits, t: TrainingSpec, found: checkpoint.Found | None) -> Metrics:
