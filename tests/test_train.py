@@ -150,6 +150,32 @@ def test_packed_rows_learn_unless_the_model_would_mix_them(share_root: Path, arc
         assert len(fallback) == 1 and "OPTForCausalLM lets a packed row attend" in fallback[0], outcome.notes
 
 
+@pytest.mark.parametrize("arch", ["llama", "granite"])
+def test_the_chunked_loss_is_the_models_own_or_is_not_used(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Granite divides its logits by logits_scaling, so lm_head(hidden) is not its logits. Known by config, it
+    never chunks; with that key forgotten (as for a model whose transform no one has listed yet), the check
+    before training catches the difference and takes the full path. Llama's chunked loss is its own."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker import loop
+
+    config = AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  **({"logits_scaling": 8.0} if arch == "granite" else {}))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(0, 256, (1, 32))
+    assert loop.CausalLMLoss(model, chunked=True).chunked == (arch == "llama")
+    monkeypatch.setattr(loop, "LOGIT_TRANSFORMS", ("final_logit_softcapping",))
+    step_module = loop.CausalLMLoss(model, chunked=True)
+    problem = step_module.check_chunking(ids)
+    assert step_module.chunked == (arch == "llama") and (problem is None) == (arch == "llama"), problem
+    assert problem is None or "GraniteForCausalLM's own" in problem
+    assert model.training, "the check left the model in eval mode"
+
+
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────
 def test_adapter_loads_the_plain_way_and_is_share_readable(share_root: Path, alpaca_outcome: Any) -> None:
     import torch

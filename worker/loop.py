@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 LAST_STEPS = 10  # train_loss is the mean of this many final steps: one step's loss is too noisy to report
 MAX_WARMUP = 100
 GRAD_CLIP = 1.0
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 LOSS_CHUNK = 4096  # labelled positions per LM-head chunk: 4096 x 152k fp32 logits is 2.5 GB at most
 MAX_SKIPPED = 25  # fp16 steps in a row whose gradients overflowed before the job is failed
 
@@ -97,10 +98,36 @@ class CausalLMLoss(torch.nn.Module):
         return _chunked_ce(self._head, hidden[:, :-1][keep], targets[keep]), keep.sum()
 
 
+    def check_chunking(self, ids: torch.Tensor) -> str | None:
+        """None when the chunked loss is the model's own on ``ids``; otherwise why the full path is taken from now
+        on. The chunked path computes ``lm_head(hidden)`` itself, so a model that transforms its logits in a way
+        ``_chunkable`` does not know of would train on another objective, silently. Asked once, before training."""
+        if not self.chunked:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                chunked, _ = self(ids, ids, None, None)
+                self.chunked = False
+                full, _ = self(ids, ids, None, None)
+        finally:
+            self.model.train(was_training)
+        gap = abs(float(chunked) - float(full)) / max(abs(float(full)), 1e-12)
+        assert self._head is not None
+        # fp32: the same arithmetic, to rounding. bf16/fp16: a head run on fewer rows may round differently.
+        if gap <= (1e-5 if self._head.weight.dtype == torch.float32 else 1e-2):
+            self.chunked = True
+            return None
+        return (f"the loss from lm_head(hidden) differs from {type(self.model.get_base_model()).__name__}'s own by "
+                f"{gap:.2g}: it transforms its logits, so the loss takes the full logits (more memory)")
+
+
 def _chunkable(lm: torch.nn.Module) -> bool:
-    """Models whose logits are plainly ``lm_head(hidden)``; soft-capped or scaled logits take the full path."""
+    """Models whose logits are plainly ``lm_head(hidden)``: the config keys of soft-capped or scaled logits
+    (gemma, cohere, granite, falcon-h1) take the full path; ``check_chunking`` catches the ones not listed."""
     cfg = lm.config
-    plain = all(getattr(cfg, k, None) in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+    plain = all(getattr(cfg, k, None) in (None, 1.0) for k in LOGIT_TRANSFORMS)
     return plain and hasattr(lm, lm.base_model_prefix) and lm.get_output_embeddings() is not None
 
 
