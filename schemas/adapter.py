@@ -138,10 +138,23 @@ class BaseNode(BaseModel):
     versions: list[VersionNode] = Field(default_factory=list, description="Versions with no parent on this base.")
 
 
+class MergedNode(BaseModel):
+    """A merged model folder found under ``models/``: what it holds and what keeping it costs."""
+
+    path: str = Field(description="Share-relative folder.")
+    adapter: str = Field(description="NAME/VERSION merged in, or the adapter folder when it was not registered.")
+    base: str = Field(description="The base model's share-relative folder.")
+    size_bytes: int
+    dtype: str
+    created_at: str
+    job_id: str | None = None
+
+
 class AdapterList(BaseModel):
-    """``loraspool adapters --json``: the registry as a tree, base models at the roots."""
+    """``loraspool adapters --json``: the registry as a tree, base models at the roots, then merged models."""
 
     bases: list[BaseNode] = Field(default_factory=list)
+    merged: list[MergedNode] = Field(default_factory=list, description="Merged model folders under models/.")
     warnings: list[str] = Field(default_factory=list)
 
 

@@ -33,6 +33,8 @@ from schemas.adapter import (
     GcReport,
     LoraShape,
     Manifest,
+    MergedModel,
+    MergedNode,
     MergeInfo,
     SizeLevel,
     VersionNode,
@@ -55,6 +57,7 @@ ADAPTERS = "adapters"
 HASH_CACHE = ".base-hashes"  # per-share: hashed once by whichever machine first needs it, reused by all
 VERSION = re.compile(r"^v([1-9][0-9]*)$")
 GB = 10**9
+MERGED_DEPTH = 2  # models/merged/NAME/manifest.json: the folders below models/ that adapters looks into
 MAX_TRIES = 1000
 ARRIVING = (JobState.incoming.value, JobState.accepting.value)  # job files that may still be copies in pieces
 
@@ -372,7 +375,35 @@ def listing(share: Share) -> AdapterList:
     for path in sorted({p for p in paths if paths.count(p) > 1}):
         warnings.append(f"{path} changed between registrations ({paths.count(path)} different hashes): adapters "
                         "trained on an older copy need that copy; see loraspool verify")
-    return AdapterList(bases=sorted(bases.values(), key=lambda b: b.path), warnings=warnings)
+    return AdapterList(bases=sorted(bases.values(), key=lambda b: b.path), merged=merged_models(share),
+                       warnings=warnings)
+
+
+def merged_models(share: Share) -> list[MergedNode]:
+    """Every folder under ``models/`` (to ``MERGED_DEPTH``) whose manifest is a merged model's. A merge job may
+    write anywhere on the share (``merge.output``); under models/ is the default and where people keep them."""
+    found = []
+    for path in _manifests_under(share.root / "models", MERGED_DEPTH):
+        m = read_model(path, MergedModel)
+        if m is not None:
+            found.append(MergedNode(path=path.parent.relative_to(share.root).as_posix(), adapter=m.adapter,
+                                    base=m.base.path, size_bytes=m.size_bytes, dtype=m.dtype,
+                                    created_at=m.created_at, job_id=m.job_id))
+    return sorted(found, key=lambda n: n.path)
+
+
+def _manifests_under(folder: Path, depth: int) -> Iterator[Path]:
+    """``manifest.json`` files at most ``depth`` folders down. Links are not followed (a link on the share may lead
+    anywhere, or in a loop), nor are hidden folders (a merge still being written is ``.NAME.<random>.tmp``)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name == MANIFEST and entry.is_file(follow_symlinks=False):
+            yield Path(entry.path)
+        elif depth > 0 and not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+            yield from _manifests_under(Path(entry.path), depth - 1)
 
 
 def render(tree: AdapterList) -> str:
@@ -380,6 +411,10 @@ def render(tree: AdapterList) -> str:
     for base in tree.bases:
         lines.append(f"{base.path}  (base, sha256 {base.sha256[:12]}, {human(base.size_bytes)})")
         lines += _render_nodes(base.versions, "")
+    if tree.merged:
+        lines.append("merged models:")
+        lines += [f"  {m.path}  {human(m.size_bytes)} {m.dtype}  {m.adapter} merged into {m.base}  {m.created_at}"
+                  for m in tree.merged]
     lines += [f"warning: {w}" for w in tree.warnings]
     return "\n".join(lines) if lines else "no adapters registered yet"
 

@@ -395,6 +395,31 @@ def test_merge_into_base_equals_adapter_on_base(share: Share, trained: dict) -> 
     with pytest.raises(Rejected, match="already exists; a merge never replaces a folder") as e:
         run(share, JobSpec(id="m-base-2", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
     assert e.value.field == "merge.output"
+    _merged_models_are_listed(share, record)
+
+
+def _merged_models_are_listed(share: Share, record: MergedModel) -> None:
+    """``loraspool adapters`` lists the merged folder under models/, and nothing that only looks like one: a merge
+    still being written (hidden), a link to the folder, a manifest of another kind, one too deep to look for."""
+    merged = share.root / "models" / "merged"
+    shutil.copytree(merged / "support-v3", merged / ".support-v4.0123abcd.tmp")
+    (share.root / "models" / "linked").symlink_to(merged / "support-v3", target_is_directory=True)
+    (share.root / "models" / "other").mkdir()
+    (share.root / "models" / "other" / MANIFEST).write_text('{"not": "a merged model"}')
+    deep = share.root / "models" / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    shutil.copy2(merged / "support-v3" / MANIFEST, deep / MANIFEST)
+    try:
+        listed = [m for m in registry.listing(share).merged if m.adapter == "support/v3"]
+        assert [(m.path, m.base, m.size_bytes, m.job_id) for m in listed] == \
+            [("models/merged/support-v3", "models/tiny", record.size_bytes, "m-base")]
+        text = _cli("adapters", "--share", str(share.root)).stdout
+        assert "merged models:\n  models/merged/support-v3  " in text and "support/v3 merged into models/tiny" in text
+    finally:
+        shutil.rmtree(merged / ".support-v4.0123abcd.tmp")
+        shutil.rmtree(share.root / "models" / "a")
+        (share.root / "models" / "linked").unlink()
+        shutil.rmtree(share.root / "models" / "other")
 
 
 @pytest.mark.parametrize("combination", ["linear", "dare_linear", "cat"])
