@@ -25,6 +25,7 @@ class GpuInfo(BaseModel):
     name: str
     utilization_pct: float | None = None
     memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
     memory_total_bytes: int | None = None
     temperature_c: float | None = None
 

@@ -295,27 +295,20 @@ def _torch_check(found: dict, nvml_count: int) -> Check:
 
 
 def nvml_gpus() -> list[dict]:
-    """Name and memory of each GPU via NVML; [] without a driver (not an error on a CPU machine)."""
+    """``GpuInfo`` fields of each GPU via NVML; [] without a driver (not an error on a CPU machine)."""
+    from worker.sysinfo import read_gpus  # psutil and pynvml only: the doctor stays torch-free
+
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception:
         return []
-    out = []
     try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
-                        "free": int(mem.free), "total": int(mem.total)})
-    except Exception:
-        return out
+        return read_gpus(pynvml)
     finally:
         with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-    return out
 
 
 def gpu_memory(gpus: list[dict] | None = None) -> list[Check]:
@@ -325,7 +318,11 @@ def gpu_memory(gpus: list[dict] | None = None) -> list[Check]:
                       "on a GPU machine: install the NVIDIA driver (nvidia-smi must work)")]
     checks = []
     for g in gpus:
-        free, total = g["free"] / GB, g["total"] / GB
+        if g.get("memory_total_bytes") is None:
+            checks.append(Check(f"gpu {g['index']} memory", "warn", f"GPU {g['index']} {g['name']}: NVML does not "
+                                "report its memory", "check it with nvidia-smi"))
+            continue
+        free, total = g["memory_free_bytes"] / GB, g["memory_total_bytes"] / GB
         detail = f"GPU {g['index']} {g['name']}: {free:.1f} of {total:.1f} GB free"
         busy = free < 0.5 * total
         checks.append(Check(f"gpu {g['index']} memory", "warn" if busy else "ok", detail,

@@ -64,9 +64,11 @@ def test_package_verdicts() -> None:
 
 
 def test_gpu_memory_verdicts() -> None:
-    checks = doctor.gpu_memory([{"index": 0, "name": "A", "free": 20 * GB, "total": 24 * GB},
-                                {"index": 1, "name": "B", "free": 2 * GB, "total": 24 * GB}])
-    assert [c.status for c in checks] == ["ok", "warn"] and "nvidia-smi" in checks[1].fix
+    checks = doctor.gpu_memory([{"index": 0, "name": "A", "memory_free_bytes": 20 * GB, "memory_total_bytes": 24 * GB},
+                                {"index": 1, "name": "B", "memory_free_bytes": 2 * GB, "memory_total_bytes": 24 * GB},
+                                {"index": 2, "name": "C", "memory_free_bytes": None, "memory_total_bytes": None}])
+    assert [c.status for c in checks] == ["ok", "warn", "warn"] and "nvidia-smi" in checks[1].fix
+    assert "does not report its memory" in checks[2].detail
     assert doctor.gpu_memory([])[0].status == "warn"
 
 
@@ -88,3 +90,36 @@ def test_doctor_cli_survives_a_broken_torch(share: Share, tmp_path: Path) -> Non
     text = subprocess.run([sys.executable, "-m", "spooler.cli", "doctor", "--share", str(share.root)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1])
     assert "fix: install it into the worker's venv" in text.stdout and "to fix" in text.stdout
+
+
+def test_a_gpu_that_does_not_report_a_field_stays_in_the_list() -> None:
+    """NVML on some cards (laptops, WSL, vGPU) raises NotSupported for temperature or utilisation: that field is
+    None, the GPU is still listed and valid in a heartbeat. A GPU whose handle cannot be had is left out. No
+    driver exists on CI, so this NVML is a stand-in with the real library's call signatures."""
+    from types import SimpleNamespace
+
+    from schemas.heartbeat import GpuInfo
+    from worker.sysinfo import read_gpus
+
+    class NotSupported(Exception):
+        pass
+
+    def temperature(handle: int, sensor: int) -> int:
+        if handle == 0:
+            raise NotSupported("temperature")
+        return 61
+
+    def handle(i: int) -> int:
+        if i == 2:
+            raise NotSupported("handle")
+        return i
+
+    nv = SimpleNamespace(
+        nvmlDeviceGetCount=lambda: 3, nvmlDeviceGetHandleByIndex=handle, NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetName=lambda h: b"RTX 3060" if h == 0 else "RTX 4090",
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=1 * GB, free=11 * GB, total=12 * GB),
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=37), nvmlDeviceGetTemperature=temperature)
+    gpus = read_gpus(nv)
+    assert [(g["index"], g["name"], g["temperature_c"]) for g in gpus] == [(0, "RTX 3060", None), (1, "RTX 4090", 61.0)]
+    assert all(GpuInfo.model_validate(g).memory_free_bytes == 11 * GB for g in gpus)
+    assert [c.status for c in doctor.gpu_memory(gpus)] == ["ok", "ok"]

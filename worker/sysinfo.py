@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
 log = logging.getLogger(__name__)
+
+
+def read_gpus(nv: Any) -> list[dict]:
+    """Every GPU NVML shows, as ``GpuInfo`` fields. Each field is queried on its own: a card that does not report
+    one (temperature on some laptops, utilisation under WSL or vGPU) leaves that field None, not itself out of the
+    heartbeat. The worker's heartbeat and ``loraspool doctor`` both read GPUs here."""
+    out = []
+    try:
+        count = int(nv.nvmlDeviceGetCount())
+    except Exception:
+        return []
+    for i in range(count):
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            name = nv.nvmlDeviceGetName(h)
+        except Exception:
+            continue
+        mem = _query(nv.nvmlDeviceGetMemoryInfo, h)
+        util = _query(nv.nvmlDeviceGetUtilizationRates, h)
+        temp = _query(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU)
+        out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "utilization_pct": None if util is None else float(util.gpu),
+                    "memory_used_bytes": None if mem is None else int(mem.used),
+                    "memory_free_bytes": None if mem is None else int(mem.free),
+                    "memory_total_bytes": None if mem is None else int(mem.total),
+                    "temperature_c": None if temp is None else float(temp)})
+    return out
+
+
+def _query(call: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return call(*args)
+    except Exception:  # NVMLError_NotSupported and kin: this field is unknown on this card
+        return None
 
 
 class SystemSampler:
@@ -33,19 +68,7 @@ class SystemSampler:
             return 0
 
     def gpus(self) -> list[dict]:
-        out = []
-        nv = self._nvml
-        for i in range(self.gpu_count()):
-            with contextlib.suppress(Exception):
-                h = nv.nvmlDeviceGetHandleByIndex(i)
-                name = nv.nvmlDeviceGetName(h)
-                mem = nv.nvmlDeviceGetMemoryInfo(h)
-                util = nv.nvmlDeviceGetUtilizationRates(h)
-                temp = nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
-                out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
-                            "utilization_pct": float(util.gpu), "memory_used_bytes": int(mem.used),
-                            "memory_total_bytes": int(mem.total), "temperature_c": float(temp)})
-        return out
+        return read_gpus(self._nvml) if self._nvml is not None else []
 
     def __call__(self) -> dict:
         vm = psutil.virtual_memory()
