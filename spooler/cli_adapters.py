@@ -56,11 +56,12 @@ def add_parsers(sub: argparse._SubParsersAction, share_arg: Callable[[argparse.A
                                  "(default models/merged/NAME-VERSION)")
     _device_and_json(p)
 
-    p = sub.add_parser("gc", help="report which adapter versions could be removed; --apply removes those named")
+    p = sub.add_parser("gc", help="report which adapter versions and merged models could be removed; --apply "
+                                  "removes those named")
     share_arg(p)
-    p.add_argument("--apply", nargs="+", metavar="NAME/VERSION", help="remove these versions (only those no rule "
-                                                                      "keeps: never a newest, never a parent, "
-                                                                      "never one an unfinished job names)")
+    p.add_argument("--apply", nargs="+", metavar="NAME/VERSION|FOLDER",
+                   help="remove these versions or merged model folders (only those no rule keeps: never a newest "
+                        "version, never a parent, never one an unfinished job names)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("register", help="register a succeeded train job's adapter (results/<id>/adapter)")
@@ -124,7 +125,7 @@ def _render_gc(report: Any, applying: bool) -> str:
         return "\n".join(lines)
     lines += [f"could remove {r}" for r in report.removable] or ["nothing could be removed"]
     lines += [f"keeps {r}: {why}" for r, why in sorted(report.kept.items())]
-    lines.append("nothing was removed; to remove, name versions: loraspool gc --apply NAME/VERSION ...")
+    lines.append("nothing was removed; to remove, name them: loraspool gc --apply NAME/VERSION|FOLDER ...")
     return "\n".join(lines)
 
 

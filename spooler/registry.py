@@ -441,10 +441,20 @@ def human(n: int) -> str:
 
 
 # ── retention ────────────────────────────────────────────────────────────────────────────────────────────
-def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str],
-          named: dict[str, str]) -> dict[str, str]:
-    """Why each version must stay: the newest of its name, named by a job that has not finished (``named``,
-    keyed by the lower-cased ref), asked to stay, or an ancestor of one that stays."""
+@dataclass(frozen=True)
+class Doomed:
+    """A thing gc may remove: a registered version (key NAME/vN) or a merged model folder (key: its path)."""
+
+    key: str
+    folder: Path
+    size: int
+    kind: str  # "adapter" or "merged model", for the log
+
+
+def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str], named: dict[str, str],
+          merged: list[str]) -> dict[str, str]:
+    """Why each version or merged model must stay: the newest of its name, named by a job that has not finished
+    (``named``, keyed lower-cased), asked to stay, or an ancestor of a version that stays."""
     why: dict[str, str] = {}
     newest: dict[str, int] = {}
     for r in all_refs:
@@ -452,16 +462,16 @@ def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str],
     for r in all_refs:
         if r.number == newest[r.name]:
             why[str(r)] = f"the newest version of {r.name}"
-    for r in all_refs:
-        if (jobs := named.get(str(r).lower())) is not None:
-            why.setdefault(str(r), jobs)
-    for ref in sorted(keep - set(why)):
-        why[ref] = "not named for removal"
+    for key in [str(r) for r in all_refs] + merged:
+        if (jobs := named.get(key.lower())) is not None:
+            why.setdefault(key, jobs)
+    for key in sorted(keep - set(why)):
+        why[key] = "not named for removal"
     for r in all_refs:
         if str(r) not in by_ref:  # its parents are unknown, so nothing says it is safe to lose
             why.setdefault(str(r), f"no readable {MANIFEST}; check it with loraspool verify {r}")
     for ref in list(why):
-        for parent in ancestors(ref, by_ref):
+        for parent in ancestors(ref, by_ref) if ref in by_ref else []:
             why.setdefault(parent, f"an ancestor of {ref}, which stays")
     return why
 
@@ -501,114 +511,116 @@ def _read_job(share: Share, path: Path, as_name: str) -> JobSpec | None:
         return None
 
 
-def _job_refs(spec: JobSpec) -> list[str]:
-    """The registered versions a job will load: a train job's parent, a verify job's adapter (when it is
-    NAME/VERSION, not a folder), a merge job's inputs."""
+def _job_names(spec: JobSpec) -> list[str]:
+    """What a job will load that gc could remove: a train job's parent, a verify job's adapter (when it is
+    NAME/VERSION, not a folder), a merge job's inputs, and the base model folder (a merged model may be one)."""
     named = [spec.parent, spec.verify.adapter if spec.verify else None, *(spec.merge.adapters if spec.merge else [])]
-    return [r for r in named if r is not None and ref_problem(r) is None]
+    refs = [r for r in named if r is not None and ref_problem(r) is None]
+    return refs + ([spec.base_model.strip("/").removeprefix("./")] if spec.base_model else [])
 
 
-def _named_by_jobs(share: Share, all_refs: list[Ref]) -> dict[str, str]:
-    """Lower-cased NAME/VERSION -> "named by job <id> (<state>)" for every version a job that has not finished
-    will load: removing one would fail that job. Lower-cased because a case-insensitive share (SMB, NTFS)
-    loads support/v2 for a job that wrote Support/v2, and keeping one version too many is the safe side."""
+def _named_by_jobs(share: Share, keys: list[str]) -> dict[str, str]:
+    """Lower-cased NAME/VERSION or folder -> "named by job <id> (<state>)" for everything a job that has not
+    finished will load: removing it would fail that job. Lower-cased because a case-insensitive share (SMB, NTFS)
+    loads support/v2 for a job that wrote Support/v2, and keeping one too many is the safe side."""
     found: dict[str, list[str]] = {}
     for state, as_name, path in _unfinished_jobs(share):
         spec = _read_job(share, path, as_name)
         if spec is not None:
-            for ref in _job_refs(spec):
-                found.setdefault(ref.lower(), []).append(f"job {spec.id} ({state})")
+            for key in _job_names(spec):
+                found.setdefault(key.lower(), []).append(f"job {spec.id} ({state})")
         elif state in ARRIVING:
-            for ref in _mentioned(share, path, all_refs):
-                found.setdefault(ref, []).append(f"{path.name}, a job file that cannot be read yet ({state})")
-    return {ref: "named by " + ", ".join(jobs) for ref, jobs in found.items()}
+            for key in _mentioned(share, path, keys):
+                found.setdefault(key, []).append(f"{path.name}, a job file that cannot be read yet ({state})")
+    return {key: "named by " + ", ".join(jobs) for key, jobs in found.items()}
 
 
-def _mentioned(share: Share, path: Path, all_refs: list[Ref]) -> list[str]:
-    """The versions whose NAME/VERSION appears in the raw bytes of a job file that does not parse. In the inbox
-    (or just taken from it) such a file is most often a copy still arriving in pieces: it will name what its
-    text names, so those versions stay until intake has read or rejected it."""
+def _mentioned(share: Share, path: Path, keys: list[str]) -> list[str]:
+    """The keys (lower-cased) that appear, as whole names, in the raw bytes of a job file that does not parse. In
+    the inbox (or just taken from it) such a file is most often a copy still arriving in pieces: it will name
+    what its text names, so those stay until intake has read or rejected it."""
     try:
         text = read_limited(path, share.settings.max_job_bytes).decode("utf-8", "replace").lower()
     except (OSError, Rejected):
         return []
-    return [str(r).lower() for r in all_refs
-            if re.search(rf"(?<![a-z0-9._-]){re.escape(str(r).lower())}(?![0-9])", text)]
+    return [k.lower() for k in keys if re.search(rf"(?<![a-z0-9._-]){re.escape(k.lower())}(?![a-z0-9._-])", text)]
 
 
 def gc(share: Share, remove: list[str] | None = None) -> GcReport:
-    """Report what could be removed; with ``remove`` (NAME/VERSION a person typed), remove those of them no
-    rule keeps. Never the newest version of a name, never one a job that has not finished names (it would
-    fail when it loads it), never an ancestor of a version that stays."""
+    """Report what could be removed; with ``remove`` (NAME/VERSION or a merged model's folder, as a person typed
+    them), remove those no rule keeps. Never the newest version of a name, never what a job that has not
+    finished names (it would fail when it loads it), never an ancestor of a version that stays."""
     found, _ = manifests(share)
     all_refs = refs(share)
     by_ref = {str(r): m for r, m in found.items()}
+    merged = {m.path: m for m in merged_models(share)}
     report = GcReport(kept={}, removable=[])
-    asked = _asked(share, remove or [], all_refs, report)
-    keep = {str(r) for r in all_refs} - {str(r) for r in asked.values()} if remove is not None else set()
+    asked = _asked(share, remove or [], all_refs, by_ref, merged, report)
+    everything = [str(r) for r in all_refs] + list(merged)
+    keep = set(everything) - {d.key for d in asked.values()} if remove is not None else set()
 
     def decide() -> dict[str, str]:
-        return _kept(all_refs, by_ref, keep, _named_by_jobs(share, all_refs))
+        return _kept(all_refs, by_ref, keep, _named_by_jobs(share, everything), list(merged))
 
     report.kept = decide()
-    report.removable = [str(r) for r in all_refs if str(r) not in report.kept]
-    for text, ref in list(asked.items()):
-        if str(ref) in report.kept:
-            report.refused[text] = f"kept: {report.kept[str(ref)]}"
+    report.removable = [key for key in everything if key not in report.kept]
+    for text, doomed in list(asked.items()):
+        if doomed.key in report.kept:
+            report.refused[text] = f"kept: {report.kept[doomed.key]}"
             del asked[text]
     if asked:
-        _apply(share, asked, decide, by_ref, report)
+        _apply(asked, decide, report)
     return report
 
 
-def _asked(share: Share, remove: list[str], all_refs: list[Ref], report: GcReport) -> dict[str, Ref]:
-    """What a person typed -> the exact registered version it names; anything else is refused, saying why."""
-    asked: dict[str, Ref] = {}
+def _asked(share: Share, remove: list[str], all_refs: list[Ref], by_ref: dict[str, Manifest],
+           merged: dict[str, MergedNode], report: GcReport) -> dict[str, Doomed]:
+    """What a person typed -> the exact version or merged model it names; anything else is refused, saying why."""
+    asked: dict[str, Doomed] = {}
     for text in sorted(set(remove)):
+        if (path := text.rstrip("/")) in merged:
+            asked[text] = Doomed(path, share.root / path, merged[path].size_bytes, "merged model")
+            continue
         try:
             ref, _folder = resolve(share, text, "gc")
         except Rejected as e:
-            report.refused[text] = e.problem
+            report.refused[text] = (e.problem if ADAPTER_REF.match(text) else
+                                    f"{text!r} is neither NAME/VERSION of a registered adapter nor a merged model "
+                                    "folder that loraspool adapters lists")
             continue
         if ref not in all_refs or str(ref) != text:
             # A case-insensitive share (SMB, NTFS) finds "Support/v2" in support/v2: the rules speak of exact
             # names, so only an exact name may remove anything.
             report.refused[text] = "not a registered version under that exact name (names are case-sensitive)"
             continue
-        asked[text] = ref
+        manifest = by_ref.get(text)
+        asked[text] = Doomed(text, version_dir(share, ref), manifest.size_bytes if manifest else 0, "adapter")
     return asked
 
 
-def _apply(share: Share, asked: dict[str, Ref], decide: Callable[[], dict[str, str]], by_ref: dict[str, Manifest],
-           report: GcReport) -> None:
-    """Hide the versions, look at the jobs again, put back what a job that came meanwhile names, delete the rest.
+def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], report: GcReport) -> None:
+    """Hide them, look at the jobs again, put back what a job that came meanwhile names, delete the rest.
     gc takes no lock that a submitter honours, so a job may land after the first look. Once hidden, a version
-    cannot be loaded by a job that comes later (that job is rejected, naming the field), and the second look
-    finds any job that came in between."""
-    hidden = {text: _hide(share, ref) for text, ref in asked.items()}
+    or model cannot be loaded by a job that comes later (that job is rejected, naming the field), and the second
+    look finds any job that came in between."""
+    hidden = {text: _hide(d) for text, d in asked.items()}
     late = decide()
-    for text, ref in asked.items():
-        if str(ref) in late:
-            os.rename(hidden[text], version_dir(share, ref))
-            report.refused[text] = f"kept: {late[str(ref)]} (it came while gc ran)"
+    for text, doomed in asked.items():
+        if doomed.key in late:
+            os.rename(hidden[text], doomed.folder)
+            report.refused[text] = f"kept: {late[doomed.key]} (it came while gc ran)"
             continue
-        report.freed_bytes += _delete(ref, hidden[text], by_ref.get(str(ref)))
+        shutil.rmtree(hidden[text], ignore_errors=True)
+        with contextlib.suppress(OSError):
+            fsync_dir(hidden[text].parent)
+        log.info("%s %s removed by gc --apply (%d bytes freed)", doomed.kind, text, doomed.size)
+        report.freed_bytes += doomed.size
         report.removed.append(text)
 
 
-def _hide(share: Share, ref: Ref) -> Path:
-    """Rename the version out of the registry's sight: a half-deleted folder is never a version. Only ever called
-    for a version a person named."""
-    folder = version_dir(share, ref)
-    hidden = folder.with_name(f".gc-{ref.version}-{uuid.uuid4().hex[:8]}.tmp")
-    os.rename(folder, hidden)
+def _hide(doomed: Doomed) -> Path:
+    """Rename it out of sight (a hidden name, which neither the registry nor the merged listing reads): a
+    half-deleted folder is never a version or a model. Only ever called for what a person named."""
+    hidden = doomed.folder.with_name(f".gc-{doomed.folder.name}-{uuid.uuid4().hex[:8]}.tmp")
+    os.rename(doomed.folder, hidden)
     return hidden
-
-
-def _delete(ref: Ref, hidden: Path, manifest: Manifest | None) -> int:
-    size = manifest.size_bytes if manifest else 0
-    shutil.rmtree(hidden, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        fsync_dir(hidden.parent)
-    log.info("adapter %s removed by gc --apply (%d bytes freed)", ref, size)
-    return size

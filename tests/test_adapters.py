@@ -659,6 +659,31 @@ def _tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_gc_removes_a_merged_model_only_when_named_and_no_job_trains_on_it(share: Share, trained: dict) -> None:
+    """A merged model is listed as removable, but stays while a queued job trains on it (base_model, written with
+    another case and a trailing slash), and goes once a person names it and the job is gone."""
+    from spooler.cancel import request_cancel
+
+    merged = share.root / "models" / "merged"
+    if not (merged / "support-v3").is_dir():  # made by test_merge_into_base_equals_adapter_on_base, when it ran
+        assert run(share, JobSpec(id="m-base", kind="merge", merge={"adapters": ["support/v3"], "into": "base"})).ok
+    shutil.copytree(merged / "support-v3", merged / "gc-copy")
+    path = "models/merged/gc-copy"
+    assert path in registry.gc(share).removable
+    _enqueue(share, {**train_job("gc-on-merged", steps=4), "base_model": "Models/Merged/gc-copy/"})
+    report = registry.gc(share, [path, "models/merged/nothing"])
+    assert report.removed == [] and (merged / "gc-copy").is_dir()
+    assert report.refused[path] == "kept: named by job gc-on-merged (queued)"
+    assert "neither NAME/VERSION" in report.refused["models/merged/nothing"]
+    assert request_cancel(share, "gc-on-merged", SystemClock()) == "job gc-on-merged cancelled"
+    size = next(m.size_bytes for m in registry.merged_models(share) if m.path == path)
+    cli = _cli("gc", "--share", str(share.root), "--apply", path + "/", "--json")
+    applied = json.loads(cli.stdout)
+    assert cli.returncode == 0 and applied["removed"] == [path + "/"] and applied["freed_bytes"] == size > 0
+    assert not (merged / "gc-copy").exists() and not [p for p in merged.iterdir() if p.name.startswith(".")]
+    assert (merged / "support-v3").is_dir()
+
+
 def test_manifests_validate_against_their_schema(share: Share, trained: dict) -> None:
     for path in registry.root(share).glob("*/v*/manifest.json"):
         Manifest.model_validate_json(path.read_bytes())
