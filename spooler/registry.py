@@ -30,6 +30,7 @@ from schemas.adapter import (
     BaseIdentity,
     BaseNode,
     DatasetInfo,
+    FileEntry,
     GcReport,
     LoraShape,
     Manifest,
@@ -201,8 +202,10 @@ def _confirm(target: Path, manifest: Manifest) -> None:
                             "reported a rename that another registration won); run the job again")
 
 
-def copy_adapter(share: Share, source: Path, staged: Path, expected: dict[str, str] | None = None) -> None:
-    """Copy an adapter's files into ``staged`` and prove the copy whole against ``expected`` (name -> sha256)."""
+def copy_adapter(share: Share, source: Path, staged: Path,
+                 expected: dict[str, str] | None = None) -> dict[str, FileEntry]:
+    """Copy an adapter's files into ``staged``, prove the copy whole against ``expected`` (name -> sha256), and
+    return the copy's entries: hashed once, where the manifest needs them too (each read crosses the network)."""
     for path in sorted(source.rglob("*")):
         if path.is_symlink() or not path.is_file() or path.name == MANIFEST:
             continue
@@ -210,11 +213,11 @@ def copy_adapter(share: Share, source: Path, staged: Path, expected: dict[str, s
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
     chmod_tree(staged, share.file_mode)
-    if expected is not None:
-        got = {n: e.sha256 for n, e in file_entries(staged).items()}
-        if got != expected:
-            raise RegistryError(f"the copy of {source} into the registry does not match its hashes; the source "
-                                "changed or the share lost bytes: check it with loraspool verify")
+    entries = file_entries(staged, skip=(MANIFEST,))
+    if expected is not None and {n: e.sha256 for n, e in entries.items()} != expected:
+        raise RegistryError(f"the copy of {source} into the registry does not match its hashes; the source "
+                            "changed or the share lost bytes: check it with loraspool verify")
+    return entries
 
 
 def register(share: Share, name: str, source: Path, manifest: Manifest,
@@ -222,8 +225,7 @@ def register(share: Share, name: str, source: Path, manifest: Manifest,
     """Register the adapter in ``source`` as the next version of ``name``; ``manifest`` is completed here."""
     staged = stage(share, name)
     try:
-        copy_adapter(share, source, staged, expected)
-        entries = file_entries(staged, skip=(MANIFEST,))
+        entries = copy_adapter(share, source, staged, expected)
         manifest.name, manifest.files = name, entries
         manifest.size_bytes = sum(e.size for e in entries.values())
         return publish(share, staged, manifest)

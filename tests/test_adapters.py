@@ -629,29 +629,29 @@ def test_a_job_file_still_being_copied_keeps_the_versions_its_text_names(share: 
 
 def test_a_job_that_lands_while_gc_runs_keeps_its_versions(share: Share, trained: dict,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """gc takes no lock a submitter honours. A job naming race/v2 lands right after gc has looked at the jobs
-    (dropped from inside that first look): gc hides race/v1 and v2, looks again, and puts back v2 and its parent
-    v1, each the same folder as before; an unnamed race/v3 still goes."""
-    _register_copies(share, trained, "race", [[], ["race/v1"], [], []])
-    before = {r: _tree_digest(version(share, r)) for r in ("race/v1", "race/v2")}
+    """gc takes no lock a submitter honours. A job naming late/v2 lands right after gc has looked at the jobs
+    (dropped from inside that first look): gc hides late/v1 and v2, looks again, and puts back v2 and its parent
+    v1, each the same folder as before; an unnamed late/v3 still goes."""
+    _register_copies(share, trained, "late", [[], ["late/v1"], [], []])
+    before = {r: _tree_digest(version(share, r)) for r in ("late/v1", "late/v2")}
     first_look = registry._named_by_jobs
     looks: list[int] = []
 
     def look_then_submit(s: Share, all_refs: list) -> dict[str, str]:
         found = first_look(s, all_refs)
         if not looks:
-            drop(share, "gc-late.json", {**train_job("gc-late", steps=4), "parent": "race/v2"})
+            drop(share, "gc-late.json", {**train_job("gc-late", steps=4), "parent": "late/v2"})
         looks.append(1)
         return found
 
     monkeypatch.setattr(registry, "_named_by_jobs", look_then_submit)
-    report = registry.gc(share, ["race/v1", "race/v2", "race/v3"])
-    assert len(looks) == 2 and report.removed == ["race/v3"] and registry.numbers(share, "race") == [1, 2, 4]
+    report = registry.gc(share, ["late/v1", "late/v2", "late/v3"])
+    assert len(looks) == 2 and report.removed == ["late/v3"] and registry.numbers(share, "late") == [1, 2, 4]
     assert report.refused == {
-        "race/v1": "kept: an ancestor of race/v2, which stays (it came while gc ran)",
-        "race/v2": "kept: named by job gc-late (incoming) (it came while gc ran)"}
+        "late/v1": "kept: an ancestor of late/v2, which stays (it came while gc ran)",
+        "late/v2": "kept: named by job gc-late (incoming) (it came while gc ran)"}
     assert {r: _tree_digest(version(share, r)) for r in before} == before
-    assert not [p for p in (registry.root(share) / "race").iterdir() if p.name.startswith(".")]
+    assert not [p for p in (registry.root(share) / "late").iterdir() if p.name.startswith(".")]
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
