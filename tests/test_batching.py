@@ -92,6 +92,22 @@ def test_ranks_split_the_global_batch_of_one_process() -> None:
         assert got == sorted(t for row in whole.input_ids.tolist() for t in row if t != 0)
 
 
+def test_every_target_weighs_the_same_over_an_epoch() -> None:
+    """Length grouping makes steps of short rows and steps of long rows: their target counts differ several-fold,
+    so the loss divides each step's sum by the epoch's mean count, the same for every step and every rank."""
+    ex = _examples(300)
+    for packed in (False, True):
+        b = Batcher(ex, 8, 64, 0, seed=3, packed=packed)
+        plan = b.epoch_plan(0)
+        counts = [sum(len(ex[i].input_ids) - 1 for row in step for i in row) for step in plan]
+        assert b.targets_per_step(0) == pytest.approx(sum(counts) / len(plan))
+        assert sum(counts) == sum(len(e.input_ids) - 1 for e in ex)  # every target once, row starts excepted
+        if not packed:
+            assert max(counts) > 3 * min(counts), "grouping no longer makes uneven steps: the test says nothing"
+        ranks = [Batcher(ex, 8, 64, 0, seed=3, packed=packed, world=2, rank=r) for r in (0, 1)]
+        assert [r.targets_per_step(0) for r in ranks] == [ranks[0].targets_per_step(0)] * 2
+
+
 # ── the model's side of packing ──────────────────────────────────────────────────────────────────────────────
 ARCHS = {
     "llama": {}, "qwen3": {"head_dim": 16}, "mistral": {}, "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4},

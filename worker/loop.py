@@ -9,9 +9,11 @@ exact control of what reaches the share. What makes it fast is in the data and t
   costs one chunk of fp32 logits at a time instead of batch × length × vocab;
 * AdamW runs fused on CUDA, over the LoRA parameters only.
 
-The loss of a step is the mean over every labelled token of the (global) batch, whatever the rank split: each rank
-divides its sum by the global token count, and DDP's gradient averaging is undone by the world size, so two
-processes with batch B follow the trajectory of one process with batch 2B.
+The loss that a step trains on is its sum over every labelled token of the (global) batch divided by the epoch's mean
+count per step (``Batcher.targets_per_step``), so every token weighs the same over an epoch however the batches
+group rows; the loss it reports is the step's own mean. Each rank divides its sum by that global count, and DDP's
+gradient averaging is undone by the world size, so two processes with batch B follow the trajectory of one
+process with batch 2B.
 """
 
 from __future__ import annotations
@@ -302,8 +304,8 @@ class Loop:
         labelled = float((batch.labels[:, 1:] != IGNORE).sum())
         n_global, real, padded = self.dist.totals([labelled, batch.real_tokens, batch.padded_tokens], self.s.device)
         loss_sum, _ = self._forward(batch)
-        # Sum over this rank / tokens of the whole step, times world to undo DDP's averaging: the global mean.
-        loss = loss_sum * (self.dist.world / max(n_global, 1.0))
+        # Sum over this rank / the epoch's mean targets per step, times world to undo DDP's averaging.
+        loss = loss_sum * (self.dist.world / max(self.batcher.targets_per_step(self.pos.epoch), 1.0))
         reported = self.dist.total(float(loss_sum.detach()), self.s.device) / max(n_global, 1.0)
         self._check_loss(reported, lr)
         self.scaler.scale(loss).backward()
