@@ -106,8 +106,9 @@ class TrainingSpec(Strict):
                             "memory estimate says the batch would not fit.")
     packing: bool | Literal["auto"] = Field(
         "auto", description="Pack rows into full max_length sequences (attention never crosses rows): no compute "
-                            "on padding. auto: on for cuda, off on CPU. A model that would let packed rows see "
-                            "each other (OPT, Falcon, Bloom) trains padded instead; the result's notes say so.")
+                            "on padding; batch_size then counts sequences. auto and true: packed, unless the "
+                            "model would let packed rows see each other (OPT, Falcon, Bloom): then padded, and "
+                            "the result's notes say so. false: length-grouped padded batches.")
     compile: bool = Field(False, description="torch.compile the model body (cuda only); compile time is reported.")
 
     @model_validator(mode="after")

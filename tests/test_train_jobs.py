@@ -94,7 +94,9 @@ def test_killed_worker_job_resumes_from_its_checkpoint(train_share: Share, procs
 def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Share, procs: Procs) -> None:
     share = train_share
     w1 = procs.worker(share, "w1")
-    drop(share, "graceful.json", train_job("graceful", steps=200, batch_size=2, max_length=32,
+    # 200 such steps take 1.5 s on 2 cores, and progress is written once a second: the SIGTERM could come after
+    # the last step. 1500 leave it ~10 s, and the second worker resumes the rest in as many.
+    drop(share, "graceful.json", train_job("graceful", steps=1500, batch_size=2, max_length=32,
                                            checkpoint_every_steps=10_000))
     wait_for(lambda: progress_step(share, "graceful") >= 20, 180, "training to run a while")
     w1.send_signal(signal.SIGTERM)

@@ -137,9 +137,12 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
 
 
 def _packs(t: TrainingSpec, plan: Plan, model: torch.nn.Module) -> bool:
-    """Packing, when asked for (or auto on cuda) and the model keeps packed rows apart; padded batches otherwise,
-    with a note: a model that lets rows see each other would train on text that is not each row's own."""
-    if not (t.packing if isinstance(t.packing, bool) else plan.device == "cuda"):
+    """Packing unless the job says false or the model lets packed rows see each other (then a note: it would
+    train each row on text that is not its own). On CPU too, measured against length-grouped padded batches:
+    more real tokens/s (tiny 23.5k vs 21.6k, gpt2-small 132 vs 98), a third of the memory on gpt2-small, and
+    the quality benchmark's eval loss at the Trainer's, where padded batches reached 81% of its gain. And a job
+    then takes the same steps on the GPU worker and on its CPU fallback."""
+    if t.packing is False:
         return False
     if problem := packing_problem(model):
         plan.notes.append(f"padded batches instead of packed: {problem}")
