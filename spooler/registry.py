@@ -473,7 +473,7 @@ def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str], name
         if str(r) not in by_ref:  # its parents are unknown, so nothing says it is safe to lose
             why.setdefault(str(r), f"no readable {MANIFEST}; check it with loraspool verify {r}")
     for ref in list(why):
-        for parent in ancestors(ref, by_ref) if ref in by_ref else []:
+        for parent in ancestors(ref, by_ref):
             why.setdefault(parent, f"an ancestor of {ref}, which stays")
     return why
 

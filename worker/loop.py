@@ -99,7 +99,6 @@ class CausalLMLoss(torch.nn.Module):
                             use_cache=False).last_hidden_state
         return _chunked_ce(self._head, hidden[:, :-1][keep], targets[keep]), keep.sum()
 
-
     def check_chunking(self, ids: torch.Tensor) -> str | None:
         """None when the chunked loss is the model's own on ``ids``; otherwise why the full path is taken from now
         on. The chunked path computes ``lm_head(hidden)`` itself, so a model that transforms its logits in a way
