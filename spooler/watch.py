@@ -53,25 +53,35 @@ def choose_mode(path: Path, mode: WatchMode) -> Literal["native", "polling"]:
 
 
 class _Wake(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, events: list[threading.Event]) -> None:
+        self.events = events
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self.event.set()
+        for e in list(self.events):
+            e.set()
 
 
 class FolderWatcher:
-    """Sets ``wake`` on any change in the watched folders; ``wait`` returns on a change or a timeout."""
+    """Sets every subscriber's event on any change in the watched folders; ``wait`` returns on a change or a
+    timeout. One watcher serves all the slots of a worker (``subscribe``): a polling observer lists and stats
+    the folders every ``poll_interval`` over the network, and N slots each polling would multiply that load."""
 
     def __init__(self, folders: list[Path], mode: WatchMode, poll_interval: float) -> None:
         self.mode: Literal["native", "polling", "rescan"] = choose_mode(folders[0], mode)
-        self.wake = threading.Event()
+        self._events: list[threading.Event] = []
+        self.wake = self.subscribe()
         self.observer: BaseObserver = (
             PollingObserver(timeout=poll_interval) if self.mode == "polling" else Observer()
         )
-        handler = _Wake(self.wake)
+        handler = _Wake(self._events)
         for folder in folders:
             self.observer.schedule(handler, str(folder), recursive=False)
+
+    def subscribe(self) -> threading.Event:
+        """An event of one's own: set by every change, cleared only by its owner's ``wait``."""
+        event = threading.Event()
+        self._events.append(event)
+        return event
 
     def start(self) -> None:
         """Start watching; a folder that is gone (the share dropped during start-up) leaves only the rescans,
@@ -90,7 +100,8 @@ class FolderWatcher:
         self.observer.stop()
         self.observer.join(timeout=5)
 
-    def wait(self, timeout: float) -> bool:
-        woke = self.wake.wait(timeout)
-        self.wake.clear()
+    def wait(self, timeout: float, event: threading.Event | None = None) -> bool:
+        event = event or self.wake
+        woke = event.wait(timeout)
+        event.clear()
         return woke

@@ -70,8 +70,8 @@ def test_quiet_hours_take_no_new_jobs_but_accept_and_beat(share: Share, procs: P
 
 
 def test_two_slots_run_two_jobs_at_once(train_share: Share, procs: Procs) -> None:
-    """max_concurrent_jobs = 2 on a CPU worker: slots w and w-2. A probe dropped while a training job runs
-    is answered by the other slot before the training ends."""
+    """max_concurrent_jobs = 2 on a CPU worker: slots w and w-2, sharing one folder watcher. A probe dropped while
+    a training job runs is answered by the other slot before the training ends."""
     from tests.conftest import train_job, wait_result
 
     w = procs.worker(train_share, "w", env={"LORASPOOL_MAX_CONCURRENT_JOBS": "2"})
@@ -89,7 +89,9 @@ def test_two_slots_run_two_jobs_at_once(train_share: Share, procs: Procs) -> Non
     quick = wait_result(train_share, "quick", 60)
     assert quick.worker == ({"w", "w-2"} - {busy}).pop(), "the other slot answered"
     assert result_of(train_share, "long") is None, "while the training still ran"
-    assert "runs 2 jobs at once" in log_of(w)
+    log = log_of(w)
+    assert "runs 2 jobs at once" in log
+    assert log.count("watching with the") == 1 and "observer, for its 2 slots" in log, "one watcher for both slots"
 
 
 def test_training_interrupted_by_a_share_outage_resumes_instead_of_failing(train_share: Share, procs: Procs) -> None:

@@ -50,7 +50,7 @@ class WorkerError(Exception):
 
 class Worker:
     def __init__(self, share: Share, cfg: WorkerSettings, clock: Clock | None = None,
-                 gpus: list[int] | None = None) -> None:
+                 gpus: list[int] | None = None, watcher: FolderWatcher | None = None) -> None:
         self.share, self.cfg, self.id = share, cfg, cfg.id
         self.gpus = gpus  # this slot's GPUs (worker.slots); None: whatever the machine shows
         self.clock = clock or SystemClock()
@@ -70,7 +70,9 @@ class Worker:
         self._start_trouble = ""
         self._progress_failing = False
         self.outbox = Outbox(cfg.cache_dir / "outbox" / cfg.id)
-        self.watcher: FolderWatcher | None = None
+        self.watcher = watcher  # shared by the slots of one machine (worker.slots), or made in bootstrap
+        self._owns_watcher = watcher is None
+        self.wake: threading.Event | None = None
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
     def work(self) -> int:
@@ -102,7 +104,8 @@ class Worker:
                 if not self.stopping.is_set():  # "stopping" stays until the last heartbeat
                     self.hb.state = WorkerState.paused if self._was_quiet else WorkerState.idle
                 assert self.watcher is not None
-                self.watcher.wait(min(self.share.settings.rescan_interval, self.share.settings.heartbeat_interval))
+                self.watcher.wait(min(self.share.settings.rescan_interval, self.share.settings.heartbeat_interval),
+                                  self.wake)
         finally:
             self.teardown()
         return self._exit_code()
@@ -134,10 +137,11 @@ class Worker:
         except OSError as e:  # the share went away during start-up: the loop waits for it like any outage
             log.warning("start-up recovery stopped: %s: %s; it runs again at the next start [worker %s]",
                         type(e).__name__, e, self.id)
-        self.watcher = FolderWatcher([self.share.inbox, self.share.queue, self.share.cancel], self.cfg.watch,
-                                     self.share.settings.poll_interval)
-        self.watcher.start()
-        log.info("worker %s watching with the %s observer", self.id, self.watcher.mode)
+        if self.watcher is None:
+            self.watcher = job_watcher(self.share, self.cfg)
+            self.watcher.start()
+            log.info("worker %s watching with the %s observer", self.id, self.watcher.mode)
+        self.wake = self.watcher.subscribe()
 
     def _recover(self) -> None:
         """Finish what this worker id left when it died: held jobs back to the queue, its intake, and results
@@ -167,7 +171,7 @@ class Worker:
                               "start this one with a different --id")
 
     def teardown(self) -> None:
-        if self.watcher is not None:
+        if self.watcher is not None and self._owns_watcher:
             self.watcher.stop()
         self.hb.stop(WorkerState.stopped)
         log.info("worker %s stopped", self.id)
@@ -178,8 +182,8 @@ class Worker:
         log.info("worker %s got %s: finishing the current step, then stopping", self.id, why)
         self.hb.state = WorkerState.stopping  # the heartbeats until the last one ("stopped") say so
         self.stopping.set()
-        if self.watcher is not None:
-            self.watcher.wake.set()
+        if self.wake is not None:
+            self.wake.set()
 
     def maintenance(self, force: bool = False) -> None:
         now = self.clock.monotonic()
@@ -395,6 +399,11 @@ class Worker:
             return 0
         result = find_result(self.share, self.cfg.only_job)
         return 0 if result is not None and result.status is Terminal.succeeded else 1
+
+
+def job_watcher(share: Share, cfg: WorkerSettings) -> FolderWatcher:
+    """What a worker watches: new jobs (inbox), accepted ones (queue) and cancel requests."""
+    return FolderWatcher([share.inbox, share.queue, share.cancel], cfg.watch, share.settings.poll_interval)
 
 
 def run_worker(share: Share, cfg: WorkerSettings, clock: Clock | None = None) -> int:

@@ -3,7 +3,8 @@
 A desktop with two cards trains two jobs, one per card, by default (``max_concurrent_jobs`` says otherwise).
 Each slot is a complete worker with its own id, heartbeat and running folder, so the claim protocol, the
 reaper and ``loraspool status`` need no notion of slots: slot 1 is the configured id, the others add
-``-2``, ``-3``, .... A slot's training child sees only its GPUs (``CUDA_VISIBLE_DEVICES``).
+``-2``, ``-3``, .... A slot's training child sees only its GPUs (``CUDA_VISIBLE_DEVICES``). The slots share one
+folder watcher: on a network share its polling lists the folders once per interval, not once per slot.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from spooler.clock import Clock
 from spooler.config import WorkerSettings, concurrency, devices_problem, gpu_indices
 from spooler.share import Share
-from worker.daemon import Worker
+from worker.daemon import Worker, job_watcher
 from worker.sysinfo import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,9 @@ class Slots:
         one_off = bool(cfg.only_job or cfg.fallback)  # a submitter's fallback runs its one job
         n = 1 if one_off else concurrency(cfg, gpu_count)
         gpus = gpu_indices(cfg, gpu_count) if cfg.devices is not None or n > 1 else []
-        self.workers = [Worker(share, cfg.model_copy(update={"id": slot_id(cfg.id, i)}), clock, gpus=g)
+        self.watcher = job_watcher(share, cfg) if n > 1 else None  # one for all slots: one poll of the share
+        self.workers = [Worker(share, cfg.model_copy(update={"id": slot_id(cfg.id, i)}), clock, gpus=g,
+                               watcher=self.watcher)
                         for i, g in enumerate(slot_gpus(gpus, n))]
         if n > 1:
             log.info("worker %s runs %d jobs at once: %s", cfg.id, n,
@@ -58,6 +61,16 @@ class Slots:
     def work(self) -> int:
         if len(self.workers) == 1:
             return self.workers[0].work()
+        assert self.watcher is not None
+        self.watcher.start()
+        log.info("worker %s watching with the %s observer, for its %d slots", self.workers[0].cfg.id,
+                 self.watcher.mode, len(self.workers))
+        try:
+            return self._run_slots()
+        finally:
+            self.watcher.stop()
+
+    def _run_slots(self) -> int:
         codes: dict[str, int] = {}
         threads = [threading.Thread(target=self._run_slot, args=(w, codes), name=f"slot-{w.id}")
                    for w in self.workers]
