@@ -51,7 +51,8 @@ class Batcher:
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
         self.pad_id, self.seed, self.packed, self.world, self.rank = pad_id, seed, packed, world, rank
         self._cache: tuple[int, list[list[list[int]]]] | None = None
-        self._targets: list[int] | None = None
+        self._targets: tuple[int, float] | None = None  # (epoch, mean targets per step)
+        self._target_counts: list[int] | None = None
 
     def steps_per_epoch(self) -> int:
         return len(self.epoch_plan(0))
@@ -61,10 +62,16 @@ class Batcher:
         step's own count, so every target weighs the same over the epoch. Length-grouped batches of short rows hold
         far fewer targets than batches of long rows; a per-step mean would weigh each of their tokens several times
         more, and training would fit short rows at the expense of the long ones that hold most tokens."""
-        if self._targets is None:
-            self._targets = [sum(1 for y in e.labels[1:] if y != IGNORE) for e in self.examples]
-        plan = self.epoch_plan(epoch)
-        return sum(self._targets[i] for step in plan for row in step for i in row) / max(1, len(plan))
+        if self._targets is None or self._targets[0] != epoch:  # asked every step: counted once an epoch
+            plan = self.epoch_plan(epoch)
+            total = sum(self._counts()[i] for step in plan for row in step for i in row)
+            self._targets = (epoch, total / max(1, len(plan)))
+        return self._targets[1]
+
+    def _counts(self) -> list[int]:
+        if self._target_counts is None:
+            self._target_counts = [sum(1 for y in e.labels[1:] if y != IGNORE) for e in self.examples]
+        return self._target_counts
 
     def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
         """The epoch's optimizer steps; each step is a list of rows, each row a list of example indices."""
