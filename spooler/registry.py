@@ -581,7 +581,12 @@ def _asked(share: Share, remove: list[str], all_refs: list[Ref], by_ref: dict[st
     asked: dict[str, Doomed] = {}
     for text in sorted(set(remove)):
         if (path := text.rstrip("/")) in merged:
-            asked[text] = Doomed(path, share.root / path, merged[path].size_bytes, "merged model")
+            try:  # the listing follows no link below models/, but models/ itself may be one leading out
+                folder = resolve_in_share(share.root, path, "gc")
+            except Rejected as e:
+                report.refused[text] = e.problem
+                continue
+            asked[text] = Doomed(path, folder, merged[path].size_bytes, "merged model")
             continue
         try:
             ref, _folder = resolve(share, text, "gc")

@@ -684,6 +684,23 @@ def test_gc_removes_a_merged_model_only_when_named_and_no_job_trains_on_it(share
     assert (merged / "support-v3").is_dir()
 
 
+def test_gc_never_removes_a_merged_model_outside_the_share(tmp_path: Path, share: Share, trained: dict) -> None:
+    """models/ itself a link to another disk: the merged model there is listed, but gc --apply refuses it and
+    the folder outside the share stays whole."""
+    other = make_share(tmp_path / "other")
+    merged = share.root / "models" / "merged"
+    if not (merged / "support-v3").is_dir():
+        assert run(share, JobSpec(id="m-base", kind="merge", merge={"adapters": ["support/v3"], "into": "base"})).ok
+    outside = tmp_path / "elsewhere" / "models"
+    shutil.copytree(merged / "support-v3", outside / "merged" / "far")
+    (other.root / "models").rmdir()
+    (other.root / "models").symlink_to(outside, target_is_directory=True)
+    assert "models/merged/far" in registry.gc(other).removable
+    report = registry.gc(other, ["models/merged/far"])
+    assert report.removed == [] and "outside the share" in report.refused["models/merged/far"]
+    assert (outside / "merged" / "far" / MANIFEST).is_file()
+
+
 def test_manifests_validate_against_their_schema(share: Share, trained: dict) -> None:
     for path in registry.root(share).glob("*/v*/manifest.json"):
         Manifest.model_validate_json(path.read_bytes())
