@@ -62,14 +62,13 @@ class _Wake(FileSystemEventHandler):
 
 
 class FolderWatcher:
-    """Sets every subscriber's event on any change in the watched folders; ``wait`` returns on a change or a
-    timeout. One watcher serves all the slots of a worker (``subscribe``): a polling observer lists and stats
+    """Sets every subscriber's event on any change in the watched folders; ``wait`` on one returns on a change or
+    a timeout. One watcher serves all the slots of a worker (``subscribe``): a polling observer lists and stats
     the folders every ``poll_interval`` over the network, and N slots each polling would multiply that load."""
 
     def __init__(self, folders: list[Path], mode: WatchMode, poll_interval: float) -> None:
         self.mode: Literal["native", "polling", "rescan"] = choose_mode(folders[0], mode)
         self._events: list[threading.Event] = []
-        self.wake = self.subscribe()
         self.observer: BaseObserver = (
             PollingObserver(timeout=poll_interval) if self.mode == "polling" else Observer()
         )
@@ -100,8 +99,9 @@ class FolderWatcher:
         self.observer.stop()
         self.observer.join(timeout=5)
 
-    def wait(self, timeout: float, event: threading.Event | None = None) -> bool:
-        event = event or self.wake
+    @staticmethod
+    def wait(event: threading.Event, timeout: float) -> bool:
+        """Whether a change (or a ``set`` by the owner) came within ``timeout``; clears it for the next wait."""
         woke = event.wait(timeout)
         event.clear()
         return woke

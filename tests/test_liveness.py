@@ -164,7 +164,7 @@ def test_watcher_start_survives_a_vanished_share(tmp_path: Path, mode: str) -> N
     inbox.rmdir()
     watcher.start()
     assert watcher.mode == "rescan"
-    assert watcher.wait(0.05) is False
+    assert watcher.wait(watcher.subscribe(), 0.05) is False
     watcher.stop()
 
 

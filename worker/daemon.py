@@ -103,9 +103,9 @@ class Worker:
                     continue
                 if not self.stopping.is_set():  # "stopping" stays until the last heartbeat
                     self.hb.state = WorkerState.paused if self._was_quiet else WorkerState.idle
-                assert self.watcher is not None
-                self.watcher.wait(min(self.share.settings.rescan_interval, self.share.settings.heartbeat_interval),
-                                  self.wake)
+                assert self.watcher is not None and self.wake is not None
+                self.watcher.wait(self.wake, min(self.share.settings.rescan_interval,
+                                                 self.share.settings.heartbeat_interval))
         finally:
             self.teardown()
         return self._exit_code()
