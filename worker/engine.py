@@ -118,7 +118,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     recompute = wants_checkpointing(t.gradient_checkpointing, plan, model, tokens_per_step)
     model = add_lora(model, req.job, plan, recompute, req.parent_dir)
     step_module = CausalLMLoss(model, chunked=True)
-    tokens = [t for e in splits.train[:8] for t in e.input_ids][:32]  # a real text, long enough to compare on
+    tokens = [tok for e in splits.train[:8] for tok in e.input_ids][:32]  # a real text, long enough to compare
     sample = torch.tensor([tokens], dtype=torch.long, device=plan.device)
     if problem := step_module.check_chunking(sample):
         plan.notes.append(problem)

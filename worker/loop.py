@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,15 +105,10 @@ class CausalLMLoss(torch.nn.Module):
         ``_chunkable`` does not know of would train on another objective, silently. Asked once, before training."""
         if not self.chunked:
             return None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                chunked, _ = self(ids, ids, None, None)
-                self.chunked = False
-                full, _ = self(ids, ids, None, None)
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model):
+            chunked, _ = self(ids, ids, None, None)
+            self.chunked = False
+            full, _ = self(ids, ids, None, None)
         gap = abs(float(chunked) - float(full)) / max(abs(float(full)), 1e-12)
         assert self._head is not None
         # fp32: the same arithmetic, to rounding. bf16/fp16: a head run on fewer rows may round differently.
@@ -122,6 +117,19 @@ class CausalLMLoss(torch.nn.Module):
             return None
         return (f"the loss from lm_head(hidden) differs from {type(self.model.get_base_model()).__name__}'s own by "
                 f"{gap:.2g}: it transforms its logits, so the loss takes the full logits (more memory)")
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off and no gradients for a look at the model before or between training, then its mode as it was:
+    the probes and checks that run ahead of training must not leave it in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _chunkable(lm: torch.nn.Module) -> bool:

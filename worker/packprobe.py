@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from worker.loop import evaluating
+
 DOC = 16  # tokens per probe document: short, so the probe costs less than one training step
 LEAK_TOL = 1e-2  # same kernels, same shapes: any real leak is far above this (measured 4e-2 to 1.4 on tiny models)
 MOVED_TOL = 1e-1  # C at another offset in its row: rounding in bf16 can reach a few percent of the spread
@@ -30,13 +32,8 @@ def packing_problem(model: torch.nn.Module) -> str | None:
     a, b, c = (torch.randint(0, vocab, (DOC,), generator=g) for _ in range(3))
     ids = torch.stack([torch.cat([a, c]), torch.cat([b, c]), torch.cat([c, a])]).to(device)
     positions = torch.arange(DOC).repeat(2).expand(3, -1).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
     c_after_a = logits[0, DOC:]
     scale = float(c_after_a.std()) or 1.0
     leak = float((c_after_a - logits[1, DOC:]).abs().max()) / scale

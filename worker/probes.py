@@ -13,6 +13,7 @@ import torch
 
 from schemas.result import ProbeOutput
 from worker.data import ALPACA_PROMPT
+from worker.loop import evaluating
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -25,13 +26,8 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], device: str
                      max_new_tokens: int = 64) -> list[str]:
     """Greedy answers, one prompt at a time: no padding, so no dependence on the tokenizer's padding side.
     The model's train/eval mode is restored afterwards, since the 'before' probe runs ahead of training."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return [_answer(model, tokenizer, p, device, max_new_tokens) for p in prompts]
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        return [_answer(model, tokenizer, p, device, max_new_tokens) for p in prompts]
 
 
 def _answer(model: Any, tokenizer: Any, prompt: str, device: str, max_new_tokens: int) -> str:
