@@ -23,6 +23,12 @@ def share_path_problem(value: str) -> str | None:
     return None
 
 
+def canonical(value: str) -> str:
+    """The one spelling of a share-relative path that ``resolve_in_share`` loads, for comparing names: forward
+    slashes, no '.' or empty parts, no trailing slash (``models\\x\\``, ``./models//x`` and ``models/x`` are one)."""
+    return PurePosixPath(value.replace("\\", "/")).as_posix()
+
+
 def resolve_in_share(root: Path, value: str, field: str) -> Path:
     """The real path of ``value`` under ``root``, refusing any that a symlink or '..' takes outside it."""
     if problem := share_path_problem(value):

@@ -47,7 +47,7 @@ from spooler.atomic import chmod_tree, fsync_dir, fsync_tree
 from spooler.clock import iso
 from spooler.errors import Rejected
 from spooler.jobfile import looks_temporary, parse_spec, read_limited
-from spooler.paths import resolve_in_share
+from spooler.paths import canonical, resolve_in_share
 from spooler.share import Share, read_model
 from spooler.states import JobState, source_name
 from worker.verify import base_identity, file_entries
@@ -518,7 +518,7 @@ def _job_names(spec: JobSpec) -> list[str]:
     NAME/VERSION, not a folder), a merge job's inputs, and the base model folder (a merged model may be one)."""
     named = [spec.parent, spec.verify.adapter if spec.verify else None, *(spec.merge.adapters if spec.merge else [])]
     refs = [r for r in named if r is not None and ref_problem(r) is None]
-    return refs + ([spec.base_model.strip("/").removeprefix("./")] if spec.base_model else [])
+    return refs + ([canonical(spec.base_model)] if spec.base_model else [])
 
 
 def _named_by_jobs(share: Share, keys: list[str]) -> dict[str, str]:

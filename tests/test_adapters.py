@@ -676,6 +676,10 @@ def test_gc_removes_a_merged_model_only_when_named_and_no_job_trains_on_it(share
     assert report.refused[path] == "kept: named by job gc-on-merged (queued)"
     assert "neither NAME/VERSION" in report.refused["models/merged/nothing"]
     assert request_cancel(share, "gc-on-merged", SystemClock()) == "job gc-on-merged cancelled"
+    # Written on Windows, as the worker's resolve_in_share would still load it: backslashes and a '.' part.
+    _enqueue(share, {**train_job("gc-on-merged-win", steps=4), "base_model": "models\\merged\\.\\gc-copy"})
+    assert registry.gc(share, [path]).refused[path] == "kept: named by job gc-on-merged-win (queued)"
+    assert request_cancel(share, "gc-on-merged-win", SystemClock()) == "job gc-on-merged-win cancelled"
     size = next(m.size_bytes for m in registry.merged_models(share) if m.path == path)
     cli = _cli("gc", "--share", str(share.root), "--apply", path + "/", "--json")
     applied = json.loads(cli.stdout)
