@@ -540,11 +540,13 @@ def _named_by_jobs(share: Share, keys: list[str]) -> dict[str, str]:
 def _mentioned(share: Share, path: Path, keys: list[str]) -> list[str]:
     """The keys (lower-cased) that appear, as whole names, in the raw bytes of a job file that does not parse. In
     the inbox (or just taken from it) such a file is most often a copy still arriving in pieces: it will name
-    what its text names, so those stay until intake has read or rejected it."""
+    what its text names, so those stay until intake has read or rejected it. Paths are compared in the spelling
+    ``paths.canonical`` gives: a file written on Windows has ``models\\\\x`` in its JSON text."""
     try:
         text = read_limited(path, share.settings.max_job_bytes).decode("utf-8", "replace").lower()
     except (OSError, Rejected):
         return []
+    text = re.sub(r"/(?:\./)+", "/", re.sub(r"[\\/]+", "/", text))  # models\\.\\x, models//x: models/x
     return [k.lower() for k in keys if re.search(rf"(?<![a-z0-9._-]){re.escape(k.lower())}(?![a-z0-9._-])", text)]
 
 

@@ -680,6 +680,13 @@ def test_gc_removes_a_merged_model_only_when_named_and_no_job_trains_on_it(share
     _enqueue(share, {**train_job("gc-on-merged-win", steps=4), "base_model": "models\\merged\\.\\gc-copy"})
     assert registry.gc(share, [path]).refused[path] == "kept: named by job gc-on-merged-win (queued)"
     assert request_cancel(share, "gc-on-merged-win", SystemClock()) == "job gc-on-merged-win cancelled"
+    # The same job still arriving in pieces: its JSON text so far spells the path with escaped backslashes.
+    whole = json.dumps({**train_job("gc-half-win", steps=4), "base_model": "models\\merged\\.\\gc-copy"})
+    drop(share, "gc-half-win.json", whole[:whole.index("gc-copy") + 8].encode())
+    assert "\\\\merged" in (share.inbox / "gc-half-win.json").read_text()
+    assert registry.gc(share, [path]).refused[path] == ("kept: named by gc-half-win.json, a job file that cannot "
+                                                        "be read yet (incoming)")
+    (share.inbox / "gc-half-win.json").unlink()
     size = next(m.size_bytes for m in registry.merged_models(share) if m.path == path)
     cli = _cli("gc", "--share", str(share.root), "--apply", path + "/", "--json")
     applied = json.loads(cli.stdout)
