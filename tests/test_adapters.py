@@ -324,14 +324,52 @@ def test_eval_loss_outside_the_tolerance_fails(share: Share, trained: dict) -> N
     assert "outside" in ev.reason
 
 
-def test_a_chain_of_three_verifies(share: Share, trained: dict) -> None:
-    from worker.adapter_verify import verify_chain
+def test_a_chain_of_three_verifies_on_one_load_of_its_base(share: Share, trained: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chain's reports are each version's own, checked alone, and its base is read once, not once a version."""
+    from worker import engine
+    from worker.adapter_verify import registered_target, verify, verify_chain
 
+    alone = {ref: verify(registered_target(share, ref)) for ref in ("support/v1", "support/v2", "support/v3")}
+    loads: list[Path] = []
+    real_load = engine.load_model
+    monkeypatch.setattr(engine, "load_model", lambda folder, plan: loads.append(folder) or real_load(folder, plan))
     chain = verify_chain(share, "support")
     assert chain.ok, chain
     assert [r.target for r in chain.versions] == ["support/v1", "support/v2", "support/v3"]
+    assert chain.versions == list(alone.values())
     assert [(c.name, c.status) for c in chain.links] == [("link support/v2 -> support/v1", CheckStatus.passed),
                                                          ("link support/v3 -> support/v2", CheckStatus.passed)]
+    assert len(loads) == 1, loads
+
+
+def test_a_base_that_an_adapter_changed_is_not_kept(share: Share, trained: dict, tmp_path: Path) -> None:
+    """modules_to_save: unloading gives back the adapter's trained copy of lm_head, not the base's. The next
+    adapter must get a fresh base, with the logits a base read from disk gives."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from schemas.job import Quantization
+    from worker.adapter_verify import Bases
+    from worker.engine import load_model, plan_for
+
+    base_dir = share.root / "models" / "tiny"
+    plan = plan_for(Quantization.none, "cpu")
+    wrapped = get_peft_model(load_model(base_dir, plan), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                    modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        wrapped.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    wrapped.save_pretrained(tmp_path / "with-head")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    want = load_model(base_dir, plan)(input_ids=ids).logits
+    bases = Bases()
+    first = bases.take(base_dir, "cpu")
+    bases.give_back(PeftModel.from_pretrained(first, str(tmp_path / "with-head")))
+    second = bases.take(base_dir, "cpu")
+    assert second is not first and torch.equal(second(input_ids=ids).logits, want)
+    bases.give_back(PeftModel.from_pretrained(second, str(trained["s1"].adapter_dir)))
+    third = bases.take(base_dir, "cpu")
+    assert third is second and torch.equal(third(input_ids=ids).logits, want)
 
 
 def test_verify_cli_exit_status_and_json(share: Share, trained: dict, tmp_path: Path) -> None:
