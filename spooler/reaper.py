@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 from schemas.result import Result, Terminal
@@ -20,6 +21,31 @@ from spooler.intake import Intake
 from spooler.share import Share
 
 log = logging.getLogger(__name__)
+
+
+class Reaper:
+    """``reap`` at most once per heartbeat interval for all the slots of one machine (``worker.slots``): they
+    share one view of the other workers, so the share's heartbeats are read once per interval, not once per slot,
+    and two slots never race to requeue the same job."""
+
+    def __init__(self, share: Share, clock: Clock) -> None:
+        self.share, self.clock = share, clock
+        self.liveness = Liveness(share, clock)
+        self._lock = threading.Lock()
+        self._last = -1e9
+
+    def due(self, me: str) -> None:
+        """Reap now if no slot has in the last interval; a slot that finds another reaping goes on at once."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            now = self.clock.monotonic()
+            if now - self._last < self.share.settings.heartbeat_interval:
+                return
+            self._last = now
+            reap(self.share, self.liveness, me, self.clock)
+        finally:
+            self._lock.release()
 
 
 def worker_dirs(share: Share, sub: str) -> set[str]:

@@ -15,6 +15,7 @@ from schemas.heartbeat import Heartbeat, WorkerState
 from spooler import states
 from spooler.clock import SkewedClock, SystemClock, iso, parse_iso
 from spooler.heartbeat import Liveness, snapshot
+from spooler.reaper import Reaper
 from spooler.share import Share, read_model
 from tests.conftest import Procs, log_of, result_of, wait_for, wait_result
 
@@ -108,6 +109,34 @@ def test_stale_workers_job_is_requeued_and_finished(share: Share, procs: Procs) 
     r = wait_result(share, "orphaned", 30)
     assert r.status.value == "succeeded" and r.worker == "w2" and r.attempts == 2
     assert "job orphaned requeued for attempt 2: worker gone" in log_of(w)
+
+
+class HandClock(SystemClock):
+    """Monotonic time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_slots_of_one_machine_reap_once_per_interval_between_them(share: Share) -> None:
+    """Two slots (w, w-2) share one Reaper: after one of them reaped, the other does not read the heartbeats
+    again within the interval; once the interval has passed, either one reaps."""
+    clock = HandClock()
+    reaper = Reaper(share, clock)
+    fake_dead_worker(share, "gone", "first")
+    reaper.due("w")  # the first look: gone's seq is new to us
+    clock.now += share.settings.stale_after + 0.1
+    reaper.due("w-2")
+    assert not list(share.running("gone").iterdir()) and list(share.queue.glob("*_first.a2.json"))
+    second = fake_dead_worker(share, "gone", "second")
+    reaper.due("w")
+    assert second.exists(), "reaped again within the interval"
+    clock.now += share.settings.heartbeat_interval
+    reaper.due("w")
+    assert not second.exists() and list(share.queue.glob("*_second.a2.json"))
 
 
 def test_job_fails_after_max_attempts(share: Share, procs: Procs) -> None:

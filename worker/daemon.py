@@ -25,11 +25,11 @@ from spooler import cancel, claim, states
 from spooler.clock import Clock, SystemClock, iso
 from spooler.config import WorkerSettings, in_quiet_hours, model_allowed
 from spooler.errors import ClaimLost, Rejected
-from spooler.heartbeat import HeartbeatWriter, Liveness
+from spooler.heartbeat import HeartbeatWriter
 from spooler.intake import Intake
 from spooler.jobfile import parse_spec
 from spooler.paths import resolve_in_share
-from spooler.reaper import reap, release
+from spooler.reaper import Reaper, release
 from spooler.share import SETTINGS_FILE, Share, read_model
 from spooler.submit import find_result
 from spooler.watch import FolderWatcher
@@ -50,7 +50,8 @@ class WorkerError(Exception):
 
 class Worker:
     def __init__(self, share: Share, cfg: WorkerSettings, clock: Clock | None = None,
-                 gpus: list[int] | None = None, watcher: FolderWatcher | None = None) -> None:
+                 gpus: list[int] | None = None, watcher: FolderWatcher | None = None,
+                 reaper: Reaper | None = None) -> None:
         self.share, self.cfg, self.id = share, cfg, cfg.id
         self.gpus = gpus  # this slot's GPUs (worker.slots); None: whatever the machine shows
         self.clock = clock or SystemClock()
@@ -58,10 +59,9 @@ class Worker:
         self.device = self._pick_device(cfg.device)
         self.hb = HeartbeatWriter(share, self.id, self.device, self.clock, cfg.fallback, self.sampler,
                                   local=None if cfg.fallback else cfg.cache_dir / f"heartbeat-{cfg.id}.json")
-        self.liveness = Liveness(share, self.clock)
+        self.reaper = reaper or Reaper(share, self.clock)  # shared by the slots of one machine (worker.slots)
         self.intake = Intake(share, self.id, self.clock)
         self.stopping = threading.Event()
-        self._last_maintenance = -1e9
         self._last_progress_write = -1e9
         self._missing_since: float | None = None
         self._last_phase = ""
@@ -185,13 +185,9 @@ class Worker:
         if self.wake is not None:
             self.wake.set()
 
-    def maintenance(self, force: bool = False) -> None:
-        now = self.clock.monotonic()
-        if not force and now - self._last_maintenance < self.share.settings.heartbeat_interval:
-            return
-        self._last_maintenance = now
+    def maintenance(self) -> None:
         try:
-            reap(self.share, self.liveness, self.id, self.clock)
+            self.reaper.due(self.id)
         except Exception as e:  # reaping is housekeeping: it must never stop this worker
             log.warning("could not check other workers' heartbeats: %s: %s [worker %s]", type(e).__name__, e,
                         self.id)

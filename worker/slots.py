@@ -4,7 +4,8 @@ A desktop with two cards trains two jobs, one per card, by default (``max_concur
 Each slot is a complete worker with its own id, heartbeat and running folder, so the claim protocol, the
 reaper and ``loraspool status`` need no notion of slots: slot 1 is the configured id, the others add
 ``-2``, ``-3``, .... A slot's training child sees only its GPUs (``CUDA_VISIBLE_DEVICES``). The slots share one
-folder watcher: on a network share its polling lists the folders once per interval, not once per slot.
+folder watcher and one reaper: on a network share the folders are listed, and the heartbeats read, once per
+interval, not once per slot.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from spooler.clock import Clock
+from spooler.clock import Clock, SystemClock
 from spooler.config import WorkerSettings, concurrency, devices_problem, gpu_indices
+from spooler.reaper import Reaper
 from spooler.share import Share
 from worker.daemon import Worker, job_watcher
 from worker.sysinfo import SystemSampler
@@ -45,9 +47,11 @@ class Slots:
         one_off = bool(cfg.only_job or cfg.fallback)  # a submitter's fallback runs its one job
         n = 1 if one_off else concurrency(cfg, gpu_count)
         gpus = gpu_indices(cfg, gpu_count) if cfg.devices is not None or n > 1 else []
+        clock = clock or SystemClock()
         self.watcher = job_watcher(share, cfg) if n > 1 else None  # one for all slots: one poll of the share
+        self.reaper = Reaper(share, clock)  # and one read of the heartbeats per interval
         self.workers = [Worker(share, cfg.model_copy(update={"id": slot_id(cfg.id, i)}), clock, gpus=g,
-                               watcher=self.watcher)
+                               watcher=self.watcher, reaper=self.reaper)
                         for i, g in enumerate(slot_gpus(gpus, n))]
         if n > 1:
             log.info("worker %s runs %d jobs at once: %s", cfg.id, n,
