@@ -176,6 +176,49 @@ def test_the_chunked_loss_is_the_models_own_or_is_not_used(arch: str, monkeypatc
     assert model.training, "the check left the model in eval mode"
 
 
+def test_lora_layers_under_autocast_take_their_input_as_it_comes() -> None:
+    """A bf16 base with fp32 LoRA weights under autocast (CPU autocast here, the same casts as cuda's): without
+    peft's round trip through fp32 the loss and every gradient are the same bits, fewer bytes are kept for
+    backward, and peft's casting is back on outside the context (the checks before training need it)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker import loop
+
+    config = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+
+    def step(as_it_comes: bool) -> tuple[float, list[torch.Tensor], int, loop.MixedPrecision]:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        precision = loop.MixedPrecision(model, "cpu", torch.bfloat16)
+        saved: dict[int, int] = {}
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        context = precision() if as_it_comes else torch.autocast("cpu", dtype=torch.bfloat16)
+        with context, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss, _ = loop.CausalLMLoss(model, chunked=True)(ids, ids, None, None)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        return float(loss), grads, sum(saved.values()), precision
+
+    loss, grads, kept, precision = step(as_it_comes=True)
+    peft_loss, peft_grads, peft_kept, _ = step(as_it_comes=False)
+    assert loss == peft_loss and all(torch.equal(a, b) for a, b in zip(grads, peft_grads, strict=True))
+    assert kept < 0.95 * peft_kept, (kept, peft_kept)
+    assert len(precision.layers) == 14 and all(layer.cast_input_dtype_enabled for layer in precision.layers)
+    assert not loop.MixedPrecision(precision.layers[0], "cpu", torch.float32).enabled
+
+
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────
 def test_adapter_loads_the_plain_way_and_is_share_readable(share_root: Path, alpaca_outcome: Any) -> None:
     import torch
