@@ -209,7 +209,7 @@ def test_lora_layers_under_autocast_take_their_input_as_it_comes() -> None:
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert grads and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-        return float(loss), grads, sum(saved.values()), precision
+        return float(loss.detach()), grads, sum(saved.values()), precision
 
     loss, grads, kept, precision = step(as_it_comes=True)
     peft_loss, peft_grads, peft_kept, _ = step(as_it_comes=False)
