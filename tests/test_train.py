@@ -3,6 +3,7 @@ refuses bad models, bad datasets and bad module names by field before loading an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -217,6 +218,89 @@ def test_lora_layers_under_autocast_take_their_input_as_it_comes() -> None:
     assert kept < 0.95 * peft_kept, (kept, peft_kept)
     assert len(precision.layers) == 14 and all(layer.cast_input_dtype_enabled for layer in precision.layers)
     assert not loop.MixedPrecision(precision.layers[0], "cpu", torch.float32).enabled
+
+
+def _qwen3_lora(dtype: Any, lean: bool) -> tuple[Any, dict[str, int]]:
+    """A 2-layer qwen3 in ``dtype`` (norms with q/k norms, SwiGLU MLP) with LoRA, its norm weights randomised so
+    that they count, and the worker's eager-mode swaps made when ``lean``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker.fused import lean_activations
+
+    config = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return model, lean_activations(model, "cpu", dtype) if lean else {}
+
+
+def _loss_grads_saved(model: Any, ids: Any, bf16: bool) -> tuple[float, list[Any], int]:
+    import torch
+
+    from worker import loop
+
+    saved: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    context = loop.MixedPrecision(model, "cpu", torch.bfloat16)() if bf16 else contextlib.nullcontext()
+    with context, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss, _ = loop.CausalLMLoss(model, chunked=True)(ids, ids, None, None)
+    loss.backward()
+    return float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad], sum(saved.values())
+
+
+def test_lean_norms_and_swiglu_train_as_the_models_own_and_keep_less() -> None:
+    """The eager-mode swaps give the model's own loss, its gradients to rounding (the norm's backward is one
+    formula in fp32 rather than autograd's chain, so a bf16 gradient may round the other way) and keep fewer bytes
+    for backward."""
+    import torch
+
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.bfloat16, torch.float32):
+        bf16 = dtype == torch.bfloat16
+        lean, swapped = _qwen3_lora(dtype, lean=True)
+        assert swapped == {"RMSNorm": 9, "SwiGLU": 2}  # 4 norms a layer (q/k norms too) and the final one
+        loss, grads, kept = _loss_grads_saved(lean, ids, bf16)
+        own_loss, own_grads, own_kept = _loss_grads_saved(_qwen3_lora(dtype, lean=False)[0], ids, bf16)
+        assert loss == own_loss
+        for a, b in zip(grads, own_grads, strict=True):
+            assert float((a - b).norm() / b.norm()) < (1e-2 if bf16 else 1e-5)
+        if bf16:
+            assert kept < 0.8 * own_kept, (kept, own_kept)
+
+
+def test_a_norm_the_lean_one_does_not_reproduce_is_left_as_it_is() -> None:
+    """The swap is decided by the numbers: a norm that scales by ``1 + weight`` (gemma's way) under a llama-like
+    name keeps its own forward, and so does a norm whose weight trains."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from worker.fused import lean_activations
+
+    class OffsetRMSNorm(LlamaRMSNorm):
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # gemma's arithmetic
+            x = hidden_states.float()
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (x * (1.0 + self.weight.float())).type_as(hidden_states)
+
+    plain, offset, trained = LlamaRMSNorm(16), OffsetRMSNorm(16), LlamaRMSNorm(16)
+    for m in (plain, offset):
+        m.weight.requires_grad_(False)
+    model = torch.nn.ModuleList([plain, offset, trained])
+    assert lean_activations(model, "cpu", torch.float32) == {"RMSNorm": 1, "SwiGLU": 0}
+    assert "forward" in vars(plain) and "forward" not in vars(offset) and "forward" not in vars(trained)
 
 
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────

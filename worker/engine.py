@@ -30,6 +30,7 @@ from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree
 from spooler.errors import Cancelled, Rejected
 from worker import checkpoint, data
 from worker.batching import Batcher
+from worker.fused import lean_activations
 from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings
 from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
 from worker.packprobe import packing_problem
@@ -117,6 +118,8 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     tokens_per_step = t.batch_size * (t.max_length if packed else max(len(e.input_ids) for e in splits.train))
     recompute = wants_checkpointing(t.gradient_checkpointing, plan, model, tokens_per_step)
     model = add_lora(model, req.job, plan, recompute, req.parent_dir)
+    if not (t.compile and plan.device == "cuda"):  # compile chooses what to keep for backward itself
+        log.info("lean activations: %s", lean_activations(model, plan.device, plan.dtype))
     step_module = CausalLMLoss(model, chunked=True)
     tokens = [tok for e in splits.train[:8] for tok in e.input_ids][:32]  # a real text, long enough to compare
     sample = torch.tensor([tokens], dtype=torch.long, device=plan.device)
