@@ -178,12 +178,15 @@ class Liveness:
 
 
 def read_heartbeats(share: Share) -> dict[str, Heartbeat]:
+    """Every worker's heartbeat, by the name of its file. A file whose name is not ``<its worker>.json`` is not
+    a heartbeat: a copy ("gpu1 - Copy.json", a sync tool's conflict file) would freeze a live worker's seq, and
+    a ``worker`` field of "../queue" would make that folder a worker's running folder."""
     beats: dict[str, Heartbeat] = {}
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(share.heartbeats):
             if entry.name.endswith(".json") and not entry.name.startswith("."):
                 hb = read_model(Path(entry.path), Heartbeat)
-                if hb is not None:
+                if hb is not None and entry.name == f"{hb.worker}.json":
                     beats[hb.worker] = hb
     return beats
 

@@ -15,7 +15,7 @@ from schemas.heartbeat import Heartbeat, WorkerState
 from spooler import states
 from spooler.clock import SkewedClock, SystemClock, iso, parse_iso
 from spooler.heartbeat import Liveness, snapshot
-from spooler.reaper import Reaper
+from spooler.reaper import Reaper, reap
 from spooler.share import Share, read_model
 from tests.conftest import Procs, log_of, result_of, wait_for, wait_result
 
@@ -137,6 +137,26 @@ def test_the_slots_of_one_machine_reap_once_per_interval_between_them(share: Sha
     clock.now += share.settings.heartbeat_interval
     reaper.due("w")
     assert not second.exists() and list(share.queue.glob("*_second.a2.json"))
+
+
+def test_a_heartbeat_file_speaks_only_for_the_worker_it_is_named_after(share: Share) -> None:
+    """A frozen copy of a live worker's heartbeat ("live - Copy.json") does not make it look dead, and a file
+    whose ``worker`` is "../queue" does not turn the queue into a dead worker's running folder."""
+    clock = HandClock()
+    running = fake_dead_worker(share, "live", "kept")
+    (share.heartbeats / "live - Copy.json").write_bytes(share.heartbeat_file("live").read_bytes())
+    queued = fake_dead_worker(share, "other", "waiting")
+    queued = queued.rename(share.queue / queued.name)
+    share.write_json(share.heartbeats / "junk.json", {**json.loads(share.heartbeat_file("other").read_text()),
+                                                      "worker": "../queue", "state": "stopped"})
+    live = Liveness(share, clock)
+    for seq in range(8, 14):  # "live" beats on; the copy stays at seq 7
+        beat = json.loads(share.heartbeat_file("live").read_text())
+        share.write_json(share.heartbeat_file("live"), {**beat, "seq": seq})
+        views = reap(share, live, "observer", clock)
+        clock.now += share.settings.stale_after / 3
+    assert not views["live"].stale and running.exists()
+    assert "../queue" not in views and queued.exists()
 
 
 def test_job_fails_after_max_attempts(share: Share, procs: Procs) -> None:
