@@ -90,3 +90,20 @@ def test_a_file_the_share_cannot_rename_stays_and_blocks_nothing(share: Share, p
     time.sleep(1.0)
     assert log_of(w).count("not taken") == 1, "one line, not one per scan"
     assert w.poll() is None
+
+
+def test_an_odd_origin_record_does_not_stop_the_worker(share: Share, procs: Procs) -> None:
+    """``results/<id>/origin.json`` is on the share for anyone to edit: a ``source_file`` that is not a string
+    is left out of the result; the job runs and the worker goes on."""
+    from spooler.clock import SystemClock
+    from spooler.intake import Intake
+
+    drop(share, "odd.json", {"id": "odd", "kind": "probe"})
+    Intake(share, "submitter", SystemClock()).scan()
+    origin = share.result_dir("odd") / "origin.json"
+    origin.write_text(json.dumps({**json.loads(origin.read_text()), "source_file": ["odd.json"]}))
+    w = procs.worker(share, "w1")
+    result = wait_result(share, "odd", 30)
+    assert result.status.value == "succeeded" and result.source_file is None
+    drop(share, "after.json", {"id": "after", "kind": "probe"})
+    assert wait_result(share, "after", 30).status.value == "succeeded" and w.poll() is None

@@ -202,11 +202,11 @@ class Worker:
             return
         self.hb.state, self.hb.job, self.hb.progress = WorkerState.busy, key.job_id, None
         started = self.clock.wall()
-        origin = states.read_origin(self.share, key.job_id)
+        source = states.read_origin(self.share, key.job_id).get("source_file")  # a file anyone could edit
         log.info("job %s claimed, attempt %d [worker %s]", key.job_id, key.attempt, self.id)
         base = Result(id=key.job_id, status=Terminal.failed, worker=self.id, host=socket.gethostname(),
                       device=self.device, fallback=self.cfg.fallback, attempts=key.attempt,
-                      started_at=iso(started), source_file=origin.get("source_file"))
+                      started_at=iso(started), source_file=source if isinstance(source, str) else None)
         try:
             result = self._run(running_file, key, base)
         except ClaimLost as e:
