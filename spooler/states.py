@@ -180,22 +180,43 @@ def conclude(share: Share, src: Path, result: Result) -> None:
     try:
         os.rename(src, job_json)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(pending)  # our own record of an outcome that is not committed
-        if isinstance(e, FileNotFoundError):
-            raise ClaimLost(f"{src.name} was moved away (requeued by another worker?)") from None
-        raise
+        if not (isinstance(e, FileNotFoundError) and _committed(share, folder, job_json.name, pending)):
+            with contextlib.suppress(OSError):
+                os.unlink(pending)  # our own record of an outcome that is not committed
+            if isinstance(e, FileNotFoundError):
+                raise ClaimLost(f"{src.name} was moved away (requeued by another worker?)") from None
+            raise
     atomic.fsync_dir(folder)
     _finalize(share, folder, pending)
+
+
+def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool:
+    """After ENOENT from the commit: did it happen anyway? NFS retransmits a rename whose reply was lost, and
+    the retry fails although the first one won. It did if the job file is in place and ours is the pending
+    result that a commit can belong to (``_committed_pending``)."""
+    return _confirmed(share, lambda: job_json in os.listdir(folder) and _committed_pending(folder) == pending,
+                      folder)
+
+
+def _committed_pending(folder: Path) -> Path | None:
+    """The pending result of the attempt that committed, among those an earlier concluder left after a crash.
+    Only the job's latest attempt can commit: a new attempt exists only once the previous one's file was moved
+    away, and a committed job file is never requeued. So it is the pending file with the most attempts."""
+    pendings = sorted(folder.glob(f".result.*.json{PENDING_SUFFIX}"))
+    return max(pendings, key=_attempts_of, default=None)
+
+
+def _attempts_of(pending: Path) -> int:
+    attempts = _read_json(pending).get("attempts")
+    return attempts if isinstance(attempts, int) else 0
 
 
 def complete_pending(share: Share, job_id: str) -> bool:
     """Finish step (3) of ``conclude`` for a job whose concluder died after its commit. Idempotent."""
     folder = share.result_dir(job_id)
     final = folder / "result.json"
-    for pending in sorted(folder.glob(f".result.*.json{PENDING_SUFFIX}")):
-        if final.exists() or not (folder / "job.json").exists():
-            break
+    pending = _committed_pending(folder)
+    if pending is not None and not final.exists() and (folder / "job.json").exists():
         _finalize(share, folder, pending)
     return final.exists()
 

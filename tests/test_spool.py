@@ -9,6 +9,8 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from spooler import states
 from spooler.share import Share
 from tests.conftest import Procs, drop, log_of, result_of, wait_for, wait_result
@@ -118,6 +120,54 @@ def test_unfinished_conclude_is_completed_on_restart(share: Share, procs: Procs)
     procs.worker(share, "w1")
     r = wait_result(share, "halfdone", 20)
     assert r.status.value == "succeeded"
+
+
+def test_the_pending_result_of_the_attempt_that_committed_is_the_one_published(share: Share) -> None:
+    """Attempt 1 died after writing its pending result, before its commit; the job was requeued, and attempt 2
+    committed and died before its last rename. Only the latest attempt can have committed, so its result is
+    the one finished, whatever the pending files' names sort as."""
+    from schemas.result import Result, Terminal
+
+    folder = share.makedirs(share.result_dir("twice"))
+    (folder / "job.json").write_text('{"kind": "probe"}')
+    for name, attempt, status in (("aaa", 1, Terminal.failed), ("zzz", 2, Terminal.succeeded)):
+        share.write_json(folder / f".result.{name}.json{states.PENDING_SUFFIX}",
+                         Result(id="twice", status=status, worker="w1", attempts=attempt))
+    assert states.complete_pending(share, "twice")
+    assert json.loads((folder / "result.json").read_text())["attempts"] == 2
+
+
+def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NFS retransmits a rename whose reply was lost, and the retry reports ENOENT although the first one
+    won (simulated: the rename happens, then ENOENT is raised). The outcome is published, not dropped. A real
+    loss (the file was requeued away) still raises ClaimLost, and leaves no pending file behind."""
+    import os
+
+    from schemas.result import Result, Terminal
+    from spooler.errors import ClaimLost
+
+    real_rename = os.rename
+
+    def lost_reply(src: str | Path, dst: str | Path) -> None:
+        real_rename(src, dst)
+        if Path(dst).name == "job.json":
+            raise FileNotFoundError(2, "No such file or directory", str(src))
+
+    for job_id in ("lost-reply", "moved-away"):
+        share.makedirs(share.running("w1"))
+        running = share.running("w1") / states.QueueKey(0, "20260101000000000", job_id, 1).name
+        running.write_text('{"kind": "probe"}')
+        result = Result(id=job_id, status=Terminal.succeeded, worker="w1", attempts=1)
+        if job_id == "lost-reply":
+            monkeypatch.setattr(states.os, "rename", lost_reply)
+            states.conclude(share, running, result)
+            monkeypatch.setattr(states.os, "rename", real_rename)
+            assert json.loads((share.result_dir(job_id) / "result.json").read_text())["status"] == "succeeded"
+        else:
+            running.rename(share.queue / states.QueueKey(0, "20260101000000000", job_id, 2).name)
+            with pytest.raises(ClaimLost):
+                states.conclude(share, running, result)
+            assert not list(share.result_dir(job_id).glob(".result.*"))
 
 
 def test_worker_restart_requeues_what_it_held(share: Share, procs: Procs, tmp_path: Path) -> None:
