@@ -16,9 +16,9 @@ from pathlib import Path
 from schemas.result import Result, Terminal
 from spooler import claim, states
 from spooler.clock import Clock, iso
-from spooler.errors import ClaimLost
+from spooler.errors import ClaimLost, Rejected
 from spooler.intake import Intake
-from spooler.jobfile import looks_temporary, peek_id
+from spooler.jobfile import decode, looks_temporary, read_limited
 from spooler.share import Share, read_model
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,17 @@ def requested(share: Share, job_id: str) -> bool:
 
 
 def _accept_from_inbox(share: Share, job_id: str, me: str, clock: Clock) -> None:
-    """A job still in the inbox has no queue entry yet: accept it now, so it can be cancelled at once."""
+    """A job still in the inbox has no queue entry yet: accept it now, so it can be cancelled at once. Only a
+    file that reads whole: one that does not may be a copy still arriving, and the worker's intake waits for it
+    to settle before it calls it bad."""
     intake = Intake(share, me, clock)
+    limit = share.settings.max_job_bytes
     for path in share.inbox.glob("*.json"):
         if looks_temporary(path.name):
             continue
-        if peek_id(path, share.settings.max_job_bytes) == job_id:
+        try:
+            named = decode(read_limited(path, limit), limit).get("id")
+        except (OSError, Rejected):
+            continue
+        if (named if isinstance(named, str) else path.stem) == job_id:
             intake.take(path)

@@ -109,6 +109,22 @@ def test_cancel_queued_job_at_once(share: Share, procs: Procs) -> None:
     assert (share.result_dir("later") / "cancel-request.json").exists()
 
 
+def test_cancel_leaves_a_copy_still_arriving_in_the_inbox(share: Share, procs: Procs) -> None:
+    """A half-copied job file is not a bad job, for cancel too: it stays, and once whole it is cancelled
+    before it runs, by the request cancel left behind."""
+    from spooler.cancel import request_cancel
+    from spooler.clock import SystemClock
+
+    whole = json.dumps({"id": "nightly", "kind": "probe"}).encode()
+    (share.inbox / "nightly.json").write_bytes(whole[:15])
+    said = request_cancel(share, "nightly", SystemClock())
+    assert "not queued or running" in said, said
+    assert (share.inbox / "nightly.json").exists() and not list(share.results.iterdir())
+    (share.inbox / "nightly.json").write_bytes(whole)
+    procs.worker(share, "w1")
+    assert wait_result(share, "nightly", 30).status.value == "cancelled"
+
+
 def test_unfinished_conclude_is_completed_on_restart(share: Share, procs: Procs) -> None:
     """A worker that died between its commit rename and the result's rename leaves a pending file."""
     from schemas.result import Result, Terminal
