@@ -42,11 +42,11 @@ class Intake:
     def scan(self, limit: int | None = None) -> int:
         """Take settled inbox files, at most ``limit`` of them, so a worker with a long inbox still claims work
         and hears a stop request between batches. Returns how many were taken (queued or rejected)."""
-        taken = 0
+        taken = self._resume_own()
         try:
             entries = list(os.scandir(self.share.inbox))
         except FileNotFoundError:
-            return 0
+            return taken
         names = set()
         for entry in sorted(entries, key=lambda e: e.name):
             if limit is not None and taken >= limit:
@@ -58,12 +58,35 @@ class Intake:
                 if self._ready(Path(entry.path)):
                     taken += self.take(Path(entry.path)) is not None
             except Exception as e:  # one odd file (a 250-byte name, say) must not block the files after it
-                if entry.name not in self._failed:  # once, not once per scan
-                    log.warning("inbox/%s not taken: %s: %s; it stays in the inbox (rename it?) [worker %s]",
-                                entry.name, type(e).__name__, e, self.worker)
-                self._failed.add(entry.name)
+                where = ("it stays in the inbox (rename it?)" if os.path.lexists(entry.path) else
+                         f"it waits in intake/{self.worker}/ and is taken again at the next scan")
+                self._once(entry.name, f"inbox/{entry.name} not taken: {type(e).__name__}: {e}; {where}")
         self._seen = {k: v for k, v in self._seen.items() if k in names}
         return taken
+
+    def _resume_own(self) -> int:
+        """Finish files this worker grabbed but did not see to queued or rejected (the share failed between the
+        steps, or the reaper handed us a dead worker's): each scan tries again, as a restart would."""
+        try:
+            grabbed = sorted(e.name for e in os.scandir(self.share.intake(self.worker))
+                             if states.TOKEN_SEP in e.name and not e.name.startswith("."))
+        except FileNotFoundError:
+            return 0
+        taken = 0
+        for name in grabbed:
+            try:
+                self.process(self.share.intake(self.worker) / name)
+                taken += 1
+            except Exception as e:  # the share is still failing: the next scan tries again
+                self._once(name, f"intake/{self.worker}/{name} not finished: {type(e).__name__}: {e}; "
+                                 "tried again at the next scan")
+        return taken
+
+    def _once(self, name: str, message: str) -> None:
+        """A warning once per file, not once per scan."""
+        if name not in self._failed:
+            log.warning("%s [worker %s]", message, self.worker)
+        self._failed.add(name)
 
     def _ready(self, path: Path) -> bool:
         try:

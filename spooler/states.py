@@ -136,14 +136,13 @@ def _move(share: Share, src: Path, dest: Path) -> Path | None:
 
 
 def _confirmed(share: Share, check: Callable[[], bool], folder: Path) -> bool:
-    """``check()`` after ``confirm_seconds``. Listing ``folder`` first refreshes an SMB client's view of it."""
+    """``check()`` after ``confirm_seconds``. Listing ``folder`` first refreshes an SMB client's view of it.
+    A share that cannot answer raises (OSError): not knowing is not a "no". Every caller's file is then where
+    its next pass looks again (the intake folder, the running folder, the dead worker's folder)."""
     if share.settings.confirm_seconds:
         time.sleep(share.settings.confirm_seconds)
-    try:
-        os.listdir(folder)
-        return check()
-    except OSError:
-        return False
+    os.listdir(folder)
+    return check()
 
 
 def requeue(share: Share, running_file: Path, attempt: int) -> Path | None:
@@ -194,20 +193,23 @@ def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool
     """After ENOENT from the commit: did it happen anyway? NFS retransmits a rename whose reply was lost, and
     the retry fails although the first one won. It did if the job file is in place and ours is the pending
     result that a commit can belong to (``_committed_pending``)."""
-    return _confirmed(share, lambda: job_json in os.listdir(folder) and _committed_pending(folder) == pending,
-                      folder)
+    def done() -> bool:
+        return job_json in os.listdir(folder) and _attempts_of(pending) >= _attempts_of(_committed_pending(folder))
+
+    return _confirmed(share, done, folder)
 
 
 def _committed_pending(folder: Path) -> Path | None:
     """The pending result of the attempt that committed, among those an earlier concluder left after a crash.
     Only the job's latest attempt can commit: a new attempt exists only once the previous one's file was moved
-    away, and a committed job file is never requeued. So it is the pending file with the most attempts."""
+    away, and a committed job file is never requeued. So it is the pending file with the most attempts (two of
+    one attempt are one worker's retries of one outcome)."""
     pendings = sorted(folder.glob(f".result.*.json{PENDING_SUFFIX}"))
     return max(pendings, key=_attempts_of, default=None)
 
 
-def _attempts_of(pending: Path) -> int:
-    attempts = _read_json(pending).get("attempts")
+def _attempts_of(pending: Path | None) -> int:
+    attempts = _read_json(pending).get("attempts") if pending is not None else 0
     return attempts if isinstance(attempts, int) else 0
 
 

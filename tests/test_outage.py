@@ -100,7 +100,9 @@ def test_training_interrupted_by_a_share_outage_resumes_instead_of_failing(train
     w = procs.worker(train_share, "w")
     drop(train_share, "cut.json", train_job("cut", steps=150, checkpoint_every_steps=2))
     checkpoints = train_share.result_dir("cut") / "attempts"
-    wait_for(lambda: list(checkpoints.rglob("state.json")), 120, "a first checkpoint")
+    # A finished one: state.json is written inside the checkpoint's temp folder (".step-2.<random>.tmp") first.
+    wait_for(lambda: [p for p in checkpoints.rglob("state.json") if not p.parent.name.startswith(".")], 120,
+             "a first checkpoint")
     away = train_share.root.with_name("share-away")
     train_share.root.rename(away)  # the mount drops in the middle of the training
     time.sleep(3.0)

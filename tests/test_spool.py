@@ -194,3 +194,45 @@ def test_worker_restart_requeues_what_it_held(share: Share, procs: Procs, tmp_pa
     procs.worker(share, "w1")
     r = wait_result(share, "orphan", 20)
     assert r.status.value == "succeeded" and r.attempts == 2
+
+
+@pytest.mark.parametrize("fails", ["rename into the queue", "listing that confirms the id"])
+def test_a_job_the_share_failed_under_mid_intake_is_finished_at_the_next_scan(
+        share: Share, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fails: str) -> None:
+    """The share fails once (EIO, as an rclone mount gives when the server blips) after the grab: on the rename
+    into the queue, or on the listing that confirms the id's reservation (not knowing is not "taken"). The job
+    waits in this worker's intake folder and the next scan queues it, with no restart and no rejection."""
+    import errno
+    import os
+
+    from spooler import claim
+    from spooler.clock import SystemClock
+    from spooler.intake import Intake
+
+    real_rename, real_listdir = os.rename, os.listdir
+    failures = []
+
+    def blip(path: str | Path) -> None:
+        failures.append(path)
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        if fails.startswith("rename") and Path(dst).parent == share.queue and not failures:
+            blip(dst)
+        real_rename(src, dst)
+
+    def listdir(path: str | Path) -> list[str]:
+        if fails.startswith("listing") and Path(path) == share.result_dir("blip") and not failures:
+            blip(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(states.os, "rename", rename)
+    monkeypatch.setattr(states.os, "listdir", listdir)
+    drop(share, "blip.json", {"id": "blip", "kind": "probe"})
+    intake = Intake(share, "w1", SystemClock())
+    intake.scan()
+    assert failures and [p.name.split(states.TOKEN_SEP)[1] for p in share.intake("w1").iterdir()] == ["blip.json"]
+    assert "waits in intake/w1/" in caplog.text
+    intake.scan()
+    assert [key.job_id for key, _ in claim.queued(share)] == ["blip"] and not list(share.intake("w1").iterdir())
+    assert not [p for p in share.results.iterdir() if p.name != "blip"]
