@@ -107,3 +107,21 @@ def test_an_odd_origin_record_does_not_stop_the_worker(share: Share, procs: Proc
     assert result.status.value == "succeeded" and result.source_file is None
     drop(share, "after.json", {"id": "after", "kind": "probe"})
     assert wait_result(share, "after", 30).status.value == "succeeded" and w.poll() is None
+
+
+@pytest.mark.parametrize("content", [{"id": "named-ok", "kind": "probe"}, {"kind": "probe", "priorty": 1}],
+                         ids=["runs", "rejected"])
+def test_a_file_name_that_is_not_utf8_gets_its_result_and_the_worker_goes_on(
+        share: Share, procs: Procs, content: dict) -> None:
+    """A Linux client can name a file with any bytes; Python gives the odd ones as lone surrogates, which JSON
+    cannot carry. The result names the file with a backslash escape instead of crashing the worker."""
+    with open(os.fsencode(share.inbox) + b"/odd\xff.json", "w") as f:  # noqa: PTH123 - a bytes path
+        json.dump(content, f)
+    w = procs.worker(share, "w1")
+    if "id" in content:
+        assert wait_result(share, "named-ok", 30).source_file == "odd\\udcff.json"
+    else:
+        first = wait_for(lambda: list(share.results.glob("rejected-odd*/result.json")), 30, "the rejection")
+        assert "priorty" in json.loads(first[0].read_text())["error"]
+    drop(share, "after.json", {"id": "after", "kind": "probe"})
+    assert wait_result(share, "after", 30).status.value == "succeeded" and w.poll() is None

@@ -97,7 +97,11 @@ class Worker:
                     self._trouble(e)
                     job = None
                 if job is not None:
-                    self.perform(job)
+                    try:
+                        self.perform(job)
+                    except Exception as e:  # the loop boundary: no job may stop the worker, nor spin it
+                        self._trouble(e)
+                        self.stopping.wait(self.share.settings.heartbeat_interval)
                     continue
                 if busy_inbox:
                     continue

@@ -30,7 +30,7 @@ class Outbox:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic.write_json(self._path(running_name), result)
             return True
-        except OSError as e:
+        except Exception as e:  # OSError, or a result that cannot be written at all: never the worker's end
             log.error("outcome of job %s not kept locally in %s either: %s; the job will run again",
                       result.id, self.folder, e)
             return False
