@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 # A job id becomes a folder name on SMB, NFS and NTFS alike: keep to the characters all three accept,
 # and refuse the names Windows reserves whatever their extension.
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would let a final newline through
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$", *(f"com{i}" for i in range(10)),
+                    *(f"lpt{i}" for i in range(10))}
 ID_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
@@ -36,7 +37,7 @@ class Strict(BaseModel):
 
 
 # A registered adapter version, NAME/VERSION: ``support/v2``. The name follows the job id's rule.
-ADAPTER_REF = re.compile(r"^(?P<name>[^/\\]+)/(?P<version>v[1-9][0-9]{0,5})$")
+ADAPTER_REF = re.compile(r"^(?P<name>[^/\\]+)/(?P<version>v[1-9][0-9]{0,5})\Z")
 
 
 def ref_problem(value: str) -> str | None:
@@ -156,8 +157,9 @@ class MergeSpec(Strict):
     weights: list[float] | None = Field(None, description="One per adapter (into adapter); default 1.0 each.")
     density: float | None = Field(None, gt=0, le=1, description="ties and dare_linear: the fraction of each "
                                                                 "update kept (default 0.5).")
-    output: str | None = Field(None, description="into base: the model folder to create, relative to the share; "
-                                                 "default models/merged/<name>-<version>. It must not exist.")
+    output: str | None = Field(None, description="into base: the model folder to create, relative to the share "
+                                                 "and under models/; default models/merged/<name>-<version>. It "
+                                                 "must not exist.")
 
     @field_validator("adapters")
     @classmethod
@@ -172,10 +174,13 @@ class MergeSpec(Strict):
     @field_validator("output")
     @classmethod
     def _output_path(cls, v: str | None) -> str | None:
-        from spooler.paths import share_path_problem  # no import cycle at module load
+        from spooler.paths import canonical, share_path_problem  # no import cycle at module load
 
         if v is not None and (problem := share_path_problem(v)):
             raise ValueError(problem)
+        if v is not None and not canonical(v).startswith("models/"):  # not into results/, adapters/, queue/...
+            raise ValueError(f"{v!r} is not under models/; a merged model is a model folder, like "
+                             "\"models/merged/my-model\"")
         return v
 
     @model_validator(mode="after")

@@ -20,7 +20,31 @@ def share_path_problem(value: str) -> str | None:
     parts = value.replace("\\", "/").split("/")
     if ".." in parts:
         return f"{value!r} has a '..' component; paths must stay inside the share"
+    for part in parts:
+        if problem := _windows_problem(part):
+            return f"{value!r}: {problem}"
     return None
+
+
+def _windows_problem(part: str) -> str | None:
+    """A path component a Windows worker would read as something else: a device (``CON`` reads the console),
+    an alternate data stream (``x.jsonl:hidden``), or another name (Windows drops a trailing '.' or space)."""
+    from schemas.job import WINDOWS_RESERVED  # schemas imports this module's callers, not this module
+
+    if ":" in part:
+        return f"{part!r} has a ':', which Windows reads as a drive or a hidden stream of the file"
+    if part.split(".")[0].rstrip(" ").lower() in WINDOWS_RESERVED:
+        return f"{part!r} is a name Windows reserves for a device"
+    if part not in (".", "") and part.endswith((".", " ")):
+        return f"{part!r} ends with '.' or a space, which Windows drops from file names"
+    return None
+
+
+def outside_share(root: Path, path: Path) -> str | None:
+    """Where ``path`` really leads when a symlink takes it out of the share, else None. For a path not made yet
+    too: ``realpath`` resolves the part that exists, so check before ``makedirs`` follows a link out."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return None if real == real_root or real.startswith(real_root + os.sep) else real
 
 
 def canonical(value: str) -> str:

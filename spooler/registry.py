@@ -47,7 +47,7 @@ from spooler.atomic import chmod_tree, fsync_dir, fsync_tree
 from spooler.clock import iso
 from spooler.errors import Rejected
 from spooler.jobfile import looks_temporary, parse_spec, read_limited
-from spooler.paths import canonical, resolve_in_share
+from spooler.paths import canonical, outside_share, resolve_in_share
 from spooler.share import Share, read_model
 from spooler.states import JobState, source_name
 from worker.verify import base_identity, file_entries
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ADAPTERS = "adapters"
 HASH_CACHE = ".base-hashes"  # per-share: hashed once by whichever machine first needs it, reused by all
-VERSION = re.compile(r"^v([1-9][0-9]*)$")
+VERSION = re.compile(r"^v([1-9][0-9]*)\Z")
 GB = 10**9
 MERGED_DEPTH = 2  # models/merged/NAME/manifest.json: the folders below models/ that adapters looks into
 MAX_TRIES = 1000
@@ -164,6 +164,8 @@ def stage(share: Share, name: str) -> Path:
     """A fresh temp folder beside the versions of ``name``, on the same file system, for ``publish``."""
     if problem := id_problem(name):
         raise Rejected("register_as", problem)
+    if real := outside_share(share.root, root(share) / name):  # adapters/<name> a symlink leading out
+        raise Rejected("register_as", f"adapters/{name} resolves to {real}, outside the share")
     share.makedirs(root(share) / name)
     folder = root(share) / name / f".v-{uuid.uuid4().hex[:12]}.tmp"
     folder.mkdir()

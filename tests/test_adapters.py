@@ -750,6 +750,23 @@ def test_gc_never_removes_a_merged_model_outside_the_share(tmp_path: Path, share
     assert (outside / "merged" / "far" / MANIFEST).is_file()
 
 
+def test_nothing_is_made_through_a_symlink_leading_out_of_the_share(tmp_path: Path, share: Share,
+                                                                   trained: dict) -> None:
+    """adapters/<name> or a folder on merge.output's way a link to another disk: the job is rejected naming the
+    field, and not even an empty folder is made out there."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (registry.root(share) / "evil-link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(Rejected, match="outside the share") as e:
+        registry.stage(share, "evil-link")
+    assert e.value.field == "register_as"
+    (share.root / "models" / "out-link").symlink_to(outside, target_is_directory=True)
+    spec = {"adapters": ["support/v3"], "into": "base", "output": "models/out-link/new/m"}
+    with pytest.raises(Rejected, match="outside the share") as e:
+        run(share, JobSpec(id="m-out-link", kind="merge", merge=spec))
+    assert e.value.field == "merge.output" and not list(outside.iterdir())
+
+
 def test_manifests_validate_against_their_schema(share: Share, trained: dict) -> None:
     for path in registry.root(share).glob("*/v*/manifest.json"):
         Manifest.model_validate_json(path.read_bytes())

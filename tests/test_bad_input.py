@@ -34,6 +34,13 @@ BAD_FILES = [
     ("abs.json", json.dumps({**GOOD, "dataset": "/etc/passwd"}).encode(), "dataset", "absolute"),
     ("drive.json", json.dumps({**GOOD, "dataset": "C:\\data\\x.jsonl"}).encode(), "dataset", "absolute"),
     ("missing.json", json.dumps({"kind": "train"}).encode(), "job", "needs base_model and dataset"),
+    ("newline.json", json.dumps({**GOOD, "id": "abc\n"}).encode(), "id", "not a safe file name"),
+    ("device.json", json.dumps({**GOOD, "dataset": "datasets/CON"}).encode(), "dataset", "Windows reserves"),
+    ("stream.json", json.dumps({**GOOD, "dataset": "datasets/a.jsonl:x"}).encode(), "dataset", "hidden stream"),
+    ("dot.json", json.dumps({**GOOD, "base_model": "models/tiny."}).encode(), "base_model", "ends with '.'"),
+    ("mergeout.json", json.dumps({"kind": "merge", "merge": {"adapters": ["a/v1"], "into": "base",
+                                                             "output": "results/other"}}).encode(),
+     "merge.output", "not under models/"),
 ]
 
 

@@ -8,7 +8,6 @@ unpickles the outcome, and the daemon never imports torch. The heavy modules are
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from schemas.job import ADAPTER_REF, JobSpec
 from schemas.result import Result, Terminal
 from schemas.verify import ChainReport, CheckStatus, VerifyReport
 from spooler.errors import Cancelled, Rejected
+from spooler.paths import outside_share
 
 if TYPE_CHECKING:
     from spooler.share import Share
@@ -158,21 +158,22 @@ def _into_base(share: Share, req: TrainRequest, item: Input, base_dir: Path, bas
     assert spec is not None
     rel = spec.output or f"{MERGED_MODELS}/{item.label.replace('/', '-')}"
     out_dir = share.root / rel
+    _check_inside(share, out_dir, "merge.output")  # before anything is read or made through it
     done = read_model(out_dir / MANIFEST, MergedModel)
     if done is not None and req.job.id is not None and done.job_id == req.job.id:  # requeued after it merged
         return AdapterJobOutcome("merge", True, merged_model=rel, notes=done.notes)
-    _check_inside(share, out_dir, "merge.output")
     record = into_base(item, base_dir, base, out_dir, req.device, share.file_mode, req.job.id)
     return AdapterJobOutcome("merge", True, merged_model=rel, notes=record.notes)
 
 
 def _check_inside(share: Share, out_dir: Path, field_name: str) -> None:
-    """The output's parent, once made, must really be inside the share (no symlinked folder leading out)."""
-    share.makedirs(out_dir.parent)
-    real_root = os.path.realpath(share.root)
-    real = os.path.realpath(out_dir.parent)
-    if real != real_root and not real.startswith(real_root + os.sep):
-        raise Rejected(field_name, f"{out_dir.parent} resolves to {real}, outside the share")
+    """The output must really be inside the share (no symlinked folder leading out): checked before its parent
+    is made, so that no folder is made out there, and again after, against a link made in between."""
+    for made in (False, True):
+        if made:
+            share.makedirs(out_dir.parent)
+        if real := outside_share(share.root, out_dir):
+            raise Rejected(field_name, f"{share.rel(out_dir)} resolves to {real}, outside the share")
 
 
 def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Path,
