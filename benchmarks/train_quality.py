@@ -4,7 +4,8 @@ the worker's eval loss must be within 2% of the Trainer's (lower is fine). Exit 
 Trainer's adapter must beat the base by at least 4%, else an adapter that learned nothing would pass too.
 
     .venv/bin/python benchmarks/train_quality.py [--shape small|qwen3-0.6b] [--device auto|cpu|cuda]
-        [--epochs 3] [--hf-batch 16] [--hf-accum 2] [--lr 3e-3] [--pretrain-steps 150] [--cache DIR] [--json FILE]
+        [--epochs 3] [--hf-batch 16] [--hf-accum 2] [--lr 3e-3] [--dropout 0] [--pretrain-steps 150]
+        [--cache DIR] [--json FILE]
 
 The text is real: the docstrings of this Python's standard library, read with ``ast`` (nothing is imported or
 downloaded), grouped per source file into rows of instruction-like lengths. Half of the files pretrain the random
@@ -19,9 +20,10 @@ eval split, truncation), so they see exactly the same training and eval rows:
 * worker (padded): the same, length-grouped padded rows, ``hf-batch`` x ``hf-accum`` rows a step;
 * tuned: the HF Trainer, dynamic padding, batch ``hf-batch`` x ``hf-accum``, bf16 on cuda, linear decay.
 
-All use LoRA r=16 on all linear layers, alpha 32, no dropout, the same learning rate, the same epochs. Every adapter is
-then scored by one function here (base + adapter loaded fresh, fp32, mean loss per labelled eval token), so the
-comparison does not rest on either trainer's own evaluation. The worker's own "eval after" is shown beside it.
+All use LoRA r=16 on all linear layers, alpha 32, no dropout (``--dropout``), the same learning rate, the same
+epochs. Every adapter is then scored by one function here (base + adapter loaded fresh, fp32, mean loss per
+labelled eval token), so the comparison does not rest on either trainer's own evaluation. The worker's own "eval
+after" is shown beside it.
 """
 
 from __future__ import annotations
@@ -222,7 +224,7 @@ def run_worker(folder: Path, args: argparse.Namespace, batch: int, packing: bool
 
     name = f"worker ({'packed' if packing else 'padded'}, batch {batch})"
     job = JobSpec(id="quality", kind="train", base_model="models/base", dataset="datasets/text.jsonl",
-                  lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+                  lora={"r": 16, "alpha": 32, "dropout": args.dropout, "target_modules": "all-linear"},
                   training=training_spec(args, batch, packing).model_dump())
     root = Path(tempfile.mkdtemp(dir=args.cache, prefix="share-"))
     shutil.copytree(folder / "model", root / "models" / "base")
@@ -267,8 +269,8 @@ def run_hf(folder: Path, args: argparse.Namespace, splits: Any, out: Path) -> Ro
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa").to(args.device)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                             bias="none", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
+                                             target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
     collate = Collate(data.pad_id_of(tokenizer))
     targs = TrainingArguments(
         output_dir=str(out / "hf"), num_train_epochs=args.epochs, learning_rate=args.lr, weight_decay=0.0,
@@ -374,6 +376,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--hf-accum", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3, help="for every recipe")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout, for every recipe")
     ap.add_argument("--pretrain-steps", type=int, default=150, help="full-weight steps of 16 rows before LoRA")
     ap.add_argument("--recipes", default="packed,padded,tuned", help="from: packed, padded, tuned")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/loraspool-bench"))

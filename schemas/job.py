@@ -73,7 +73,9 @@ class Quantization(str, Enum):
 class LoraSpec(Strict):
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. Off by default, as in peft: each LoRA "
+                                                       "layer's dropout keeps its own copy of the layer's input "
+                                                       "for backward (+27 KiB per token and layer on qwen3-0.6b).")
     target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower steps, often better quality.")
     modules_to_save: list[str] | None = Field(
