@@ -11,7 +11,7 @@ import re
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
 # A job id becomes a folder name on SMB, NFS and NTFS alike: keep to the characters all three accept,
 # and refuse the names Windows reserves whatever their extension.
@@ -95,7 +95,7 @@ class TrainingSpec(Strict):
     learning_rate: float = Field(2e-4, gt=0, le=1)
     batch_size: int = Field(4, ge=1, le=4096)
     max_length: int = Field(512, ge=8, le=131072)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds the split, the batches and the LoRA init.")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     min_chars: int = Field(0, ge=0, description="Drop rows whose text (all fields together) is shorter than this.")
     max_chars: int | None = Field(None, ge=1, description="Drop rows whose text is longer than this.")
@@ -156,7 +156,7 @@ class MergeSpec(Strict):
     combination: Combination = Field(
         "cat", description="into adapter: cat (exact sum, rank = sum of ranks), svd (the sum cut to the largest "
                            "rank), linear (same rank only; averages A and B, rough), ties, dare_linear (same rank).")
-    weights: list[float] | None = Field(None, description="One per adapter (into adapter); default 1.0 each.")
+    weights: list[FiniteFloat] | None = Field(None, description="One per adapter (into adapter); default 1.0 each.")
     density: float | None = Field(None, gt=0, le=1, description="ties and dare_linear: the fraction of each "
                                                                 "update kept (default 0.5).")
     output: str | None = Field(None, description="into base: the model folder to create, relative to the share "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
     if (depth := _nesting_depth(text)) > MAX_DEPTH:
         raise Rejected("file", f"nested {depth} levels deep; a job file needs at most {MAX_DEPTH}")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except Rejected:
+        raise
     except json.JSONDecodeError as e:
         raise Rejected("file", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:  # defence in depth; the depth check should have caught it
@@ -91,7 +94,33 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
         raise Rejected("file", f"not a usable JSON value: {e}") from None
     if not isinstance(value, dict):
         raise Rejected("file", f"the top level must be a JSON object {{...}}, not {type(value).__name__}")
+    if (m := LONE_SURROGATE.search(text)) and not encodable(value):
+        raise Rejected("file", f"{m.group(0)} (at offset {m.start()}) is half of a UTF-16 pair, not a character; "
+                               "fix the text that has it")
     return value
+
+
+LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when it names a key twice: json.loads would keep the last one silently, and a
+    person who wrote two ids (or two learning rates) meant one of them."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise Rejected(key, "appears twice in one object; keep the one you mean")
+        out[key] = value
+    return out
+
+
+def encodable(value: Any) -> bool:
+    """True when every string in ``value`` is text UTF-8 can write (no lone surrogate from a \\udXXX escape)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:

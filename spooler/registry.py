@@ -148,6 +148,17 @@ def resolve(share: Share, text: str, field: str) -> tuple[Ref, Path]:
     return ref, folder
 
 
+def loadable(share: Share, text: str, field: str) -> tuple[Ref, Path]:
+    """``resolve``, for a version about to be loaded (a parent, a merge input): peft falls back to
+    adapter_model.bin, a pickle that can run code, when adapter_model.safetensors is not there. A verify job
+    uses ``resolve`` instead, so that it reports such a folder rather than refusing to look."""
+    ref, folder = resolve(share, text, field)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise Rejected(field, f"{ref} has no adapter_model.safetensors, and a pickle is never loaded; see what is "
+                              f"wrong with: loraspool verify {ref}")
+    return ref, folder
+
+
 def base_cache_file(share: Share, rel_path: str) -> Path:
     key = hashlib.sha256(rel_path.replace("\\", "/").strip("/").encode()).hexdigest()[:24]
     return root(share) / HASH_CACHE / f"{key}.json"

@@ -193,6 +193,21 @@ def test_a_parent_must_be_registered_and_on_the_same_base(share: Share, trained:
     assert e.value.field == "parent"
 
 
+def test_a_version_whose_weights_are_a_pickle_is_never_loaded(share: Share, trained: dict) -> None:
+    """A registered version whose safetensors someone swapped for adapter_model.bin: peft would unpickle it.
+    As a parent or a merge input it is refused, naming the field; the pickle is never opened."""
+    folder = registry.root(share) / "pickled" / "v1"
+    shutil.copytree(version(share, "support/v1"), folder)
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.bin").write_bytes(b"not even a pickle: opening it would fail loudly")
+    for job, field in ((_job("p-pickled", parent="pickled/v1"), "parent"),
+                       (JobSpec(id="m-pickled", kind="merge", merge={"adapters": ["pickled/v1"], "into": "base"}),
+                        "merge.adapters")):
+        with pytest.raises(Rejected, match="no adapter_model.safetensors, and a pickle is never loaded") as e:
+            run(share, job)
+        assert e.value.field == field
+
+
 # ── verification: a good adapter, and each corruption caught for its reason ──────────────────────────────
 def test_a_registered_adapter_passes_every_check(share: Share, trained: dict) -> None:
     from worker.adapter_verify import registered_target, verify
@@ -226,6 +241,20 @@ def test_a_flipped_byte_fails_the_hashes(share: Share, trained: dict, tmp_path: 
     files = check(report, "files")
     assert files.status is CheckStatus.failed
     assert "adapter_model.safetensors has a different sha256 than the manifest" in files.reason
+
+
+@pytest.mark.parametrize("entry", [{"dtype": "F32", "shape": [4], "data_offsets": 7},
+                                   {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+                                   {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}],
+                         ids=["offsets-int", "dtype-list", "shape-int"])
+def test_a_header_entry_of_the_wrong_json_type_is_a_failed_check(share: Share, trained: dict, tmp_path: Path,
+                                                                 entry: dict) -> None:
+    """A hostile header (an integer where a pair belongs, a list for a dtype) is reported, never raised."""
+    folder = copy_of(share, "support/v1", tmp_path)
+    header = json.dumps({"x": entry}).encode()
+    (folder / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    safe = check(verify_folder(share, folder), "safetensors")
+    assert safe.status is CheckStatus.failed and "x: malformed header entry" in safe.reason, safe.reason
 
 
 def test_a_zeroed_lora_b_is_an_adapter_that_never_trained(share: Share, trained: dict, tmp_path: Path) -> None:

@@ -233,6 +233,9 @@ BAD_LINES = [
     ('{"text": 5}', "\"text\" must be a non-empty string"),
     ('{"question": "a"}', "a row needs \"instruction\" and \"output\", or \"messages\", or \"prompt\""),
     (b"{\"text\": \"caf\xe9\"}", "not UTF-8 text"),
+    ('{"text": "a", "n": ' + "1" * 5000 + "}", "not a usable JSON value (ValueError"),
+    ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "not a usable JSON value (RecursionError"),
+    ('{"text": "half \\ud800 a pair"}', "\\ud800 is half of a UTF-16 pair"),
 ]
 
 

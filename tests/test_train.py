@@ -527,12 +527,24 @@ def _no_weights(folder: Path, outside: Path) -> None:
     (folder / "model.safetensors").unlink()
 
 
+def _cut_short(folder: Path, outside: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _giant_number(folder: Path, outside: Path) -> None:
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text.replace("{", '{"odd": ' + "9" * 5000 + ", ", 1))
+
+
 @pytest.mark.parametrize(("breakage", "expected"), [
     (_pickle_only, "has only pickle weights (pytorch_model.bin)"),
     (_auto_map, "config.json has \"auto_map\""),
     (_link_outside, "'tokenizer.json' is a symlink to"),
     (_no_config, "has no config.json"),
     (_no_weights, "has no weights"),
+    (_cut_short, "do not fit the file; the file is broken or was cut short"),
+    (_giant_number, "config.json is not usable JSON (ValueError"),
 ])
 def test_bad_model_folder_is_refused_before_loading(tmp_path: Path, tiny_model_dir: Path, breakage: Any,
                                                     expected: str, no_loading: None) -> None:

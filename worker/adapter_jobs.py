@@ -122,7 +122,7 @@ def inputs_of(share: Share, refs: list[str]) -> list[Input]:
 
     found = []
     for text in refs:
-        ref, folder = registry.resolve(share, text, "merge.adapters")
+        ref, folder = registry.loadable(share, text, "merge.adapters")
         found.append(Input(str(ref), folder, registry.read_manifest(share, ref)))
     return found
 

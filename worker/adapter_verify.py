@@ -31,7 +31,7 @@ import torch
 from schemas.adapter import MANIFEST, Manifest
 from schemas.job import TrainingSpec
 from schemas.verify import ChainReport, Check, CheckStatus, VerifyReport
-from worker.modelguard import PICKLE_SUFFIXES
+from worker.modelguard import PICKLE_SUFFIXES, read_header
 from worker.verify import base_identity, compare_files
 
 if TYPE_CHECKING:
@@ -40,9 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I16": 2,
-               "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
-MAX_HEADER = 100 * 2**20  # safetensors' own limit: a header that claims more is corrupt or hostile
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.weight)?$")
 EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
@@ -152,40 +149,6 @@ def check_files(target: Target) -> Check:
 
 
 # ── 2. safetensors ───────────────────────────────────────────────────────────────────────────────────────
-def read_header(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensors a safetensors file declares, read without loading any; ValueError says what is wrong."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > min(MAX_HEADER, size - 8):
-            raise ValueError(f"its header claims {n} bytes, the file has {size - 8} after the length")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"its header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_bytes = size - 8 - n
-    for key, info in header.items():
-        _check_entry(key, info, data_bytes)
-    return header
-
-
-def _check_entry(key: str, info: Any, data_bytes: int) -> None:
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise ValueError(f"{key}: malformed header entry")
-    shape, (start, end) = info["shape"], info["data_offsets"]
-    if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end <= data_bytes:
-        raise ValueError(f"{key}: shape {shape} or offsets {[start, end]} do not fit the file")
-    width = DTYPE_BYTES.get(info["dtype"])
-    if width is not None and math.prod(shape) * width != end - start:
-        raise ValueError(f"{key}: {end - start} bytes for shape {shape} of {info['dtype']}")
-
-
 def check_safetensors(folder: Path) -> tuple[Check, dict[str, torch.Tensor]]:
     """The check, and the adapter's tensors when they are safe to use (empty when they are not)."""
     files = sorted(p for p in folder.iterdir() if p.is_file())

@@ -50,6 +50,7 @@ import torch
 from schemas.job import TrainingSpec
 from schemas.result import DataReport
 from spooler.errors import Rejected
+from spooler.jobfile import LONE_SURROGATE, encodable
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,10 @@ def _parse_line(text: str, number: int, label: str = "") -> Row:
     except json.JSONDecodeError as e:
         raise Rejected("dataset", f"{at}: not valid JSON ({e.msg} at column {e.colno}); "
                                   "each line must be one JSON object") from e
+    except (ValueError, RecursionError) as e:  # an integer of 5000 digits; nesting deeper than Python recurses
+        raise Rejected("dataset", f"{at}: not a usable JSON value ({type(e).__name__}: {str(e)[:120]})") from None
+    if (m := LONE_SURROGATE.search(text)) and not encodable(data):
+        raise Rejected("dataset", f"{at}: {m.group(0)} is half of a UTF-16 pair, not a character; fix that text")
     if not isinstance(data, dict):
         raise Rejected("dataset", f"{at}: a row must be a JSON object, not {type(data).__name__}")
     problem, shape = _shape_problem(data)

@@ -9,8 +9,10 @@ refused in milliseconds with a sentence that says what to do, instead of failing
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 from spooler.errors import Rejected
 
@@ -106,8 +108,9 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Rejected("base_model", f"{path.name} is not valid JSON ({e}); copy the model folder again") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5000-digit integer
+        raise Rejected("base_model", f"{path.name} is not usable JSON ({type(e).__name__}: {str(e)[:200]}); "
+                                     "copy the model folder again") from None
     if not isinstance(data, dict):
         raise Rejected("base_model", f"{path.name} is not a JSON object; copy the model folder again")
     return data
@@ -135,6 +138,11 @@ def _check_weights(folder: Path) -> None:
     if missing:
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} names {len(missing)} missing shard(s) "
                                      f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
+    for name in sorted(safe):  # the header only: a truncated copy or a hostile header fails here, not in a loader
+        try:
+            read_header(folder / name)
+        except (OSError, ValueError) as e:
+            raise Rejected("base_model", f"{name}: {e}; the file is broken or was cut short: copy it again") from None
 
 
 def _index_shards(folder: Path) -> list[str]:
@@ -143,3 +151,45 @@ def _index_shards(folder: Path) -> list[str]:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} has a malformed weight_map; copy the model again")
     return sorted(set(weight_map.values()))
+
+
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I16": 2,
+               "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
+MAX_HEADER = 100 * 2**20  # safetensors' own limit: a header that claims more is corrupt or hostile
+
+
+def read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensors a safetensors file declares, read without loading any; ValueError says what is wrong."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(MAX_HEADER, size - 8):
+            raise ValueError(f"its header claims {n} bytes, the file has {size - 8} after the length")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, a 5000-digit integer
+            raise ValueError(f"its header is not usable JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for key, info in header.items():
+        try:
+            _check_entry(key, info, data_bytes)
+        except TypeError:  # offsets or shape of the wrong JSON type: the file is hostile or broken
+            raise ValueError(f"{key}: malformed header entry {str(info)[:200]}") from None
+    return header
+
+
+def _check_entry(key: str, info: Any, data_bytes: int) -> None:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ValueError(f"{key}: malformed header entry")
+    shape, (start, end) = info["shape"], info["data_offsets"]
+    if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end <= data_bytes:
+        raise ValueError(f"{key}: shape {shape} or offsets {[start, end]} do not fit the file")
+    width = DTYPE_BYTES.get(info["dtype"])
+    if width is not None and math.prod(shape) * width != end - start:
+        raise ValueError(f"{key}: {end - start} bytes for shape {shape} of {info['dtype']}")

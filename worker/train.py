@@ -118,7 +118,7 @@ def check_parent(req: TrainRequest) -> Path:
     if share is None:
         raise Rejected("parent", f"{req.share_root} is not a loraspool share, so it has no adapter registry")
     assert req.job.parent and req.job.base_model
-    ref, folder = registry.resolve(share, req.job.parent, "parent")
+    ref, folder = registry.loadable(share, req.job.parent, "parent")
     manifest = registry.read_manifest(share, ref)
     assert manifest is not None  # resolve checked it is there
     base = registry.base_identity_of(share, req.job.base_model)
