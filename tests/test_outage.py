@@ -56,6 +56,36 @@ def test_outcome_written_while_the_share_refuses_is_kept_locally_and_delivered_o
     assert not job.exists() and not list((tmp_path / "cache" / "outbox" / "w1").glob("*"))
 
 
+def test_a_worker_stopped_while_it_holds_an_outcome_does_not_give_its_job_away(share: Share,
+                                                                             tmp_path: Path) -> None:
+    """A stop while an outcome waits locally: the stop tries the share once more, and delivers if it answers.
+    If it still refuses, the last heartbeat says "stopping", not "stopped" (which other workers take as leave
+    to run the job again at once), and the job stays claimed for the restart to deliver."""
+    for comes_back in (False, True):
+        w = _worker(share, tmp_path / f"cache-{comes_back}")
+        drop(share, f"held-{comes_back}.json", {"kind": "probe"})
+        w.intake.scan()
+        job = claim.next_job(share, "w1")
+        assert job is not None
+        results, away = share.results, share.root / "results-away"
+        results.rename(away)
+        results.write_text("not a folder: every write under results/ fails")
+        w.perform(job)
+        if comes_back:
+            results.unlink()
+            away.rename(results)
+        w.teardown()
+        hb = read_model(share.heartbeat_file("w1"), Heartbeat)
+        assert hb is not None and hb.state.value == ("stopped" if comes_back else "stopping")
+        if comes_back:
+            assert result_of(share, f"held-{comes_back}").status.value == "succeeded" and not job.exists()
+        else:
+            assert job.exists()
+            results.unlink()
+            away.rename(results)
+            claim.held(share, "w1")[0].unlink()  # the next round starts with nothing held
+
+
 def test_quiet_hours_take_no_new_jobs_but_accept_and_beat(share: Share, procs: Procs) -> None:
     now = datetime.now()
     span = f"{(now - timedelta(hours=1)):%H:%M}-{(now + timedelta(hours=1)):%H:%M}"  # may wrap midnight

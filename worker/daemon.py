@@ -177,8 +177,30 @@ class Worker:
     def teardown(self) -> None:
         if self.watcher is not None and self._owns_watcher:
             self.watcher.stop()
-        self.hb.stop(WorkerState.stopped)
+        kept = self._deliver_kept()
+        # "stopped" tells observers to requeue our jobs at once. A job whose outcome we still hold must not run
+        # again: "stopping" leaves the restart stale_after to deliver it first.
+        self.hb.stop(WorkerState.stopping if kept else WorkerState.stopped)
+        if kept:
+            log.warning("worker %s stopped holding the outcome of job(s) %s in %s: start it again to deliver them; "
+                        "after stale_after other workers run them again", self.id, ", ".join(kept),
+                        self.outbox.folder)
         log.info("worker %s stopped", self.id)
+
+    def _deliver_kept(self) -> list[str]:
+        """One last try at the outcomes kept while the share was away; the ids of those still held."""
+        held = []
+        try:
+            for path in claim.held(self.share, self.id):
+                key, result = states.QueueKey.parse(path.name), self.outbox.kept(path.name)
+                if key is not None and result is not None:
+                    self.deliver(path, key, result, retry=True)
+                    if self.outbox.kept(path.name) is not None:
+                        held.append(key.job_id)
+        except OSError as e:  # the share is away: what the outbox holds is all we know
+            log.warning("kept outcomes not delivered at stop: %s [worker %s]", e, self.id)
+            held = [p.name for p in self.outbox.folder.glob("*.result.json")]
+        return held
 
     def request_stop(self, why: str) -> None:
         """The one graceful stop, for SIGTERM, Ctrl-C and a Windows service stop alike: the training child
