@@ -8,8 +8,9 @@ Clocks of different machines disagree, so no decision compares one machine's tim
 * ``snapshot`` answers at once for a one-shot ``loraspool status``. It touches a file on the share and
   compares that file's mtime with the heartbeat's: both are stamped by the file server on kernel SMB/NFS
   clients, so their difference is an age on one clock. Some clients (rclone, sshfs with some options) stamp
-  mtimes with their own clock instead; we detect the case where the heartbeat's mtime equals the writer's own
-  ``written_at`` and the answer would rest on two clocks agreeing, and say so in ``confidence``.
+  mtimes with their own clock instead: when the heartbeat's mtime equals the writer's own ``written_at``, or our
+  probe's mtime equals our own clock, the answer may rest on two clocks agreeing, and ``confidence`` says so.
+  Only a share-clock answer seeds ``Liveness``.
 """
 
 from __future__ import annotations
@@ -207,6 +208,9 @@ def snapshot(share: Share, clock: Clock, beats: dict[str, Heartbeat] | None = No
     """A one-shot judgement from file times, without waiting. See the module docstring for the reasoning."""
     beats = read_heartbeats(share) if beats is None else beats
     ref = share_now(share)
+    # Our probe's mtime is the server's clock only if it differs from ours: a client that stamps its own files
+    # (rclone) would give our clock back, and an age from it would compare our clock with the server's.
+    by_server = ref is not None and abs(ref - clock.wall()) >= 2.0
     views = {}
     stale_after = share.settings.stale_after
     for wid, hb in beats.items():
@@ -222,8 +226,9 @@ def snapshot(share: Share, clock: Clock, beats: dict[str, Heartbeat] | None = No
         # When the mtime equals the writer's own clock, that client stamped it: the age then rests on the
         # writer's clock and ours (or the server's) agreeing, which we cannot know from one look.
         self_stamped = written is not None and abs(mtime - written) < 2.0
-        # Without our own probe's mtime the age is our wall clock against the share's: two clocks.
-        confidence = CLOCKS_AGREE if self_stamped or ref is None else SHARE_CLOCK
+        # Without a probe the server stamped, the age is our wall clock against the share's: two clocks. (When
+        # the server's clock and ours agree, this is right, but we cannot tell that from one look.)
+        confidence = SHARE_CLOCK if by_server and not self_stamped else CLOCKS_AGREE
         stale = age >= stale_after
         reason = f"heartbeat file is {age:.1f}s old by the share's clock" if confidence == SHARE_CLOCK else (
             f"heartbeat file is {age:.1f}s old, if the worker's clock agrees with ours")

@@ -159,6 +159,24 @@ def test_a_heartbeat_file_speaks_only_for_the_worker_it_is_named_after(share: Sh
     assert "../queue" not in views and queued.exists()
 
 
+def test_an_observer_whose_client_stamps_its_own_files_seeds_no_verdict(share: Share,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An observer on rclone (its client stamps mtimes with its own clock, an hour ahead here) looks at a worker
+    on kernel SMB (the server stamps its heartbeat; the worker's own clock is 2 minutes off). The probe's mtime
+    is then the observer's clock, and its difference from the heartbeat's mtime an hour of clock skew, not an
+    age: a fresh reaper must not take the worker for dead on that one look. (The self-stamping client is
+    simulated: share_now returns the observer's clock, as rclone's VFS would stamp it.)"""
+    from spooler import heartbeat
+
+    running = fake_dead_worker(share, "smb", "long")
+    beat = json.loads(share.heartbeat_file("smb").read_text())
+    share.write_json(share.heartbeat_file("smb"), {**beat, "written_at": iso(time.time() - 120)})
+    clock = SkewedClock(3600)
+    monkeypatch.setattr(heartbeat, "share_now", lambda share: clock.wall())
+    views = reap(share, Liveness(share, clock), "observer", clock)
+    assert not views["smb"].stale and running.exists(), views["smb"].reason
+
+
 def test_job_fails_after_max_attempts(share: Share, procs: Procs) -> None:
     fake_dead_worker(share, "gone", "unlucky", attempt=share.settings.max_attempts)
     procs.worker(share, "w2")
