@@ -821,3 +821,4 @@ def test_train_verify_and_merge_jobs_through_a_worker(tmp_path: Path, tiny_model
     assert merged.status is Terminal.succeeded and merged.merged_model == "models/merged/support-v1"
     bad = wait_result(s, "bad", 60)
     assert bad.status is Terminal.rejected and bad.error.startswith("verify.adapter: 'support/v7' is not registered")
+    assert bad.error.endswith("the id 'bad' is used now: drop the fixed job under a new id"), "rejected as it ran"

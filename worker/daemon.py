@@ -260,6 +260,8 @@ class Worker:
         if result is None:  # released for a graceful stop
             return
         result.finished_at = iso(self.clock.wall())
+        if result.status is Terminal.rejected:  # unlike a rejection at intake, this one has the job's own id
+            result.error = f"{result.error}; the id {key.job_id!r} is used now: drop the fixed job under a new id"
         self.deliver(running_file, key, result)
 
     def deliver(self, running_file: Path, key: states.QueueKey, result: Result, retry: bool = False) -> None:
