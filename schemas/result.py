@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from schemas.verify import ChainReport, VerifyReport
 
@@ -86,12 +85,3 @@ class Result(BaseModel):
     verify: VerifyReport | None = Field(None, description="A verify job's checks (one adapter).")
     verify_chain: ChainReport | None = Field(None, description="A verify job's checks (a whole chain).")
 
-    @field_validator("error", "source_file", "kind", "worker", "host", mode="before")
-    @classmethod
-    def _writable(cls, value: Any) -> Any:
-        """Text that can be written as UTF-8 JSON. A file name that is not UTF-8 (Python gives its bytes as lone
-        surrogates), and every error that quotes it, would otherwise make the result itself unwritable: such
-        characters are written as backslash escapes."""
-        if isinstance(value, str):
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
-        return value

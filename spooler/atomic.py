@@ -92,10 +92,26 @@ def write_bytes(target: Path, data: bytes, mode: int = 0o664) -> None:
 
 def write_json(target: Path, record: BaseModel | dict[str, Any], mode: int = 0o664) -> None:
     if isinstance(record, BaseModel):
-        text = record.model_dump_json(indent=2)
+        try:
+            text = record.model_dump_json(indent=2)
+        except ValueError:  # pydantic's serialization error: a str with a lone surrogate (see _writable)
+            text = json.dumps(_writable(record.model_dump(mode="json")), indent=2, ensure_ascii=False)
     else:
         text = json.dumps(record, indent=2, sort_keys=True)
     write_bytes(target, (text + "\n").encode(), mode)
+
+
+def _writable(value: Any) -> Any:
+    """``value`` with every string made UTF-8 text. A file name that is not UTF-8 comes to Python as lone
+    surrogates, which no JSON text can carry, and an error quoting it would make its record unwritable (and the
+    job, whose outcome could never be delivered, would run again and again): they become backslash escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_writable(k): _writable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_writable(v) for v in value]
+    return value
 
 
 def dir_mode_for(file_mode: int) -> int:

@@ -100,8 +100,7 @@ class Worker:
                     try:
                         self.perform(job)
                     except Exception as e:  # the loop boundary: no job may stop the worker, nor spin it
-                        self._trouble(e)
-                        self.stopping.wait(self.share.settings.heartbeat_interval)
+                        self._give_up_on(job, e)
                     continue
                 if busy_inbox:
                     continue
@@ -120,6 +119,18 @@ class Worker:
             step(path)
         except Exception as e:
             log.warning("recovery of %s skipped: %s: %s [worker %s]", path, type(e).__name__, e, self.id)
+
+    def _give_up_on(self, job: Path, e: Exception) -> None:
+        """What a restart would do after a crash in ``perform``: the job back to the queue with its attempt
+        counted, so a job that always crashes ends failed after max_attempts instead of running forever."""
+        log.error("job %s crashed the worker's job handling: %s: %s; releasing it [worker %s]", job.name,
+                  type(e).__name__, e, self.id, exc_info=True)
+        try:
+            release(self.share, job, self.id, self.clock, f"its handling crashed ({type(e).__name__})",
+                    count_attempt=True)
+        except Exception as again:  # the share is away: the job stays held and the next loop tries again
+            self._trouble(again)
+            self.stopping.wait(self.share.settings.heartbeat_interval)
 
     def _trouble(self, e: Exception) -> None:
         """Log a loop failure once per kind, not once a second, and let the loop wait before it tries again."""
