@@ -194,7 +194,18 @@ def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool
     the retry fails although the first one won. It did if the job file is in place and ours is the pending
     result that a commit can belong to (``_committed_pending``)."""
     def done() -> bool:
-        return job_json in os.listdir(folder) and _attempts_of(pending) >= _attempts_of(_committed_pending(folder))
+        names = os.listdir(folder)
+        if job_json not in names:
+            return False
+        if pending.name not in names:  # a start-up's complete_pending already finished it: ours was the latest
+            return "result.json" in names
+        if "result.json" in names:  # another attempt's result is out, and ours still pending: not ours
+            return False
+        mine = (_attempts_of(pending), _read_json(pending).get("worker"))
+        others = [p for p in folder.glob(f".result.*.json{PENDING_SUFFIX}") if p.name != pending.name]
+        # Strictly the latest attempt; a tie counts only for our own worker's retry of one outcome.
+        return all(_attempts_of(o) < mine[0] or (_attempts_of(o), _read_json(o).get("worker")) == mine
+                   for o in others)
 
     return _confirmed(share, done, folder)
 

@@ -169,7 +169,7 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
         if Path(dst).name == "job.json":
             raise FileNotFoundError(2, "No such file or directory", str(src))
 
-    for job_id in ("lost-reply", "moved-away"):
+    for job_id in ("lost-reply", "moved-away", "finished-by-another"):
         share.makedirs(share.running("w1"))
         running = share.running("w1") / states.QueueKey(0, "20260101000000000", job_id, 1).name
         running.write_text('{"kind": "probe"}')
@@ -180,10 +180,23 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
             monkeypatch.setattr(states.os, "rename", real_rename)
             assert json.loads((share.result_dir(job_id) / "result.json").read_text())["status"] == "succeeded"
         else:
-            running.rename(share.queue / states.QueueKey(0, "20260101000000000", job_id, 2).name)
+            requeued = running.rename(share.queue / states.QueueKey(0, "20260101000000000", job_id, 2).name)
+
+            def finished_meanwhile(src: str | Path, dst: str | Path, requeued: Path = requeued) -> None:
+                # attempt 2 ran elsewhere and concluded, result and all, just before our rename failed
+                monkeypatch.setattr(states.os, "rename", real_rename)
+                other = Result(id=requeued.name.split("_")[2].split(".a")[0], status=Terminal.failed, worker="w2",
+                               attempts=2)
+                states.conclude(share, requeued, other)
+                real_rename(src, dst)
+
+            if job_id == "finished-by-another":
+                monkeypatch.setattr(states.os, "rename", finished_meanwhile)
             with pytest.raises(ClaimLost):
                 states.conclude(share, running, result)
             assert not list(share.result_dir(job_id).glob(".result.*"))
+            if job_id == "finished-by-another":
+                assert json.loads((share.result_dir(job_id) / "result.json").read_text())["worker"] == "w2"
 
 
 def test_worker_restart_requeues_what_it_held(share: Share, procs: Procs, tmp_path: Path) -> None:
