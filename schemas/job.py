@@ -95,7 +95,8 @@ class TrainingSpec(Strict):
     learning_rate: float = Field(2e-4, gt=0, le=1)
     batch_size: int = Field(4, ge=1, le=4096)
     max_length: int = Field(512, ge=8, le=131072)
-    seed: int = Field(0, ge=0, lt=2**32, description="Seeds the split, the batches and the LoRA init.")
+    seed: int = Field(0, ge=-(2**63), lt=2**64, description="Seeds the split, the batches and the LoRA init "
+                                                             "(torch.manual_seed's range).")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     min_chars: int = Field(0, ge=0, description="Drop rows whose text (all fields together) is shorter than this.")
     max_chars: int | None = Field(None, ge=1, description="Drop rows whose text is longer than this.")

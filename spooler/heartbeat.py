@@ -207,10 +207,12 @@ def share_now(share: Share) -> float | None:
 def snapshot(share: Share, clock: Clock, beats: dict[str, Heartbeat] | None = None) -> dict[str, WorkerView]:
     """A one-shot judgement from file times, without waiting. See the module docstring for the reasoning."""
     beats = read_heartbeats(share) if beats is None else beats
+    before = clock.wall()
     ref = share_now(share)
-    # Our probe's mtime is the server's clock only if it differs from ours: a client that stamps its own files
+    after = clock.wall()
+    # Our probe's mtime is the server's clock only if it is off ours: a client that stamps its own files
     # (rclone) would give our clock back, and an age from it would compare our clock with the server's.
-    by_server = ref is not None and abs(ref - clock.wall()) >= 2.0
+    by_server = ref is not None and not before - 2.0 <= ref <= after + 2.0
     views = {}
     stale_after = share.settings.stale_after
     for wid, hb in beats.items():

@@ -27,16 +27,13 @@ def share_path_problem(value: str) -> str | None:
 
 
 def _windows_problem(part: str) -> str | None:
-    """A path component a Windows worker would read as something else: a device (``CON`` reads the console),
-    an alternate data stream (``x.jsonl:hidden``), or another name (Windows drops a trailing '.' or space)."""
+    """A path component a Windows worker would open as a device: ``datasets/CON`` reads the console, and the
+    job would wait on it forever. (A ':' or a trailing '.' is left alone: on Windows they name data inside the
+    share, or the same file, and on Linux shares they are ordinary names, like ``models/qwen3:0.6b``.)"""
     from schemas.job import WINDOWS_RESERVED  # schemas imports this module's callers, not this module
 
-    if ":" in part:
-        return f"{part!r} has a ':', which Windows reads as a drive or a hidden stream of the file"
     if part.split(".")[0].rstrip(" ").lower() in WINDOWS_RESERVED:
         return f"{part!r} is a name Windows reserves for a device"
-    if part not in (".", "") and part.endswith((".", " ")):
-        return f"{part!r} ends with '.' or a space, which Windows drops from file names"
     return None
 
 

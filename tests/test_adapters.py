@@ -781,8 +781,8 @@ def test_gc_never_removes_a_merged_model_outside_the_share(tmp_path: Path, share
 
 def test_nothing_is_made_through_a_symlink_leading_out_of_the_share(tmp_path: Path, share: Share,
                                                                    trained: dict) -> None:
-    """adapters/<name> or a folder on merge.output's way a link to another disk: the job is rejected naming the
-    field, and not even an empty folder is made out there."""
+    """adapters/<name> or a folder on merge.output's way a link to another disk (or, for merge.output, into the
+    spool's own folders): the job is rejected naming the field, and not even an empty folder is made there."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (registry.root(share) / "evil-link").symlink_to(outside, target_is_directory=True)
@@ -794,6 +794,11 @@ def test_nothing_is_made_through_a_symlink_leading_out_of_the_share(tmp_path: Pa
     with pytest.raises(Rejected, match="outside the share") as e:
         run(share, JobSpec(id="m-out-link", kind="merge", merge=spec))
     assert e.value.field == "merge.output" and not list(outside.iterdir())
+    (share.root / "models" / "in-link").symlink_to(share.results, target_is_directory=True)  # into the spool
+    spec = {**spec, "output": "models/in-link/victim/m"}
+    with pytest.raises(Rejected, match="outside the share's models/") as e:
+        run(share, JobSpec(id="m-in-link", kind="merge", merge=spec))
+    assert e.value.field == "merge.output" and not (share.results / "victim").exists()
 
 
 def test_manifests_validate_against_their_schema(share: Share, trained: dict) -> None:

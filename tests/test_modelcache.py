@@ -15,8 +15,15 @@ import pytest
 from spooler.errors import Rejected
 from worker.modelcache import MANIFEST, CacheError, cache_key, commit, local_copy, read_manifest, stale_copies
 
+
+def _safetensors(n: int) -> bytes:
+    """A well-formed safetensors file of one U8 tensor of random bytes: the model check reads its header."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    return len(header).to_bytes(8, "little") + header + os.urandom(n)
+
+
 MODEL = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b'{"version": "1.0"}',
-         "model.safetensors": os.urandom(300_000), "generation_config.json": b"{}"}
+         "model.safetensors": _safetensors(300_000), "generation_config.json": b"{}"}
 JUNK = {"README.md": b"# hi", "pytorch_model.bin": b"pickle", "modeling_x.py": b"import os", ".hidden.safetensors": b""}
 
 

@@ -167,13 +167,14 @@ def _into_base(share: Share, req: TrainRequest, item: Input, base_dir: Path, bas
 
 
 def _check_inside(share: Share, out_dir: Path, field_name: str) -> None:
-    """The output must really be inside the share (no symlinked folder leading out): checked before its parent
-    is made, so that no folder is made out there, and again after, against a link made in between."""
+    """The output must really be under the share's models/ (no symlinked folder leading out of it, to another
+    disk or into the spool's own folders): checked before its parent is made, so that no folder is made out
+    there, and again after, against a link made in between."""
     for made in (False, True):
         if made:
             share.makedirs(out_dir.parent)
-        if real := outside_share(share.root, out_dir):
-            raise Rejected(field_name, f"{share.rel(out_dir)} resolves to {real}, outside the share")
+        if real := outside_share(share.root / "models", out_dir):
+            raise Rejected(field_name, f"{share.rel(out_dir)} resolves to {real}, outside the share's models/")
 
 
 def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Path,

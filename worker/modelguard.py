@@ -138,7 +138,8 @@ def _check_weights(folder: Path) -> None:
     if missing:
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} names {len(missing)} missing shard(s) "
                                      f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
-    for name in sorted(safe):  # the header only: a truncated copy or a hostile header fails here, not in a loader
+    loaded = shards or [n for n in safe if n == "model.safetensors"]  # what from_pretrained reads
+    for name in loaded:  # the header only: a truncated copy or a hostile header fails here, not in a loader
         try:
             read_header(folder / name)
         except (OSError, ValueError) as e:
