@@ -24,18 +24,29 @@ def _worker(share: Share, cache: Path, clock: SkewedClock | None = None) -> Work
     return Worker(share, WorkerSettings(share=share.root, id="w1", device="cpu", cache_dir=cache), clock)
 
 
-def test_outcome_written_while_the_share_refuses_is_kept_locally_and_delivered_once(share: Share,
-                                                                                   tmp_path: Path) -> None:
-    w = _worker(share, tmp_path / "cache")
-    drop(share, "late.json", {"kind": "probe"})
+def _performed_while_results_refuse(share: Share, w: Worker, name: str) -> tuple[Path, Path]:
+    """Drop, accept and claim a probe, make every write under results/ fail (as on a share that went read-only),
+    and perform it. Returns the held job file and where results/ went (rename it back to end the outage)."""
+    drop(share, f"{name}.json", {"kind": "probe"})
     w.intake.scan()
     job = claim.next_job(share, "w1")
     assert job is not None
-    results, away = share.results, share.root / "results-away"
-    results.rename(away)
-    results.write_text("not a folder: every write under results/ fails, as on a share that went read-only")
-
+    away = share.root / "results-away"
+    share.results.rename(away)
+    share.results.write_text("not a folder: every write under results/ fails")
     w.perform(job)
+    return job, away
+
+
+def _outage_ends(share: Share, away: Path) -> None:
+    share.results.unlink()
+    away.rename(share.results)
+
+
+def test_outcome_written_while_the_share_refuses_is_kept_locally_and_delivered_once(share: Share,
+                                                                                   tmp_path: Path) -> None:
+    w = _worker(share, tmp_path / "cache")
+    job, away = _performed_while_results_refuse(share, w, "late")
 
     kept = list((tmp_path / "cache" / "outbox" / "w1").glob("*.result.json"))
     assert len(kept) == 1 and job.exists(), "the outcome waits locally; the job stays claimed"
@@ -46,8 +57,7 @@ def test_outcome_written_while_the_share_refuses_is_kept_locally_and_delivered_o
     restarted._recover()
     assert job.exists()
 
-    results.unlink()
-    away.rename(results)
+    _outage_ends(share, away)
     restarted.perform(job)
 
     result = read_model(share.result_dir("late") / "result.json", Result)
@@ -63,17 +73,9 @@ def test_a_worker_stopped_while_it_holds_an_outcome_does_not_give_its_job_away(s
     to run the job again at once), and the job stays claimed for the restart to deliver."""
     for comes_back in (False, True):
         w = _worker(share, tmp_path / f"cache-{comes_back}")
-        drop(share, f"held-{comes_back}.json", {"kind": "probe"})
-        w.intake.scan()
-        job = claim.next_job(share, "w1")
-        assert job is not None
-        results, away = share.results, share.root / "results-away"
-        results.rename(away)
-        results.write_text("not a folder: every write under results/ fails")
-        w.perform(job)
+        job, away = _performed_while_results_refuse(share, w, f"held-{comes_back}")
         if comes_back:
-            results.unlink()
-            away.rename(results)
+            _outage_ends(share, away)
         w.teardown()
         hb = read_model(share.heartbeat_file("w1"), Heartbeat)
         assert hb is not None and hb.state.value == ("stopped" if comes_back else "stopping")
@@ -81,8 +83,7 @@ def test_a_worker_stopped_while_it_holds_an_outcome_does_not_give_its_job_away(s
             assert result_of(share, f"held-{comes_back}").status.value == "succeeded" and not job.exists()
         else:
             assert job.exists()
-            results.unlink()
-            away.rename(results)
+            _outage_ends(share, away)
             claim.held(share, "w1")[0].unlink()  # the next round starts with nothing held
 
 

@@ -196,21 +196,10 @@ def test_lora_layers_under_autocast_take_their_input_as_it_comes() -> None:
         base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         precision = loop.MixedPrecision(model, "cpu", torch.bfloat16)
-        saved: dict[int, int] = {}
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         context = precision() if as_it_comes else torch.autocast("cpu", dtype=torch.bfloat16)
-        with context, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss, _ = loop.CausalLMLoss(model, chunked=True)(ids, ids, None, None)
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        loss, grads, kept = _loss_grads_saved(model, ids, context)
         assert grads and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-        return float(loss.detach()), grads, sum(saved.values()), precision
+        return loss, grads, kept, precision
 
     loss, grads, kept, precision = step(as_it_comes=True)
     peft_loss, peft_grads, peft_kept, _ = step(as_it_comes=False)
@@ -241,7 +230,9 @@ def _qwen3_lora(dtype: Any, lean: bool) -> tuple[Any, dict[str, int]]:
     return model, lean_activations(model, "cpu", dtype) if lean else {}
 
 
-def _loss_grads_saved(model: Any, ids: Any, bf16: bool) -> tuple[float, list[Any], int]:
+def _loss_grads_saved(model: Any, ids: Any, context: Any) -> tuple[float, list[Any], int]:
+    """One forward (in ``context``) and backward: the loss, the trainable gradients, and the bytes autograd kept
+    for backward (parameters not counted)."""
     import torch
 
     from worker import loop
@@ -254,11 +245,18 @@ def _loss_grads_saved(model: Any, ids: Any, bf16: bool) -> tuple[float, list[Any
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    context = loop.MixedPrecision(model, "cpu", torch.bfloat16)() if bf16 else contextlib.nullcontext()
     with context, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         loss, _ = loop.CausalLMLoss(model, chunked=True)(ids, ids, None, None)
     loss.backward()
     return float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad], sum(saved.values())
+
+
+def _precision(model: Any, bf16: bool) -> Any:
+    import torch
+
+    from worker import loop
+
+    return loop.MixedPrecision(model, "cpu", torch.bfloat16)() if bf16 else contextlib.nullcontext()
 
 
 def test_lean_norms_and_swiglu_train_as_the_models_own_and_keep_less() -> None:
@@ -272,8 +270,9 @@ def test_lean_norms_and_swiglu_train_as_the_models_own_and_keep_less() -> None:
         bf16 = dtype == torch.bfloat16
         lean, swapped = _qwen3_lora(dtype, lean=True)
         assert swapped == {"RMSNorm": 9, "SwiGLU": 2}  # 4 norms a layer (q/k norms too) and the final one
-        loss, grads, kept = _loss_grads_saved(lean, ids, bf16)
-        own_loss, own_grads, own_kept = _loss_grads_saved(_qwen3_lora(dtype, lean=False)[0], ids, bf16)
+        own = _qwen3_lora(dtype, lean=False)[0]
+        loss, grads, kept = _loss_grads_saved(lean, ids, _precision(lean, bf16))
+        own_loss, own_grads, own_kept = _loss_grads_saved(own, ids, _precision(own, bf16))
         assert loss == own_loss
         for a, b in zip(grads, own_grads, strict=True):
             assert float((a - b).norm() / b.norm()) < (1e-2 if bf16 else 1e-5)
