@@ -191,8 +191,9 @@ def conclude(share: Share, src: Path, result: Result) -> None:
 
 def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool:
     """After ENOENT from the commit: did it happen anyway? NFS retransmits a rename whose reply was lost, and
-    the retry fails although the first one won. It did if the job file is in place and ours is the pending
-    result that a commit can belong to (``_committed_pending``)."""
+    the retry fails although the first one won. It did if the job file is in place, no other attempt's result
+    is out, and ours is the latest attempt's pending result (the only one that can commit; see
+    ``_committed_pending``)."""
     def done() -> bool:
         names = os.listdir(folder)
         if job_json not in names:
@@ -219,8 +220,8 @@ def _committed_pending(folder: Path) -> Path | None:
     return max(pendings, key=_attempts_of, default=None)
 
 
-def _attempts_of(pending: Path | None) -> int:
-    attempts = _read_json(pending).get("attempts") if pending is not None else 0
+def _attempts_of(pending: Path) -> int:
+    attempts = _read_json(pending).get("attempts")
     return attempts if isinstance(attempts, int) else 0
 
 
