@@ -54,10 +54,10 @@ def resolve_in_share(root: Path, value: str, field: str) -> Path:
     """The real path of ``value`` under ``root``, refusing any that a symlink or '..' takes outside it."""
     if problem := share_path_problem(value):
         raise Rejected(field, problem)
-    real_root = Path(os.path.realpath(root))
-    target = Path(os.path.realpath(real_root / value.replace("\\", "/")))
-    if target != real_root and real_root not in target.parents:
-        raise Rejected(field, f"{value!r} resolves to {target}, outside the share (a symlink leads out)")
+    path = Path(root) / value.replace("\\", "/")
+    if real := outside_share(root, path):
+        raise Rejected(field, f"{value!r} resolves to {real}, outside the share (a symlink leads out)")
+    target = Path(os.path.realpath(path))
     if not target.exists():
         raise Rejected(field, f"{value!r} does not exist on the share; copy it there or fix the path")
     return target
