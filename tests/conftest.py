@@ -60,6 +60,15 @@ class Procs:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+    def tails(self, lines: int = 25) -> str:
+        """The end of every process's log, for a timeout's message: what each was doing when time ran out."""
+        out = []
+        for p in self.procs:
+            text, name = log_of(p).splitlines()[-lines:], Path(p.log_path).name  # type: ignore[attr-defined]
+            out.append(f"--- {name} (exit code {p.poll()}), its last {len(text)} lines")
+            out.extend(text)
+        return "\n".join(out)
+
     def stop_all(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -83,14 +92,27 @@ def log_of(proc: subprocess.Popen) -> str:
     return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
 
-def wait_for(pred: Callable[[], object], timeout: float, what: str, every: float = 0.05) -> object:
+def wait_for(pred: Callable[[], object], timeout: float, what: str, every: float = 0.05,
+             explain: Callable[[], str] | None = None) -> object:
+    """``explain`` adds what the message of a timeout should show (where the jobs are, the logs' ends)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = pred()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{explain()}" if explain else ""))
+
+
+def spool_listing(share: Share) -> str:
+    """Every job file's place in the spool (inbox, intake, queue, running), and how many results exist."""
+    lines = []
+    for folder in ("inbox", "intake", "queue", "running"):
+        base = share.root / folder
+        names = sorted(str(p.relative_to(share.root)) for p in base.rglob("*") if p.is_file()) if base.exists() else []
+        lines.append(f"{folder}: {len(names)} file(s) {names[:40]}")
+    lines.append(f"results: {len(list(share.results.glob('*/result.json')))} result.json")
+    return "\n".join(lines)
 
 
 def result_of(share: Share, job_id: str) -> Result | None:

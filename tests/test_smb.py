@@ -19,7 +19,7 @@ import pytest
 
 from spooler.share import Share, init_share
 from spooler.watch import choose_mode
-from tests.conftest import FAST, Procs, log_of, result_of, wait_for
+from tests.conftest import FAST, Procs, log_of, result_of, spool_listing, wait_for
 from tests.smbshare import SmbPair, smb_pair, smb_unavailable_reason
 
 pytestmark = [pytest.mark.smb, pytest.mark.skipif(smb_unavailable_reason() is not None,
@@ -47,18 +47,21 @@ def test_mounts_are_network_filesystems_and_get_the_polling_observer(shares: tup
     assert choose_mode(b.root, "auto") == "polling"
 
 
-def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs) -> None:
+def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs, pair: SmbPair) -> None:
+    """40 jobs, dropped through both mounts, claimed by a worker on each: every one runs exactly once.
+    (Each job costs about three confirm pauses of 0.3 s per worker, so 40 take ~30 s here; 80 timed out in CI.)"""
     a, b = shares
     wa = procs.worker(a, "on-a")
     wb = procs.worker(b, "on-b")
     wait_for(lambda: len(list(a.heartbeats.glob("on-*.json"))) == 2, 60, "both heartbeats")
-    jobs = [f"r{i:03d}" for i in range(80)]
+    jobs = [f"r{i:03d}" for i in range(40)]
     for i, job_id in enumerate(jobs):  # dropped through both mounts, as from two machines
         side = a if i % 2 else b
         tmp = side.inbox / f".{job_id}.tmp"
         tmp.write_text(json.dumps({"kind": "probe"}))
         tmp.rename(side.inbox / f"{job_id}.json")
-    wait_for(lambda: all(result_of(a, j) for j in jobs), 180, "80 results", every=0.5)
+    wait_for(lambda: all(result_of(a, j) for j in jobs), 240, "40 results", every=0.5,
+             explain=lambda: _stuck(a, jobs, procs, pair))
     procs.stop_all()
     logs = log_of(wa) + log_of(wb)
     # Exactly once per queue entry: (job, attempt) is claimed by one worker. A job may be claimed again only
@@ -85,8 +88,14 @@ def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs)
     assert "polling observer" in log_of(wa) and "polling observer" in log_of(wb)
 
 
+def _stuck(share: Share, jobs: list[str], procs: Procs, pair: SmbPair) -> str:
+    """What a timeout shows: the jobs without a result, where every job file is, the workers' and mounts' logs."""
+    missing = [j for j in jobs if result_of(share, j) is None]
+    return (f"no result for {missing}\n{spool_listing(share)}\n{procs.tails()}\n{pair.log_tail(40)}")
+
+
 def test_drop_train_result_across_mounts(shares: tuple[Share, Share], procs: Procs, tiny_model_dir: Path,
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, pair: SmbPair) -> None:
     """The worker on mount a trains; the submitter on mount b drops the job and waits for the result."""
     from worker.tinymodel import write_dataset
 
@@ -99,8 +108,11 @@ def test_drop_train_result_across_mounts(shares: tuple[Share, Share], procs: Pro
     job.write_text(json.dumps({"kind": "train", "base_model": "models/tiny", "dataset": "datasets/d.jsonl",
                                "training": {"max_steps": 8, "batch_size": 4, "max_length": 48,
                                             "learning_rate": 3e-3}}))
-    out = subprocess.run([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(b.root), "--wait",
-                          "--fallback", "never"], capture_output=True, text=True, timeout=300)
+    try:  # 17 s alone, 21 s under load; CI once timed out at 300 s, so a timeout shows where things were
+        out = subprocess.run([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(b.root),
+                              "--wait", "--fallback", "never"], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"submit --wait timed out: {e.stderr!r}\n{_stuck(a, ['smbtrain'], procs, pair)}") from e
     assert out.returncode == 0, out.stderr[-3000:]
     r = result_of(b, "smbtrain")
     assert r.status.value == "succeeded" and r.worker == "gpu-desk" and not r.fallback

@@ -71,20 +71,26 @@ def test_killed_worker_job_resumes_from_its_checkpoint(train_share: Share, procs
     share = train_share
     w1 = procs.worker(share, "w1")
     wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "w1's heartbeat")
-    drop(share, "victim.json", train_job("victim", steps=200, batch_size=2, max_length=32,
+    drop(share, "victim.json", train_job("victim", steps=400, batch_size=2, max_length=32,
                                          checkpoint_every_steps=20))
-    wait_for(lambda: progress_step(share, "victim") >= 50, 180, "training past two checkpoints on w1")
+    # Killed a few steps after a checkpoint, never at one: steps take ~8 ms here and progress.json is written
+    # once a second, so a kill timed by progress alone once landed just after checkpoint 60 (CI, stop 12),
+    # and the killed attempt had no step past it to compare.
+    metrics = share.result_dir("victim") / "attempts" / "a1-w1" / "metrics.jsonl"
+    wait_for(lambda: (s := max(_train_losses(metrics), default=0)) >= 50 and 3 <= s % 20 <= 12, 180,
+             "training a few steps past a checkpoint after the second one on w1", every=0.005,
+             explain=procs.tails)
     procs.kill9(w1)  # the worker and its training child, as a power cut would
-    first = _train_losses(share.result_dir("victim") / "attempts" / "a1-w1" / "metrics.jsonl")
+    first = _train_losses(metrics)
     w2 = procs.worker(share, "w2")
     r = wait_result(share, "victim", 300)
     assert r.status.value == "succeeded", r.error
     assert (r.worker, r.attempts) == ("w2", 2)
     assert "job victim requeued for attempt 2: worker w1" in log_of(w2)
     assert r.resumed_from_step is not None and r.resumed_from_step >= 40 and r.resumed_from_step % 20 == 0
-    assert r.metrics.steps == 200
+    assert r.metrics.steps == 400
     history = _train_losses(share.result_dir("victim") / "metrics.jsonl")
-    assert sorted(history) == list(range(1, 201)), "the metrics history is continuous across the resume"
+    assert sorted(history) == list(range(1, 401)), "the metrics history is continuous across the resume"
     overlap = [s for s in first if s > r.resumed_from_step]
     assert overlap, "the killed attempt trained past its last checkpoint"
     for step in overlap:  # the resumed run repeats the lost steps exactly
