@@ -17,7 +17,7 @@ from pathlib import Path
 Command = Callable[[argparse.Namespace], int]
 
 WORKER_FLAGS = ("config", "share", "id", "device", "watch", "devices", "max_concurrent_jobs", "allowed_model_roots",
-                "cache_dir", "cache_models", "log_file", "quiet_hours", "only_job", "fallback")
+                "cache_dir", "cache_models", "log_file", "quiet_hours", "stall_minutes", "only_job", "fallback")
 
 
 def worker_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +40,8 @@ def worker_args(p: argparse.ArgumentParser) -> None:
                    help="copy base models to the local cache before training (default: yes)")
     p.add_argument("--log-file", type=Path, help="also log JSON lines to this file, rotated")
     p.add_argument("--quiet-hours", help='no new claims in these local hours, e.g. "22:00-07:00"')
+    p.add_argument("--stall-minutes", type=float,
+                   help="end a job whose training reports no progress for this long (default 60; 0: never)")
     p.add_argument("--only", dest="only_job", help=argparse.SUPPRESS)
     p.add_argument("--fallback", action="store_true", default=None, help=argparse.SUPPRESS)
 

@@ -35,7 +35,8 @@ ENV = {"share": "LORASPOOL_SHARE", "id": "LORASPOOL_WORKER_ID", "device": "LORAS
        "max_concurrent_jobs": "LORASPOOL_MAX_CONCURRENT_JOBS", "allowed_model_roots": "LORASPOOL_ALLOWED_MODEL_ROOTS",
        "cache_dir": "LORASPOOL_CACHE_DIR", "cache_models": "LORASPOOL_CACHE_MODELS",
        "log_file": "LORASPOOL_LOG_FILE", "log_max_bytes": "LORASPOOL_LOG_MAX_BYTES",
-       "log_backups": "LORASPOOL_LOG_BACKUPS", "quiet_hours": "LORASPOOL_QUIET_HOURS"}
+       "log_backups": "LORASPOOL_LOG_BACKUPS", "quiet_hours": "LORASPOOL_QUIET_HOURS",
+       "stall_minutes": "LORASPOOL_STALL_MINUTES"}
 CONFIG_ENV = "LORASPOOL_CONFIG"
 # Only for a worker that a submitter starts for one job; never a machine's standing setting.
 FLAG_ONLY = ("fallback", "only_job")
@@ -77,6 +78,9 @@ class WorkerSettings(BaseModel):
     log_backups: int = Field(5, ge=0, le=100, description="Rotated log files kept.")
     quiet_hours: str | None = Field(
         None, description='Local times with no new claims, "HH:MM-HH:MM"; may wrap midnight ("22:00-07:00").')
+    stall_minutes: float = Field(
+        60.0, ge=0, description="A job whose training process reports no progress for this long (a chat template "
+                                "that never finishes, a hung driver) is ended and fails; 0: never.")
     fallback: bool = Field(False, description="Run by a submitter because no worker was live.")
     only_job: str | None = Field(None, description="Claim only this job, and exit once it has a result.")
 

@@ -23,6 +23,17 @@ from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger(__name__)
 
+
+class _NoStopNoise(logging.Filter):
+    """watchdog's inotify emitter logs an ERROR when an event arrives while its observer is being stopped
+    (harmless: we are stopping). A worker log should show ERROR only where a person must act."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_NoStopNoise())
+
 WatchMode = Literal["auto", "native", "polling"]
 NETWORK_FS = ("cifs", "smb", "smb2", "smb3", "smbfs", "nfs", "nfs4", "9p", "afs", "ceph", "glusterfs",
               "lustre", "davfs", "fuse", "fuse.rclone", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse")

@@ -116,7 +116,7 @@ def test_ddp_through_run_training_saves_a_checked_adapter(ddp_run: tuple[TrainOu
     assert outcome.metrics.steps == 10 and outcome.metrics.seconds and outcome.metrics.seconds > 0
     assert outcome.notes == ["trained with DDP on 2 CPU processes (gloo)"]
     phases = list(dict.fromkeys(p.phase for p in reports))  # rank 0's progress, relayed
-    assert phases == ["loading", "eval-before", "training", "eval-after", "saving", "verifying"]
+    assert phases == ["loading", "preparing", "eval-before", "training", "eval-after", "saving", "verifying"]
     assert [p.step for p in reports if p.phase == "training"] == list(range(1, 11))
     assert json.loads((outcome.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         "models/tiny"

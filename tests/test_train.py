@@ -87,7 +87,7 @@ def test_alpaca_learns_and_reports(alpaca_outcome: tuple[TrainOutcome, list[Prog
     assert m.steps == 40 and m.tokens and m.tokens > 0 and m.seconds and m.seconds > 0
     assert m.train_loss is not None and math.isfinite(m.train_loss)
     phases = list(dict.fromkeys(p.phase for p in reports))
-    assert phases == ["loading", "eval-before", "training", "eval-after", "saving", "verifying"]
+    assert phases == ["loading", "preparing", "eval-before", "training", "eval-after", "saving", "verifying"]
     steps = [p for p in reports if p.phase == "training"]
     assert [p.step for p in steps] == list(range(1, 41)) and steps[-1].total_steps == 40
     assert all(p.job == "alpaca" and p.loss is not None and p.learning_rate is not None for p in steps)

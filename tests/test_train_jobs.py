@@ -167,3 +167,27 @@ def test_worker_survives_a_crashing_training_process(train_share: Share, procs: 
     assert r.status.value == "failed" and "killed by SIGKILL" in r.error and "batch_size" in r.error
     drop(share, "alive.json", {"kind": "probe"})
     assert wait_result(share, "alive", 30).status.value == "succeeded"
+
+
+def test_a_job_silent_for_stall_minutes_is_ended_and_the_worker_goes_on(train_share: Share, procs: Procs) -> None:
+    """A base model's chat template that never finishes (anyone can write models/): the training child goes
+    silent, the worker ends it after stall_minutes and fails the job naming the phase, and takes the next job.
+    Without the guard this job would hold the worker for days."""
+    import shutil
+
+    from worker.tinymodel import write_dataset
+
+    share = train_share
+    hang = share.root / "models" / "hang"
+    shutil.copytree(share.root / "models" / "tiny", hang)
+    (hang / "chat_template.jinja").write_text(  # 10^10 iterations: jinja's sandbox allows each range
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}")
+    write_dataset(share.root / "datasets" / "chat.jsonl", "chat", rows=16)
+    procs.worker(share, "w1", "--stall-minutes", "0.4")  # 24 s: more than loading takes on a busy CI machine
+    job = {**train_job("hang", steps=5), "base_model": "models/hang", "dataset": "datasets/chat.jsonl"}
+    drop(share, "hang.json", job)
+    r = wait_result(share, "hang", 180)
+    assert r.status.value == "failed", r
+    assert "no progress for 0.4 min (phase 'preparing')" in r.error and "stall_minutes" in r.error, r.error
+    drop(share, "after.json", {"kind": "probe"})
+    assert wait_result(share, "after", 60).status.value == "succeeded"

@@ -318,7 +318,8 @@ class Worker:
                    "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode,
                    "cache_dir": self.cfg.cache_dir if self._caches_models() else None, "gpus": self.gpus}
         t0 = time.monotonic()
-        outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id))
+        outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id),
+                            stall_seconds=60 * self.cfg.stall_minutes or None)
         if outcome.kind in ("failed", "died") and not self._share_reachable():
             # The share went away under the training (its checkpoint or log write failed): not the job's fault.
             # Keep it claimed; it resumes from its last checkpoint when the share is back.

@@ -417,15 +417,17 @@ def _learnable(example: Example) -> bool:
     return any(label != IGNORE for label in example.labels[1:])
 
 
-def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec) -> Splits:
-    """Read, refine, split and tokenize ``paths``, in that order; ``splits.report`` counts every step."""
+def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec, tick: Callable[[], None] = lambda: None
+                ) -> Splits:
+    """Read, refine, split and tokenize ``paths``, in that order; ``splits.report`` counts every step.
+    ``tick`` is called per row tokenized: a large dataset is slow, and the worker must tell slow from stuck."""
     reading = read_dataset(paths, t.skip_bad_rows)
     report = DataReport(sha256=reading.sha256, rows_read=reading.lines, bad_rows=len(reading.bad))
     rows = refine(reading.rows, t, report)
     _check_enough(reading, rows, report, t)
     train_rows, eval_rows = split_rows(rows, t.eval_fraction, t.seed)
-    train = _learnable_examples(train_rows, tokenizer, t.max_length, report)
-    evals = _learnable_examples(eval_rows, tokenizer, t.max_length, report)
+    train = _learnable_examples(train_rows, tokenizer, t.max_length, report, tick)
+    evals = _learnable_examples(eval_rows, tokenizer, t.max_length, report, tick)
     report.train_rows, report.eval_rows = len(train), len(evals)
     if not train or not evals:
         raise Rejected("dataset", f"after cutting rows to training.max_length={t.max_length} tokens, "
@@ -445,9 +447,13 @@ def _check_enough(reading: Reading, rows: list[Row], report: DataReport, t: Trai
                                   f"train, one to evaluate): {removed_summary(report, reading.bad, t)}")
 
 
-def _learnable_examples(rows: list[Row], tokenizer: Any, max_length: int, report: DataReport) -> list[Example]:
+def _learnable_examples(rows: list[Row], tokenizer: Any, max_length: int, report: DataReport,
+                        tick: Callable[[], None]) -> list[Example]:
     """The rows' examples, less those truncation left with nothing to learn; counts both in ``report``."""
-    examples = [tokenize(r, tokenizer, max_length) for r in rows]
+    examples = []
+    for row in rows:
+        tick()
+        examples.append(tokenize(row, tokenizer, max_length))
     kept = [e for e in examples if _learnable(e)]
     report.no_response += len(examples) - len(kept)
     report.truncated += sum(e.truncated for e in kept)

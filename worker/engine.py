@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_
                   dist: Dist | None = None) -> Trained | None:
     """Everything after the folder checks. Returns None on DDP ranks other than 0, which write nothing."""
     dist = dist or Dist()
-    plan, tokenizer, splits = prepare(req)
+    plan, tokenizer, splits = prepare(req, report)
     _makedirs(req.out_dir, dir_mode_for(req.file_mode))  # the attempt's folder, kept even if it dies
     fp = _with_parent(checkpoint.fingerprint(req.job, splits.report.sha256, dist.world), req.job.parent)
     found = checkpoint.latest(req.out_dir.parent.parent, fp)
@@ -244,7 +245,8 @@ def _free_bytes(plan: Plan) -> float:
     return float(psutil.virtual_memory().available)
 
 
-def prepare(req: TrainRequest) -> tuple[Plan, Any, data.Splits]:
+def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: None
+            ) -> tuple[Plan, Any, data.Splits]:
     """Everything that can refuse the job short of reading weights: the tokenizer, every dataset row, the
     target module names (against the model's structure, built without weights)."""
     quiet_libraries()
@@ -252,11 +254,25 @@ def prepare(req: TrainRequest) -> tuple[Plan, Any, data.Splits]:
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device)
     tokenizer = load_tokenizer(req.model_dir)
-    splits = data.load_splits(req.datasets, tokenizer, t)
+    splits = data.load_splits(req.datasets, tokenizer, t, _every_second(report, req.job.id or "job", "preparing"))
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
                            for p in req.datasets]
     check_targets(req.model_dir, req.job.lora.target_modules)
     return plan, tokenizer, splits
+
+
+def _every_second(report: Callable[[Progress], None], job_id: str, phase: str) -> Callable[[], None]:
+    """A tick for a long loop: reports ``phase`` at most once a second, so the worker sees the process advance
+    (horse.py ends one that is silent for stall_minutes) without a message per row."""
+    last = -1.0
+
+    def tick() -> None:
+        nonlocal last
+        if time.monotonic() - last >= 1.0:
+            last = time.monotonic()
+            report(Progress(job=job_id, phase=phase))
+
+    return tick
 
 
 def _stop_if(should_stop: Callable[[], bool]) -> None:

@@ -5,6 +5,11 @@ the child and fails that job; the daemon keeps heartbeating and goes on. Cancel 
 "stop" message, which the training loop sees at its next step; a child that does not stop in
 ``STOP_GRACE`` seconds (stuck in a load, say) is terminated, then killed.
 
+A child that reports nothing for ``stall_seconds`` is ended too, and its job fails. Job files and model folders
+come from anyone: a chat template can loop for days in one row, and a hung driver never returns. Either would
+hold the GPU desktop, and every job queued behind it, for good. The child reports in every phase that can run
+long (each row tokenized, each step, each evaluation batch), so silence means stuck, not slow.
+
 A ``devices: "all"`` job on several GPUs trains in torchrun ranks that this child starts and relays for
 (``worker.ddp``): the messages, the "stop" and the result kinds are the same; ranks that end without a word are
 reported as "died".
@@ -89,7 +94,7 @@ def _describe(e: BaseException) -> str:
 
 
 def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
-        poll: Callable[[], str | None]) -> HorseResult:
+        poll: Callable[[], str | None], stall_seconds: float | None = None) -> HorseResult:
     """Run one training in a child. ``poll`` returns None to go on, or the reason to stop the child."""
     ctx = mp.get_context("spawn")  # fork would copy the daemon's threads and any CUDA state
     parent, child = ctx.Pipe()
@@ -98,7 +103,8 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
     child.close()
     stop_sent_at: float | None = None
     stop_reason: str | None = None
-    next_poll = time.monotonic() + POLL
+    next_poll = heard = time.monotonic()
+    phase = "starting"
     try:
         while True:
             msg = _recv(parent)
@@ -108,17 +114,25 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
             if msg is not None and msg[0] != "progress":
                 return _final(msg, stop_reason)
             if msg is not None:
+                heard, phase = time.monotonic(), msg[1].phase
                 on_progress(msg[1])
             # On the clock, not when the pipe is quiet: a fast child reports every few milliseconds.
             if time.monotonic() < next_poll:
                 continue
             next_poll = time.monotonic() + POLL
+            if stop_reason is None and stall_seconds and time.monotonic() - heard > stall_seconds:
+                log.warning("job %s: the training process reported nothing for %gs in phase %s: killing it",
+                            _job_id(request), stall_seconds, phase)
+                proc.kill()  # it is stuck: a "stop" would never be read, and SIGTERM is ignored by design
+                proc.join(10)
+                return HorseResult("failed", error=_stalled(phase, stall_seconds))
             if stop_reason is None and (stop_reason := poll()) is not None:
-                log.info("stopping the training process: %s", stop_reason)
+                log.info("job %s: stopping the training process: %s", _job_id(request), stop_reason)
                 _send(parent, "stop")
                 stop_sent_at = time.monotonic()
             elif stop_sent_at is not None and time.monotonic() - stop_sent_at > STOP_GRACE:
-                log.warning("the training process ignored stop (%s) for %gs: killing it", stop_reason, STOP_GRACE)
+                log.warning("job %s: the training process ignored stop (%s) for %gs: killing it", _job_id(request),
+                            stop_reason, STOP_GRACE)
                 _end(proc)
                 return HorseResult("cancelled", error=stop_reason)
     finally:
@@ -156,6 +170,17 @@ def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
         return HorseResult("died", error=msg[1])
     log.debug("training process traceback:\n%s", msg[2])
     return HorseResult("failed", error=msg[1])
+
+
+def _job_id(request: dict[str, Any]) -> str:
+    return str(getattr(request.get("job"), "id", None) or "?")
+
+
+def _stalled(phase: str, seconds: float) -> str:
+    return (f"the training process reported no progress for {seconds / 60:g} min (phase {phase!r}) and was ended. "
+            "A chat template or dataset row that never finishes, or a hung GPU driver, looks like this; if that "
+            "phase is honestly so slow (a huge base model loading over the network), raise the worker's "
+            "stall_minutes")
 
 
 def _death(code: int | None) -> str:

@@ -277,12 +277,12 @@ class Loop:
     # ── evaluation ──────────────────────────────────────────────────────────────────────────────────────
     def evaluate(self, examples: list[Example], phase: str, batch_size: int, record: bool = True) -> float:
         """Mean loss per labelled token over ``examples``, with dropout off and no gradients."""
-        self.report(Progress(job=self.s.job_id, step=self.pos.step, phase=phase))
         self.step_module.eval()
         loss_sum, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 self._stop_if_asked(save=False)
+                self.report(Progress(job=self.s.job_id, step=self.pos.step, phase=phase))  # alive, for horse.py
                 loss, n = self._forward(collate_eval(examples[start:start + batch_size], self.batcher.pad_id))
                 loss_sum, count = loss_sum + float(loss), count + int(n)
         self.step_module.train()
