@@ -38,7 +38,7 @@ def check_model_dir(path: Path, share_root: Path) -> None:
             raise Rejected("base_model", f"{name} has \"auto_map\", which asks to run Python code shipped with the "
                                          "model (trust_remote_code); this worker never runs such code: use a model "
                                          "whose architecture transformers supports natively")
-    _check_weights(path)
+    _check_sizes(_read_json(path / "config.json"), _check_weights(path))
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise Rejected("base_model", f"{path.name!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                                      "save the tokenizer into the model folder with tokenizer.save_pretrained")
@@ -116,8 +116,9 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_weights(folder: Path) -> None:
-    """Safetensors weights must be there, complete; pickle weights alone are refused."""
+def _check_weights(folder: Path) -> int:
+    """Safetensors weights must be there, complete; pickle weights alone are refused. Returns how many numbers
+    the loaded files hold."""
     names = [p.name for p in folder.iterdir() if p.is_file()]
     safe = [n for n in names if n.endswith(".safetensors")]
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
@@ -139,11 +140,39 @@ def _check_weights(folder: Path) -> None:
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} names {len(missing)} missing shard(s) "
                                      f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
     loaded = shards or [n for n in safe if n == "model.safetensors"]  # what from_pretrained reads
+    numbers = 0
     for name in loaded:  # the header only: a truncated copy or a hostile header fails here, not in a loader
         try:
-            read_header(folder / name)
+            numbers += sum(math.prod(info["shape"]) for info in read_header(folder / name).values())
         except (OSError, ValueError) as e:
             raise Rejected("base_model", f"{name}: {e}; the file is broken or was cut short: copy it again") from None
+    return numbers
+
+
+# Sizes that shape the model's tensors. Each is a whole number (a list of them, per layer, in some models) that no
+# weight file could hold more numbers than.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim")
+
+
+def _check_sizes(config: dict, numbers: int) -> None:
+    """The model is built from config.json before a weight is read: a size no weight file could fill (a typo,
+    a config copied from another model, a hostile 10^15 vocabulary) would fail deep in a loader, or try to
+    allocate it. ``numbers``: how many the safetensors files hold (0: not known, e.g. no model.safetensors)."""
+    text = config.get("text_config")
+    for where, section in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
+        for key in SIZE_KEYS:
+            value = section.get(key)
+            values = value if isinstance(value, list) else [value]
+            if value is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+                continue
+            raise Rejected("base_model", f"config.json: {where}{key} is {str(value)[:60]}, not a positive whole "
+                                         "number; copy the model's own config.json again")
+        vocab, hidden = section.get("vocab_size"), section.get("hidden_size")
+        if numbers and isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden > numbers:
+            raise Rejected("base_model", f"config.json: {where}vocab_size x hidden_size ({vocab} x {hidden}) is more "
+                                         f"numbers than the weight files hold ({numbers}), so this config.json does "
+                                         "not belong to these weights; copy the model's own config.json")
 
 
 def _index_shards(folder: Path) -> list[str]:
