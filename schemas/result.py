@@ -44,6 +44,8 @@ class DataReport(BaseModel):
     no_response: int = Field(0, description="Rows dropped because truncation left no response to learn.")
     train_rows: int = 0
     eval_rows: int = 0
+    tokens_cached: int = Field(0, description="Rows whose tokens came from datasets/.tokens/ (an earlier job on the "
+                                              "same dataset and tokenizer) instead of being tokenized again.")
 
 
 class ProbeOutput(BaseModel):

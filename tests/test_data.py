@@ -311,3 +311,82 @@ def test_split_is_stable_and_keeps_a_row_on_each_side(tmp_path: Path, tok: Any) 
         assert (len(splits.train), len(splits.eval)) == (1, 1)
         assert (splits.report.train_rows, splits.report.eval_rows) == (1, 1)
 
+
+
+# ── the token cache ─────────────────────────────────────────────────────────────────────────────────────────
+def _cached_splits(root: Path, tok: Any, tiny_model_dir: Path, paths: list[Path], **fields: Any) -> data.Splits:
+    from worker import tokencache
+
+    opener = tokencache.for_dataset(root, tiny_model_dir, data.file_labels(paths), tok, 0o664)
+    return data.load_splits(paths, tok, spec(**fields), cache=opener)
+
+
+def _same(a: data.Splits, b: data.Splits) -> bool:
+    return [(e.input_ids, e.labels, e.truncated) for e in a.train + a.eval] == \
+        [(e.input_ids, e.labels, e.truncated) for e in b.train + b.eval]
+
+
+def test_a_second_job_takes_its_tokens_from_the_share_and_gets_the_same_examples(
+        tmp_path: Path, tok: Any, tiny_model_dir: Path) -> None:
+    paths = [write_dataset(tmp_path / "datasets" / "a.jsonl", "chat", rows=30),
+             write_dataset(tmp_path / "datasets" / "b.jsonl", "alpaca", rows=30, seed=1)]
+    plain = data.load_splits(paths, tok, spec(max_length=48))
+    first = _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
+    files = list((tmp_path / "datasets" / ".tokens").glob("*.safetensors"))
+    assert len(files) == 1 and oct(files[0].stat().st_mode & 0o777) == "0o664"
+    assert first.report.tokens_cached == 0 and _same(first, plain)
+    again = _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
+    assert again.report.tokens_cached == again.report.train_rows + again.report.eval_rows + again.report.no_response
+    assert _same(again, plain) and again.report.truncated == plain.report.truncated > 0
+    longer = _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=512)  # rows are kept whole
+    assert longer.report.tokens_cached and _same(longer, data.load_splits(paths, tok, spec(max_length=512)))
+
+
+def _rewrite(path: Path, change: Any) -> None:
+    """Change the cache's arrays as someone with write access to the share could, keeping its key."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda p: p.write_bytes(p.read_bytes()[:-50]),
+    lambda p: _rewrite(p, lambda t: t["ids"].__setitem__(3, 10**6)),
+    lambda p: _rewrite(p, lambda t: t["offsets"].__setitem__(2, 0)),
+    lambda p: _rewrite(p, lambda t: t.pop("trained")),
+    lambda p: _rewrite(p, lambda t: t["rows"].__setitem__((0, 0), 7)),
+], ids=["cut-short", "id-outside-vocab", "offsets-out-of-order", "array-missing", "unknown-file"])
+def test_a_broken_token_cache_is_ignored_and_written_again(tmp_path: Path, tok: Any, tiny_model_dir: Path,
+                                                           breakage: Any, caplog: pytest.LogCaptureFixture) -> None:
+    paths = [write_dataset(tmp_path / "datasets" / "a.jsonl", "chat", rows=30)]
+    plain = data.load_splits(paths, tok, spec(max_length=48))
+    _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
+    [cache] = (tmp_path / "datasets" / ".tokens").glob("*.safetensors")
+    breakage(cache)
+    again = _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
+    assert again.report.tokens_cached == 0 and _same(again, plain)
+    assert "ignoring the token cache" in caplog.text
+    assert _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48).report.tokens_cached > 0
+
+
+def test_another_tokenizer_or_dataset_gets_its_own_cache(tmp_path: Path, tok: Any, tiny_model_dir: Path) -> None:
+    import shutil
+
+    from worker import tokencache
+
+    paths = [write_dataset(tmp_path / "datasets" / "a.jsonl", "chat", rows=30)]
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_dir, other)
+    (other / "chat_template.jinja").write_text((other / "chat_template.jinja").read_text() + " ")
+    keys = {tokencache.cache_key("d" * 64, [""], tiny_model_dir), tokencache.cache_key("d" * 64, [""], other),
+            tokencache.cache_key("e" * 64, [""], tiny_model_dir), tokencache.cache_key("d" * 64, ["x"], tiny_model_dir)}
+    assert len(keys) == 4
+    _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
+    with open(paths[0], "a") as f:  # the dataset changed: its sha256 with it
+        f.write(json.dumps({"instruction": "one more", "output": "row"}) + "\n")
+    assert _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48).report.tokens_cached == 0
+    assert len(list((tmp_path / "datasets" / ".tokens").glob("*.safetensors"))) == 2

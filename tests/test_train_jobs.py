@@ -89,6 +89,8 @@ def test_killed_worker_job_resumes_from_its_checkpoint(train_share: Share, procs
     assert "job victim requeued for attempt 2: worker w1" in log_of(w2)
     assert r.resumed_from_step is not None and r.resumed_from_step >= 40 and r.resumed_from_step % 20 == 0
     assert r.metrics.steps == 400
+    assert r.data is not None and r.data.tokens_cached == r.data.train_rows + r.data.eval_rows > 0, \
+        "the resumed attempt takes the first attempt's tokens from datasets/.tokens/"
     history = _train_losses(share.result_dir("victim") / "metrics.jsonl")
     assert sorted(history) == list(range(1, 401)), "the metrics history is continuous across the resume"
     overlap = [s for s in first if s > r.resumed_from_step]

@@ -51,6 +51,7 @@ from schemas.job import TrainingSpec
 from schemas.result import DataReport
 from spooler.errors import Rejected
 from spooler.jobfile import LONE_SURROGATE, encodable
+from worker.tokencache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -403,12 +404,23 @@ def _last_turn_segments(tokenizer: Any, messages: list[dict[str, str]], full: st
 
 def tokenize(row: Row, tokenizer: Any, max_length: int) -> Example:
     """Token ids and labels for one row, cut to ``max_length`` tokens."""
+    return _cut(row_tokens(row, tokenizer), max_length)
+
+
+def row_tokens(row: Row, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The whole row's ids, and its labels: the id where it is trained, IGNORE elsewhere. (What
+    ``worker.tokencache`` keeps: change this, and bump its FORMAT.)"""
     ids: list[int] = []
     labels: list[int] = []
     for piece, trainable in segments(row, tokenizer):
         piece_ids = piece if isinstance(piece, list) else tokenizer.encode(piece, add_special_tokens=False)
         ids += piece_ids
         labels += piece_ids if trainable else [IGNORE] * len(piece_ids)
+    return ids, labels
+
+
+def _cut(tokens: tuple[list[int], list[int]], max_length: int) -> Example:
+    ids, labels = tokens
     return Example(ids[:max_length], labels[:max_length], len(ids) > max_length)
 
 
@@ -417,17 +429,22 @@ def _learnable(example: Example) -> bool:
     return any(label != IGNORE for label in example.labels[1:])
 
 
-def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec, tick: Callable[[], None] = lambda: None
-                ) -> Splits:
+def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec, tick: Callable[[], None] = lambda: None,
+                cache: Callable[[str], TokenCache] | None = None) -> Splits:
     """Read, refine, split and tokenize ``paths``, in that order; ``splits.report`` counts every step.
-    ``tick`` is called per row tokenized: a large dataset is slow, and the worker must tell slow from stuck."""
+    ``tick`` is called per row tokenized: a large dataset is slow, and the worker must tell slow from stuck.
+    ``cache`` opens the token cache of the dataset by its sha256 (``worker.tokencache.for_dataset``)."""
     reading = read_dataset(paths, t.skip_bad_rows)
+    tokens = cache(reading.sha256) if cache is not None else None
     report = DataReport(sha256=reading.sha256, rows_read=reading.lines, bad_rows=len(reading.bad))
     rows = refine(reading.rows, t, report)
     _check_enough(reading, rows, report, t)
     train_rows, eval_rows = split_rows(rows, t.eval_fraction, t.seed)
-    train = _learnable_examples(train_rows, tokenizer, t.max_length, report, tick)
-    evals = _learnable_examples(eval_rows, tokenizer, t.max_length, report, tick)
+    train = _learnable_examples(train_rows, tokenizer, t.max_length, report, tick, tokens)
+    evals = _learnable_examples(eval_rows, tokenizer, t.max_length, report, tick, tokens)
+    if tokens is not None:
+        tokens.save()
+        report.tokens_cached = tokens.hits
     report.train_rows, report.eval_rows = len(train), len(evals)
     if not train or not evals:
         raise Rejected("dataset", f"after cutting rows to training.max_length={t.max_length} tokens, "
@@ -448,12 +465,16 @@ def _check_enough(reading: Reading, rows: list[Row], report: DataReport, t: Trai
 
 
 def _learnable_examples(rows: list[Row], tokenizer: Any, max_length: int, report: DataReport,
-                        tick: Callable[[], None]) -> list[Example]:
+                        tick: Callable[[], None], cache: TokenCache | None) -> list[Example]:
     """The rows' examples, less those truncation left with nothing to learn; counts both in ``report``."""
     examples = []
     for row in rows:
         tick()
-        examples.append(tokenize(row, tokenizer, max_length))
+        if cache is None:
+            examples.append(tokenize(row, tokenizer, max_length))
+        else:
+            examples.append(_cut(cache.tokens((row.file, row.line), lambda r=row: row_tokens(r, tokenizer)),
+                                 max_length))
     kept = [e for e in examples if _learnable(e)]
     report.no_response += len(examples) - len(kept)
     report.truncated += sum(e.truncated for e in kept)

@@ -29,7 +29,7 @@ from schemas.job import JobSpec, Quantization, TrainingSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
 from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree
 from spooler.errors import Cancelled, Rejected
-from worker import checkpoint, data
+from worker import checkpoint, data, tokencache
 from worker.batching import Batcher
 from worker.fused import lean_activations
 from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings
@@ -72,7 +72,7 @@ def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_
                   dist: Dist | None = None) -> Trained | None:
     """Everything after the folder checks. Returns None on DDP ranks other than 0, which write nothing."""
     dist = dist or Dist()
-    plan, tokenizer, splits = prepare(req, report)
+    plan, tokenizer, splits = prepare(req, report, dist.main)
     _makedirs(req.out_dir, dir_mode_for(req.file_mode))  # the attempt's folder, kept even if it dies
     fp = _with_parent(checkpoint.fingerprint(req.job, splits.report.sha256, dist.world), req.job.parent)
     found = checkpoint.latest(req.out_dir.parent.parent, fp)
@@ -245,16 +245,20 @@ def _free_bytes(plan: Plan) -> float:
     return float(psutil.virtual_memory().available)
 
 
-def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: None
+def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: None, main: bool = True
             ) -> tuple[Plan, Any, data.Splits]:
     """Everything that can refuse the job short of reading weights: the tokenizer, every dataset row, the
-    target module names (against the model's structure, built without weights)."""
+    target module names (against the model's structure, built without weights). ``main``: the process that
+    writes (the only one, or DDP's rank 0)."""
     quiet_libraries()
     t = req.job.training
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device)
     tokenizer = load_tokenizer(req.model_dir)
-    splits = data.load_splits(req.datasets, tokenizer, t, _every_second(report, req.job.id or "job", "preparing"))
+    cache = tokencache.for_dataset(req.share_root, req.model_dir, data.file_labels(req.datasets), tokenizer,
+                                   req.file_mode, write=main)
+    splits = data.load_splits(req.datasets, tokenizer, t, _every_second(report, req.job.id or "job", "preparing"),
+                              cache)
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
                            for p in req.datasets]
     check_targets(req.model_dir, req.job.lora.target_modules)

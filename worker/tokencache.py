@@ -1,0 +1,161 @@
+"""Tokenized dataset rows, kept on the share beside the datasets: ``datasets/.tokens/<key>.safetensors``.
+
+Why: tokenizing is CPU work that every job on a dataset repeats while the GPU waits. A sweep of five jobs, or an
+attempt resumed after a crash, tokenizes the same rows with the same tokenizer again (20,000 two-turn chat rows
+take 17 s on a 2-core machine). The key is everything the tokens depend on: the dataset's bytes (their sha256)
+and file names, the tokenizer's files, the tokenizers and transformers versions, and ``FORMAT``. Rows are kept
+untruncated, so jobs with any ``max_length`` share them, and the first job's tokens serve the fallback laptop too.
+
+The file is input like anything else on the share: it is safetensors (nothing is unpickled), its arrays are
+checked before use, and one that fails a check is ignored and written again. It is only a cache: a person may
+delete ``datasets/.tokens/`` at any time and loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spooler.atomic import dir_mode_for, write_bytes
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump whenever worker.data.row_tokens changes what a row becomes
+FOLDER = Path("datasets") / ".tokens"
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+IGNORE = -100
+
+Tokens = tuple[list[int], list[int]]  # (input ids, labels: the id where trained, IGNORE elsewhere)
+RowKey = tuple[str, int]  # (the file's label, the line number): a row's place in the dataset
+
+
+def cache_key(dataset_sha256: str, file_labels: list[str], tokenizer_dir: Path) -> str:
+    """What the tokens of every row depend on, hashed."""
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256(json.dumps([FORMAT, dataset_sha256, file_labels, tokenizers.__version__,
+                                   transformers.__version__]).encode())
+    for name in TOKENIZER_FILES:
+        path = tokenizer_dir / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+class TokenCache:
+    """The rows of one (dataset, tokenizer) pair tokenized so far; ``tokens`` adds the missing ones, ``save``
+    writes them back when any were added."""
+
+    def __init__(self, path: Path | None, key: str, file_labels: list[str], vocab: int, file_mode: int,
+                 write: bool = True) -> None:
+        self.path, self.key, self.labels, self.vocab, self.file_mode = path, key, file_labels, vocab, file_mode
+        self.write = write
+        self._index: dict[RowKey, int] = {}
+        self._ids = torch.zeros(0, dtype=torch.int32)
+        self._trained = torch.zeros(0, dtype=torch.uint8)
+        self._offsets = torch.zeros(1, dtype=torch.int64)
+        self._new: dict[RowKey, Tokens] = {}
+        self.hits = 0
+        if path is not None and path.is_file():
+            self._load(path)
+
+    def tokens(self, key: RowKey, make: Callable[[], Tokens]) -> Tokens:
+        """The row's tokens, from the cache or made now (and kept for ``save``)."""
+        i = self._index.get(key)
+        if i is None:
+            if key not in self._new:
+                self._new[key] = make()
+            return self._new[key]
+        self.hits += 1
+        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
+        ids = self._ids[a:b].tolist()
+        labels = [t if m else IGNORE for t, m in zip(ids, self._trained[a:b].tolist(), strict=True)]
+        return ids, labels
+
+    def save(self) -> None:
+        """Write every row known (old and new) to the share; a failure is logged, never raised: it is a cache."""
+        if self.path is None or not self._new or not self.write:
+            return
+        try:
+            self.path.parent.mkdir(mode=dir_mode_for(self.file_mode), parents=True, exist_ok=True)
+            write_bytes(self.path, self._serialize(), self.file_mode)
+        except OSError as e:
+            log.warning("tokenized rows not cached at %s: %s: %s (the next job tokenizes them again)", self.path,
+                        type(e).__name__, e)
+
+    def _serialize(self) -> bytes:
+        from safetensors.torch import save
+
+        old = sorted(self._index.items(), key=lambda kv: kv[1])
+        flat_ids, flat_labels = array("i"), array("i")  # C arrays: torch reads them without a per-number copy
+        for ids, labels in self._new.values():
+            flat_ids.extend(ids)
+            flat_labels.extend(labels)
+        new_ids = torch.frombuffer(flat_ids, dtype=torch.int32) if flat_ids else torch.zeros(0, dtype=torch.int32)
+        new_labels = torch.frombuffer(flat_labels, dtype=torch.int32) if flat_labels else new_ids
+        lengths = torch.tensor([len(ids) for ids, _ in self._new.values()], dtype=torch.int64)
+        offsets = torch.cat([self._offsets, self._offsets[-1] + torch.cumsum(lengths, 0)])
+        file_of = {label: n for n, label in enumerate(self.labels)}
+        rows = [(file_of[f], line) for (f, line), _ in old] + [(file_of[f], line) for f, line in self._new]
+        tensors = {"rows": torch.tensor(rows, dtype=torch.int64).reshape(-1, 2), "offsets": offsets,
+                   "ids": torch.cat([self._ids, new_ids]),
+                   "trained": torch.cat([self._trained, (new_labels != IGNORE).to(torch.uint8)])}
+        return save(tensors, metadata={"format": str(FORMAT), "key": self.key, "files": json.dumps(self.labels)})
+
+    def _load(self, path: Path) -> None:
+        try:
+            tensors, meta = _read(path)
+            self._check(tensors, meta)
+        except Exception as e:  # a broken, cut short or hostile file: tokenize again and replace it
+            log.warning("ignoring the token cache %s (%s: %s); it is written again", path, type(e).__name__,
+                        str(e)[:200])
+            return
+        self._ids, self._trained, self._offsets = tensors["ids"], tensors["trained"], tensors["offsets"]
+        self._index = {(self.labels[int(f)], int(line)): i for i, (f, line) in enumerate(tensors["rows"].tolist())}
+
+    def _check(self, t: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Every array the right type and shape, every offset in order, every id in the vocabulary."""
+        if meta.get("format") != str(FORMAT) or meta.get("key") != self.key:
+            raise ValueError("written for another dataset, tokenizer or format")
+        want = {"rows": torch.int64, "offsets": torch.int64, "ids": torch.int32, "trained": torch.uint8}
+        if {k: v.dtype for k, v in t.items()} != want:
+            raise ValueError(f"unexpected arrays {sorted(t)}")
+        rows, offsets, ids, trained = t["rows"], t["offsets"], t["ids"], t["trained"]
+        n = rows.shape[0] if rows.dim() == 2 and rows.shape[1] == 2 else -1
+        if n < 0 or offsets.shape != (n + 1,) or ids.dim() != 1 or trained.shape != ids.shape:
+            raise ValueError("array shapes do not agree")
+        if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel() or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("row offsets out of order")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab or int(trained.max()) > 1):
+            raise ValueError("token ids outside the vocabulary")
+        if n and (int(rows[:, 0].min()) < 0 or int(rows[:, 0].max()) >= len(self.labels)):
+            raise ValueError("rows of unknown files")
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def for_dataset(share_root: Path, tokenizer_dir: Path, file_labels: list[str], tokenizer: Any, file_mode: int,
+                write: bool = True) -> Callable[[str], TokenCache]:
+    """The cache of a dataset, by its sha256 (known only once it is read). ``write``: False on DDP ranks but the
+    first, which read the cache and leave writing it to that one."""
+    def open_cache(dataset_sha256: str) -> TokenCache:
+        key = cache_key(dataset_sha256, file_labels, tokenizer_dir)
+        return TokenCache(share_root / FOLDER / f"{key[:40]}.safetensors", key, file_labels, len(tokenizer),
+                          file_mode, write)
+
+    return open_cache
