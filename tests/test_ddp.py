@@ -135,7 +135,7 @@ def horse_request(root: Path, job: JobSpec) -> dict[str, Any]:
 
 def test_stop_reaches_every_rank_at_one_step_with_a_checkpoint_and_ddp_resumes(root: Path, two_ranks: None) -> None:
     reports: list[Progress] = []
-    job = make_job("stop-me", max_steps=40)
+    job = make_job("stop-me", max_steps=200)  # 40 once finished inside the half second a stop may take to be sent
     result = horse.run(horse_request(root, job), reports.append,
                        lambda: "cancel" if any(p.step >= 3 for p in reports) else None)
     assert result.kind == "cancelled" and result.error == "cancel", result
@@ -147,8 +147,8 @@ def test_stop_reaches_every_rank_at_one_step_with_a_checkpoint_and_ddp_resumes(r
     again = request(root, job)
     again.out_dir = out_dir.parent / "a2-w"  # the next attempt, as the spool would run it
     resumed = run_training(again, lambda p: None, lambda: False)
-    assert resumed.resumed_from_step == last and resumed.metrics.steps == 40
-    assert [m.step for m in read_metrics(again.out_dir / "metrics.jsonl") if m.kind == "train"] == list(range(1, 41))
+    assert resumed.resumed_from_step == last and resumed.metrics.steps == 200
+    assert [m.step for m in read_metrics(again.out_dir / "metrics.jsonl") if m.kind == "train"] == list(range(1, 201))
 
 
 def test_a_rank_that_raises_fails_the_job_with_its_reason(root: Path, two_ranks: None) -> None:
