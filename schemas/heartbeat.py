@@ -44,7 +44,8 @@ class Progress(BaseModel):
     tokens: int | None = Field(None, description="Non-padding tokens trained on so far (across resumed attempts).")
     padded_tokens: int | None = Field(None, description="Tokens computed on so far, padding included.")
     phase: str = Field(
-        "starting", description="loading, preparing (reading and tokenizing the dataset), eval-before, training, "
+        "starting", description="copying (the base model to the local cache), loading, preparing (reading and "
+                                "tokenizing the dataset), eval-before, training, "
                                 "eval-after, saving, verifying; merging for merge jobs. A worker ends a job whose "
                                 "process reports nothing for its stall_minutes.")
 

@@ -43,7 +43,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,7 +51,9 @@ from schemas.job import TrainingSpec
 from schemas.result import DataReport
 from spooler.errors import Rejected
 from spooler.jobfile import LONE_SURROGATE, encodable
-from worker.tokencache import TokenCache
+
+if TYPE_CHECKING:
+    from worker.tokencache import TokenCache
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import math
 import os
 import random
 import shutil
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings
 from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
 from worker.packprobe import packing_problem
 from worker.probes import generate_answers, pair
-from worker.train import TrainRequest
+from worker.train import TrainRequest, every_second
 
 log = logging.getLogger(__name__)
 
@@ -257,26 +256,12 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     tokenizer = load_tokenizer(req.model_dir)
     cache = tokencache.for_dataset(req.share_root, req.model_dir, data.file_labels(req.datasets), tokenizer,
                                    req.file_mode, write=main)
-    splits = data.load_splits(req.datasets, tokenizer, t, _every_second(report, req.job.id or "job", "preparing"),
+    splits = data.load_splits(req.datasets, tokenizer, t, every_second(report, req.job.id or "job", "preparing"),
                               cache)
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
                            for p in req.datasets]
     check_targets(req.model_dir, req.job.lora.target_modules)
     return plan, tokenizer, splits
-
-
-def _every_second(report: Callable[[Progress], None], job_id: str, phase: str) -> Callable[[], None]:
-    """A tick for a long loop: reports ``phase`` at most once a second, so the worker sees the process advance
-    (horse.py ends one that is silent for stall_minutes) without a message per row."""
-    last = -1.0
-
-    def tick() -> None:
-        nonlocal last
-        if time.monotonic() - last >= 1.0:
-            last = time.monotonic()
-            report(Progress(job=job_id, phase=phase))
-
-    return tick
 
 
 def _stop_if(should_stop: Callable[[], bool]) -> None:

@@ -149,8 +149,7 @@ def _check_weights(folder: Path) -> int:
     return numbers
 
 
-# Sizes that shape the model's tensors. Each is a whole number (a list of them, per layer, in some models) that no
-# weight file could hold more numbers than.
+# Sizes that shape the model's tensors: each a positive whole number, or a list of them (per layer, in some models).
 SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim")
 

@@ -24,15 +24,15 @@ from typing import Any
 import torch
 
 from spooler.atomic import dir_mode_for, write_bytes
+from worker.data import IGNORE
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump whenever worker.data.row_tokens changes what a row becomes
 FOLDER = Path("datasets") / ".tokens"
-TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZATION_INPUTS = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
                    "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
-IGNORE = -100
 
 Tokens = tuple[list[int], list[int]]  # (input ids, labels: the id where trained, IGNORE elsewhere)
 RowKey = tuple[str, int]  # (the file's label, the line number): a row's place in the dataset
@@ -45,7 +45,7 @@ def cache_key(dataset_sha256: str, file_labels: list[str], tokenizer_dir: Path) 
 
     h = hashlib.sha256(json.dumps([FORMAT, dataset_sha256, file_labels, tokenizers.__version__,
                                    transformers.__version__]).encode())
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZATION_INPUTS:
         path = tokenizer_dir / name
         if path.is_file():
             h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
@@ -56,7 +56,7 @@ class TokenCache:
     """The rows of one (dataset, tokenizer) pair tokenized so far; ``tokens`` adds the missing ones, ``save``
     writes them back when any were added."""
 
-    def __init__(self, path: Path | None, key: str, file_labels: list[str], vocab: int, file_mode: int,
+    def __init__(self, path: Path, key: str, file_labels: list[str], vocab: int, file_mode: int,
                  write: bool = True) -> None:
         self.path, self.key, self.labels, self.vocab, self.file_mode = path, key, file_labels, vocab, file_mode
         self.write = write
@@ -66,7 +66,7 @@ class TokenCache:
         self._offsets = torch.zeros(1, dtype=torch.int64)
         self._new: dict[RowKey, Tokens] = {}
         self.hits = 0
-        if path is not None and path.is_file():
+        if path.is_file():
             self._load(path)
 
     def tokens(self, key: RowKey, make: Callable[[], Tokens]) -> Tokens:
@@ -84,7 +84,7 @@ class TokenCache:
 
     def save(self) -> None:
         """Write every row known (old and new) to the share; a failure is logged, never raised: it is a cache."""
-        if self.path is None or not self._new or not self.write:
+        if not self._new or not self.write:
             return
         try:
             self.path.parent.mkdir(mode=dir_mode_for(self.file_mode), parents=True, exist_ok=True)

@@ -69,7 +69,8 @@ def run_training(req: TrainRequest, report: Callable[[Progress], None],
 
         return run_adapter_job(req, report, should_stop)  # type: ignore[return-value]
     check_inputs(req)
-    req.model_dir = local_model(req, should_stop)
+    copying = every_second(report, req.job.id or "job", "copying")
+    req.model_dir = local_model(req, lambda: copying() or should_stop())  # asked per 8 MB copied
     from worker import ddp  # light: torch only in the ranks, and to count GPUs
 
     world = ddp.processes(req.job.devices, req.device)
@@ -78,6 +79,20 @@ def run_training(req: TrainRequest, report: Callable[[Progress], None],
     assert outcome is not None  # only DDP ranks other than 0 get None
     register(req, outcome)
     return outcome
+
+
+def every_second(report: Callable[[Progress], None], job_id: str, phase: str) -> Callable[[], None]:
+    """A tick for a long loop: reports ``phase`` at most once a second, so the worker sees the process advance
+    (horse.py ends one that is silent for stall_minutes) without a message per row or per chunk."""
+    last = -1.0
+
+    def tick() -> None:
+        nonlocal last
+        if time.monotonic() - last >= 1.0:
+            last = time.monotonic()
+            report(Progress(job=job_id, phase=phase))
+
+    return tick
 
 
 def check_inputs(req: TrainRequest) -> None:
