@@ -95,6 +95,16 @@ def test_alpaca_learns_and_reports(alpaca_outcome: tuple[TrainOutcome, list[Prog
     assert outcome.notes == []
 
 
+def test_copying_the_base_to_the_cache_reports_progress(share_root: Path, tmp_path: Path) -> None:
+    """A large base copies for minutes before "loading": the worker must hear from it (stall_minutes)."""
+    reports: list[Progress] = []
+    req = request(share_root, make_job("copied", max_steps=2))
+    req.cache_dir = tmp_path / "cache"
+    run_training(req, reports.append, lambda: False)
+    assert [p.phase for p in reports][:2] == ["copying", "loading"]
+    assert any((tmp_path / "cache").rglob("model.safetensors")), "the job trained from the local copy"
+
+
 @pytest.mark.parametrize("shape", ["chat", "text"])
 def test_other_shapes_learn(share_root: Path, shape: str) -> None:
     outcome = train(share_root, make_job(f"learn-{shape}", dataset=f"datasets/{shape}.jsonl"))
