@@ -56,7 +56,7 @@ def main() -> None:
         t = TrainingSpec(max_steps=10, max_length=512)
         table = []
         for label, cached in (("no cache", False), ("first job (writes it)", True), ("later job (reads it)", True)):
-            opener = tokencache.for_dataset(root, model, data.file_labels([dataset]), tokenizer, 0o664)
+            opener = tokencache.for_dataset(root, data.file_labels([dataset]), tokenizer, 0o664)
             started = time.perf_counter()
             splits = data.load_splits([dataset], tokenizer, t, cache=opener if cached else None)
             table.append((label, time.perf_counter() - started, splits.report.tokens_cached))

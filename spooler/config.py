@@ -79,8 +79,9 @@ class WorkerSettings(BaseModel):
     quiet_hours: str | None = Field(
         None, description='Local times with no new claims, "HH:MM-HH:MM"; may wrap midnight ("22:00-07:00").')
     stall_minutes: float = Field(
-        60.0, ge=0, description="A job whose training process reports no progress for this long (a chat template "
-                                "that never finishes, a hung driver) is ended and fails; 0: never.")
+        60.0, ge=0, description="A job whose training process reports no progress for this long while copying, "
+                                "preparing, evaluating or training (a chat template that never finishes, a hung "
+                                "driver) is ended and fails; 0: never.")
     fallback: bool = Field(False, description="Run by a submitter because no worker was live.")
     only_job: str | None = Field(None, description="Claim only this job, and exit once it has a result.")
 

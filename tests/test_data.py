@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from schemas.job import TrainingSpec
 from schemas.result import DataReport
@@ -317,7 +318,7 @@ def test_split_is_stable_and_keeps_a_row_on_each_side(tmp_path: Path, tok: Any) 
 def _cached_splits(root: Path, tok: Any, tiny_model_dir: Path, paths: list[Path], **fields: Any) -> data.Splits:
     from worker import tokencache
 
-    opener = tokencache.for_dataset(root, tiny_model_dir, data.file_labels(paths), tok, 0o664)
+    opener = tokencache.for_dataset(root, data.file_labels(paths), tok, 0o664)
     return data.load_splits(paths, tok, spec(**fields), cache=opener)
 
 
@@ -376,17 +377,49 @@ def test_a_broken_token_cache_is_ignored_and_written_again(tmp_path: Path, tok: 
 def test_another_tokenizer_or_dataset_gets_its_own_cache(tmp_path: Path, tok: Any, tiny_model_dir: Path) -> None:
     import shutil
 
+    from transformers import AutoTokenizer
+
     from worker import tokencache
 
-    paths = [write_dataset(tmp_path / "datasets" / "a.jsonl", "chat", rows=30)]
     other = tmp_path / "other-tokenizer"
     shutil.copytree(tiny_model_dir, other)
-    (other / "chat_template.jinja").write_text((other / "chat_template.jinja").read_text() + " ")
-    keys = {tokencache.cache_key("d" * 64, [""], tiny_model_dir), tokencache.cache_key("d" * 64, [""], other),
-            tokencache.cache_key("e" * 64, [""], tiny_model_dir), tokencache.cache_key("d" * 64, ["x"], tiny_model_dir)}
-    assert len(keys) == 4
+    (other / "additional_chat_templates").mkdir()  # read by transformers, named in no list of tokenizer files
+    (other / "additional_chat_templates" / "default.jinja").write_text("{{ messages }}")
+    (other / "chat_template.jinja").unlink()
+    assert tokencache.tokenizer_fingerprint(AutoTokenizer.from_pretrained(other)) != \
+        tokencache.tokenizer_fingerprint(tok)
+    paths = [write_dataset(tmp_path / "datasets" / "a.jsonl", "chat", rows=30)]
     _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
     with open(paths[0], "a") as f:  # the dataset changed: its sha256 with it
         f.write(json.dumps({"instruction": "one more", "output": "row"}) + "\n")
     assert _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48).report.tokens_cached == 0
     assert len(list((tmp_path / "datasets" / ".tokens").glob("*.safetensors"))) == 2
+
+
+def test_a_line_moved_to_the_next_file_does_not_get_another_rows_tokens(tmp_path: Path, tok: Any,
+                                                                         tiny_model_dir: Path) -> None:
+    """The dataset sha256 runs over all files' bytes in order: moving a line across the boundary keeps it, so the
+    key holds each file's size too (a reviewer's case: the moved row trained as its neighbour)."""
+    a, b = tmp_path / "datasets" / "a.jsonl", tmp_path / "datasets" / "b.jsonl"
+    rows = [json.dumps({"instruction": f"question {w}", "output": f"answer {w}"}) + "\n" for w in "VWXYZ"]
+    a.parent.mkdir(parents=True)
+    a.write_text("".join(rows[:3]))
+    b.write_text("".join(rows[3:]))
+    _cached_splits(tmp_path, tok, tiny_model_dir, [a, b], max_length=64)
+    a.write_text("".join(rows[:2]))
+    b.write_text("".join(rows[2:]))
+    moved = _cached_splits(tmp_path, tok, tiny_model_dir, [a, b], max_length=64)
+    assert moved.report.tokens_cached == 0 and _same(moved, data.load_splits([a, b], tok, spec(max_length=64)))
+
+
+def test_a_cache_that_claims_more_than_the_dataset_holds_is_not_read(tmp_path: Path, tok: Any,
+                                                                      tiny_model_dir: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone can compute the key: a small file claiming millions of rows is refused from its header."""
+    paths = [write_dataset(tmp_path / "datasets" / "a.jsonl", "chat", rows=30)]
+    _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
+    [cache] = (tmp_path / "datasets" / ".tokens").glob("*.safetensors")
+    _rewrite(cache, lambda t: t.update(rows=torch.zeros((10**6, 2), dtype=torch.int64),
+                                       offsets=torch.zeros(10**6 + 1, dtype=torch.int64)))
+    again = _cached_splits(tmp_path, tok, tiny_model_dir, paths, max_length=48)
+    assert again.report.tokens_cached == 0 and "exceed what the dataset can hold" in caplog.text

@@ -97,6 +97,7 @@ class Reading:
     rows: list[Row] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)  # why each skipped line was malformed, where it was
     sha256: str = ""
+    sizes: list[int] = field(default_factory=list)  # each file's bytes: where one file ends and the next begins
 
     @property
     def lines(self) -> int:
@@ -138,9 +139,11 @@ def where(label: str, line: int) -> str:
 
 
 def _read_file(path: Path, label: str, skip_bad_rows: bool, reading: Reading, digest: Any) -> None:
+    reading.sizes.append(0)
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             digest.update(raw)
+            reading.sizes[-1] += len(raw)
             try:
                 row = _parse_raw(raw, number, label)
             except Rejected as e:
@@ -432,12 +435,12 @@ def _learnable(example: Example) -> bool:
 
 
 def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec, tick: Callable[[], None] = lambda: None,
-                cache: Callable[[str], TokenCache] | None = None) -> Splits:
+                cache: Callable[[Reading], TokenCache] | None = None) -> Splits:
     """Read, refine, split and tokenize ``paths``, in that order; ``splits.report`` counts every step.
     ``tick`` is called per row tokenized: a large dataset is slow, and the worker must tell slow from stuck.
-    ``cache`` opens the token cache of the dataset by its sha256 (``worker.tokencache.for_dataset``)."""
+    ``cache`` opens the token cache of what was read (``worker.tokencache.for_dataset``)."""
     reading = read_dataset(paths, t.skip_bad_rows)
-    tokens = cache(reading.sha256) if cache is not None else None
+    tokens = cache(reading) if cache is not None else None
     report = DataReport(sha256=reading.sha256, rows_read=reading.lines, bad_rows=len(reading.bad))
     rows = refine(reading.rows, t, report)
     _check_enough(reading, rows, report, t)

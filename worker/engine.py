@@ -110,6 +110,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
           should_stop: Callable[[], bool], dist: Dist, fp: str) -> tuple[torch.nn.Module, Loop]:
     """Load the base, wrap it with LoRA, and build the loop around it (batches, loss, optimizer, metrics)."""
     t = req.job.training
+    report(Progress(job=req.job.id or "job", phase="loading"))  # silent for minutes on a big base: no stall timer
     model = load_model(req.model_dir, plan)
     _check_vocab(model, splits)
     packed = _packs(t, plan, model)
@@ -254,8 +255,8 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device)
     tokenizer = load_tokenizer(req.model_dir)
-    cache = tokencache.for_dataset(req.share_root, req.model_dir, data.file_labels(req.datasets), tokenizer,
-                                   req.file_mode, write=main)
+    cache = tokencache.for_dataset(req.share_root, data.file_labels(req.datasets), tokenizer, req.file_mode,
+                                   write=main)
     splits = data.load_splits(req.datasets, tokenizer, t, every_second(report, req.job.id or "job", "preparing"),
                               cache)
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name

@@ -5,10 +5,10 @@ the child and fails that job; the daemon keeps heartbeating and goes on. Cancel 
 "stop" message, which the training loop sees at its next step; a child that does not stop in
 ``STOP_GRACE`` seconds (stuck in a load, say) is terminated, then killed.
 
-A child that reports nothing for ``stall_seconds`` is ended too, and its job fails. Job files and model folders
-come from anyone: a chat template can loop for days in one row, and a hung driver never returns. Either would
-hold the GPU desktop, and every job queued behind it, for good. The child reports in every phase that can run
-long (each row tokenized, each step, each evaluation batch), so silence means stuck, not slow.
+A child that reports nothing for ``stall_seconds`` in a phase that reports as it goes (``TICKING``: each 8 MB of
+the base copied, each row tokenized, each step, each evaluation batch) is ended too, and its job fails. Job files
+and model folders come from anyone: a chat template can loop for days in one row, and a hung driver never returns
+from a step. Either would hold the GPU desktop, and every job queued behind it, for good.
 
 A ``devices: "all"`` job on several GPUs trains in torchrun ranks that this child starts and relays for
 (``worker.ddp``): the messages, the "stop" and the result kinds are the same; ranks that end without a word are
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE = 60.0
 POLL = 0.5
+# The phases that report as they go (worker.train.every_second, data.load_splits, Loop.evaluate and Loop.train):
+# only in these is silence a stall. Loading weights, saving, hashing a base for the registry, verifying and
+# merging report once and may then run for many minutes on a big model over the network.
+TICKING = frozenset({"copying", "preparing", "eval-before", "training", "eval-after"})
 
 
 @dataclass
@@ -120,7 +124,7 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
             if time.monotonic() < next_poll:
                 continue
             next_poll = time.monotonic() + POLL
-            if stop_reason is None and stall_seconds and time.monotonic() - heard > stall_seconds:
+            if stop_reason is None and stall_seconds and phase in TICKING and time.monotonic() - heard > stall_seconds:
                 log.warning("job %s: the training process reported nothing for %gs in phase %s: killing it",
                             _job_id(request), stall_seconds, phase)
                 proc.kill()  # it is stuck: a "stop" would never be read, and SIGTERM is ignored by design

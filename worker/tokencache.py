@@ -2,13 +2,15 @@
 
 Why: tokenizing is CPU work that every job on a dataset repeats while the GPU waits. A sweep of five jobs, or an
 attempt resumed after a crash, tokenizes the same rows with the same tokenizer again (20,000 two-turn chat rows
-take 17 s on a 2-core machine). The key is everything the tokens depend on: the dataset's bytes (their sha256)
-and file names, the tokenizer's files, the tokenizers and transformers versions, and ``FORMAT``. Rows are kept
-untruncated, so jobs with any ``max_length`` share them, and the first job's tokens serve the fallback laptop too.
+take 17 s on a 2-core machine). The key is everything the tokens depend on: the dataset's bytes (their sha256,
+each file's size and name), the tokenizer as loaded (vocabulary, rules, chat template, special tokens), the
+library versions, and ``FORMAT``. Rows are kept untruncated, so jobs with any ``max_length`` share them, and the
+first job's tokens serve the fallback laptop too.
 
-The file is input like anything else on the share: it is safetensors (nothing is unpickled), its arrays are
-checked before use, and one that fails a check is ignored and written again. It is only a cache: a person may
-delete ``datasets/.tokens/`` at any time and loses nothing.
+The file is input like anything else on the share: it is safetensors (nothing is unpickled), its shapes are
+bounded by the dataset before anything is read, it is copied into memory (never mapped), its arrays are checked
+before use, and one that fails a check is ignored and written again. It is only a cache: a person may delete
+``datasets/.tokens/`` at any time and loses nothing.
 """
 
 from __future__ import annotations
@@ -19,37 +21,49 @@ import logging
 from array import array
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from spooler.atomic import dir_mode_for, write_bytes
 from worker.data import IGNORE
 
+if TYPE_CHECKING:
+    from worker.data import Reading
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump whenever worker.data.row_tokens changes what a row becomes
 FOLDER = Path("datasets") / ".tokens"
-TOKENIZATION_INPUTS = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
-                   "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+# A hostile file may claim any shapes: more rows than the dataset has lines, or more tokens than its bytes and a
+# generous template overhead per row could make, is refused before anything is read into memory.
+TOKENS_PER_BYTE, TOKENS_PER_ROW = 4, 4096
 
 Tokens = tuple[list[int], list[int]]  # (input ids, labels: the id where trained, IGNORE elsewhere)
 RowKey = tuple[str, int]  # (the file's label, the line number): a row's place in the dataset
 
 
-def cache_key(dataset_sha256: str, file_labels: list[str], tokenizer_dir: Path) -> str:
-    """What the tokens of every row depend on, hashed."""
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The tokenizer as loaded, not its files: transformers reads more than any list of names (extra chat
+    templates, versioned tokenizer files), and this is what tokenizing uses."""
+    import jinja2
     import tokenizers
     import transformers
 
-    h = hashlib.sha256(json.dumps([FORMAT, dataset_sha256, file_labels, tokenizers.__version__,
-                                   transformers.__version__]).encode())
-    for name in TOKENIZATION_INPUTS:
-        path = tokenizer_dir / name
-        if path.is_file():
-            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token, tokenizer.bos_token_id,
+             tokenizer.eos_token, tokenizer.eos_token_id, len(tokenizer), tokenizers.__version__,
+             transformers.__version__, jinja2.__version__]
+    h = hashlib.sha256(json.dumps(parts, default=str).encode())
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
     return h.hexdigest()
+
+
+def cache_key(reading: Reading, file_labels: list[str], tokenizer_id: str) -> str:
+    """What the tokens of every row depend on, hashed. The files' sizes go in with their joint sha256: a line
+    moved from the end of one file to the start of the next leaves the sha256 as it was."""
+    return hashlib.sha256(json.dumps([FORMAT, reading.sha256, reading.sizes, file_labels, tokenizer_id]).encode()
+                          ).hexdigest()
 
 
 class TokenCache:
@@ -57,25 +71,27 @@ class TokenCache:
     writes them back when any were added."""
 
     def __init__(self, path: Path, key: str, file_labels: list[str], vocab: int, file_mode: int,
-                 write: bool = True) -> None:
+                 limits: tuple[int, int] = (2**62, 2**62), write: bool = True) -> None:
+        """``limits``: the most rows and tokens a file for this dataset can honestly hold."""
         self.path, self.key, self.labels, self.vocab, self.file_mode = path, key, file_labels, vocab, file_mode
-        self.write = write
+        self.limits, self.write = limits, write
         self._index: dict[RowKey, int] = {}
         self._ids = torch.zeros(0, dtype=torch.int32)
         self._trained = torch.zeros(0, dtype=torch.uint8)
         self._offsets = torch.zeros(1, dtype=torch.int64)
-        self._new: dict[RowKey, Tokens] = {}
+        self._new: dict[RowKey, tuple[array, bytes]] = {}  # compact: a long row costs 5 bytes a token, not 70
         self.hits = 0
         if path.is_file():
             self._load(path)
 
     def tokens(self, key: RowKey, make: Callable[[], Tokens]) -> Tokens:
-        """The row's tokens, from the cache or made now (and kept for ``save``)."""
+        """The row's tokens, from the cache or made now (and kept for ``save`` by the process that writes)."""
         i = self._index.get(key)
         if i is None:
-            if key not in self._new:
-                self._new[key] = make()
-            return self._new[key]
+            ids, labels = make()
+            if self.write:
+                self._new[key] = (array("i", ids), bytes(lab != IGNORE for lab in labels))
+            return ids, labels
         self.hits += 1
         a, b = int(self._offsets[i]), int(self._offsets[i + 1])
         ids = self._ids[a:b].tolist()
@@ -97,24 +113,25 @@ class TokenCache:
         from safetensors.torch import save
 
         old = sorted(self._index.items(), key=lambda kv: kv[1])
-        flat_ids, flat_labels = array("i"), array("i")  # C arrays: torch reads them without a per-number copy
-        for ids, labels in self._new.values():
+        flat_ids, flat_trained = array("i"), bytearray()  # C arrays: torch reads them without a per-number copy
+        for ids, trained in self._new.values():
             flat_ids.extend(ids)
-            flat_labels.extend(labels)
+            flat_trained += trained
         new_ids = torch.frombuffer(flat_ids, dtype=torch.int32) if flat_ids else torch.zeros(0, dtype=torch.int32)
-        new_labels = torch.frombuffer(flat_labels, dtype=torch.int32) if flat_labels else new_ids
+        new_trained = (torch.frombuffer(flat_trained, dtype=torch.uint8) if flat_trained
+                       else torch.zeros(0, dtype=torch.uint8))
         lengths = torch.tensor([len(ids) for ids, _ in self._new.values()], dtype=torch.int64)
         offsets = torch.cat([self._offsets, self._offsets[-1] + torch.cumsum(lengths, 0)])
         file_of = {label: n for n, label in enumerate(self.labels)}
         rows = [(file_of[f], line) for (f, line), _ in old] + [(file_of[f], line) for f, line in self._new]
         tensors = {"rows": torch.tensor(rows, dtype=torch.int64).reshape(-1, 2), "offsets": offsets,
                    "ids": torch.cat([self._ids, new_ids]),
-                   "trained": torch.cat([self._trained, (new_labels != IGNORE).to(torch.uint8)])}
+                   "trained": torch.cat([self._trained, new_trained])}
         return save(tensors, metadata={"format": str(FORMAT), "key": self.key, "files": json.dumps(self.labels)})
 
     def _load(self, path: Path) -> None:
         try:
-            tensors, meta = _read(path)
+            tensors, meta = _read(path, self.limits)
             self._check(tensors, meta)
         except Exception as e:  # a broken, cut short or hostile file: tokenize again and replace it
             log.warning("ignoring the token cache %s (%s: %s); it is written again", path, type(e).__name__,
@@ -142,20 +159,32 @@ class TokenCache:
             raise ValueError("rows of unknown files")
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: Path, limits: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The arrays, copied into memory (a mapping of the share's file would let a later edit of it, or another
+    worker replacing it, change tokens after they were checked), once the header's shapes are within bounds."""
     from safetensors import safe_open
+    from safetensors.torch import load
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata() or {})
+    rows, tokens = limits
+    if len(shapes.get("rows", [])) != 2 or shapes["rows"][0] > rows or len(shapes.get("ids", [])) != 1 \
+            or shapes["ids"][0] > tokens:
+        raise ValueError(f"shapes {shapes} exceed what the dataset can hold ({rows} rows, {tokens} tokens)")
+    return load(path.read_bytes()), meta
 
 
-def for_dataset(share_root: Path, tokenizer_dir: Path, file_labels: list[str], tokenizer: Any, file_mode: int,
-                write: bool = True) -> Callable[[str], TokenCache]:
-    """The cache of a dataset, by its sha256 (known only once it is read). ``write``: False on DDP ranks but the
-    first, which read the cache and leave writing it to that one."""
-    def open_cache(dataset_sha256: str) -> TokenCache:
-        key = cache_key(dataset_sha256, file_labels, tokenizer_dir)
+def for_dataset(share_root: Path, file_labels: list[str], tokenizer: Any, file_mode: int,
+                write: bool = True) -> Callable[[Reading], TokenCache]:
+    """The cache of a dataset, by what was read of it. ``write``: False on DDP ranks but the first, which read
+    the cache and leave writing it to that one."""
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+
+    def open_cache(reading: Reading) -> TokenCache:
+        key = cache_key(reading, file_labels, tokenizer_id)
+        limits = (reading.lines, TOKENS_PER_BYTE * sum(reading.sizes) + TOKENS_PER_ROW * reading.lines)
         return TokenCache(share_root / FOLDER / f"{key[:40]}.safetensors", key, file_labels, len(tokenizer),
-                          file_mode, write)
+                          file_mode, limits, write)
 
     return open_cache
