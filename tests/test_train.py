@@ -554,10 +554,12 @@ def _config_with(**sizes: object) -> Any:
 
 
 @pytest.mark.parametrize(("breakage", "expected"), [
-    (_config_with(vocab_size=10**15), "vocab_size x hidden_size (1000000000000000 x 64) is more numbers than"),
+    (_config_with(vocab_size=10**15), "vocab_size is 1000000000000000, more than all the numbers the weight files"),
+    (_config_with(vocab_size=10**5), "vocab_size x hidden_size (100000 x 64) is more numbers than"),
     (_config_with(vocab_size=1e15), "config.json: vocab_size is 1000000000000000.0, not a positive whole number"),
     (_config_with(text_config={"hidden_size": -4}), "config.json: text_config.hidden_size is -4, not a positive"),
     (_config_with(num_hidden_layers="2"), "num_hidden_layers is 2, not a positive whole number"),
+    (_config_with(num_local_experts=10**9), "num_local_experts is 1000000000, more than all the numbers the weight"),
     (_pickle_only, "has only pickle weights (pytorch_model.bin)"),
     (_auto_map, "config.json has \"auto_map\""),
     (_link_outside, "'tokenizer.json' is a symlink to"),

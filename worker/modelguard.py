@@ -152,6 +152,8 @@ def _check_weights(folder: Path) -> int:
 # Sizes that shape the model's tensors: each a positive whole number, or a list of them (per layer, in some models).
 SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim")
+# Mixture-of-experts sizes (0 or absent in dense variants): none can be more than the numbers the weights hold.
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
 def _check_sizes(config: dict, numbers: int) -> None:
@@ -167,6 +169,11 @@ def _check_sizes(config: dict, numbers: int) -> None:
                 continue
             raise Rejected("base_model", f"config.json: {where}{key} is {str(value)[:60]}, not a positive whole "
                                          "number; copy the model's own config.json again")
+        for key in (*SIZE_KEYS, *EXPERT_KEYS) if numbers else ():
+            value = section.get(key)
+            if isinstance(value, int) and value > numbers:
+                raise Rejected("base_model", f"config.json: {where}{key} is {value}, more than all the numbers the "
+                                             f"weight files hold ({numbers}); copy the model's own config.json")
         vocab, hidden = section.get("vocab_size"), section.get("hidden_size")
         if numbers and isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden > numbers:
             raise Rejected("base_model", f"config.json: {where}vocab_size x hidden_size ({vocab} x {hidden}) is more "
