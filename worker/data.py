@@ -475,11 +475,9 @@ def _learnable_examples(rows: list[Row], tokenizer: Any, max_length: int, report
     examples = []
     for row in rows:
         tick()
-        if cache is None:
-            examples.append(tokenize(row, tokenizer, max_length))
-        else:
-            examples.append(_cut(cache.tokens((row.file, row.line), lambda r=row: row_tokens(r, tokenizer)),
-                                 max_length))
+        tokens = (cache.tokens((row.file, row.line), lambda r=row: row_tokens(r, tokenizer)) if cache is not None
+                  else row_tokens(row, tokenizer))
+        examples.append(_cut(tokens, max_length))
     kept = [e for e in examples if _learnable(e)]
     report.no_response += len(examples) - len(kept)
     report.truncated += sum(e.truncated for e in kept)

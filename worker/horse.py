@@ -183,7 +183,7 @@ def _job_id(request: dict[str, Any]) -> str:
 def _stalled(phase: str, seconds: float) -> str:
     return (f"the training process reported no progress for {seconds / 60:g} min (phase {phase!r}) and was ended. "
             "A chat template or dataset row that never finishes, or a hung GPU driver, looks like this; if that "
-            "phase is honestly so slow (a huge base model loading over the network), raise the worker's "
+            "phase is honestly so slow (one enormous dataset row, a first compiled step), raise the worker's "
             "stall_minutes")
 
 

@@ -71,7 +71,7 @@ class TokenCache:
     writes them back when any were added."""
 
     def __init__(self, path: Path, key: str, file_labels: list[str], vocab: int, file_mode: int,
-                 limits: tuple[int, int] = (2**62, 2**62), write: bool = True) -> None:
+                 limits: tuple[int, int], write: bool = True) -> None:
         """``limits``: the most rows and tokens a file for this dataset can honestly hold."""
         self.path, self.key, self.labels, self.vocab, self.file_mode = path, key, file_labels, vocab, file_mode
         self.limits, self.write = limits, write
@@ -100,7 +100,7 @@ class TokenCache:
 
     def save(self) -> None:
         """Write every row known (old and new) to the share; a failure is logged, never raised: it is a cache."""
-        if not self._new or not self.write:
+        if not self._new:  # nothing new, or a process that does not write (it keeps nothing)
             return
         try:
             self.path.parent.mkdir(mode=dir_mode_for(self.file_mode), parents=True, exist_ok=True)
