@@ -20,7 +20,7 @@ import pytest
 from spooler.share import Share, init_share
 from spooler.watch import choose_mode
 from tests.conftest import FAST, Procs, log_of, result_of, spool_listing, wait_for
-from tests.smbshare import SmbPair, smb_pair, smb_unavailable_reason
+from tests.smbshare import SmbPair, incidents_warned, smb_pair, smb_unavailable_reason
 
 pytestmark = [pytest.mark.smb, pytest.mark.skipif(smb_unavailable_reason() is not None,
                                                   reason=smb_unavailable_reason() or "")]
@@ -30,6 +30,12 @@ pytestmark = [pytest.mark.smb, pytest.mark.skipif(smb_unavailable_reason() is no
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmbPair]:
     with smb_pair(tmp_path_factory.mktemp("smb")) as p:
         yield p
+
+
+@pytest.fixture(autouse=True)
+def _mount_incidents(pair: SmbPair) -> Iterator[None]:
+    with incidents_warned(pair):
+        yield
 
 
 @pytest.fixture
@@ -51,25 +57,59 @@ def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs,
     """40 jobs, dropped through both mounts, claimed by a worker on each: every one runs exactly once.
     (Each job costs about three confirm pauses of 0.3 s per worker, so 40 take ~30 s here; 80 timed out in CI.)"""
     a, b = shares
-    wa = procs.worker(a, "on-a")
-    wb = procs.worker(b, "on-b")
-    wait_for(lambda: len(list(a.heartbeats.glob("on-*.json"))) == 2, 60, "both heartbeats")
+    wa, wb = _two_workers(a, b, procs)
     jobs = [f"r{i:03d}" for i in range(40)]
     for i, job_id in enumerate(jobs):  # dropped through both mounts, as from two machines
-        side = a if i % 2 else b
-        tmp = side.inbox / f".{job_id}.tmp"
-        tmp.write_text(json.dumps({"kind": "probe"}))
-        tmp.rename(side.inbox / f"{job_id}.json")
+        _drop(a if i % 2 else b, job_id)
     wait_for(lambda: all(result_of(a, j) for j in jobs), 240, "40 results", every=0.5,
              explain=lambda: _stuck(a, jobs, procs, pair))
     procs.stop_all()
-    logs = log_of(wa) + log_of(wb)
-    # Exactly once per queue entry: (job, attempt) is claimed by one worker. A job may be claimed again only
-    # as a later attempt, after a reaper judged its worker stale (a loaded machine can stall an rclone mount
-    # for seconds), and then the earlier claimer's outcome must have been fenced off, not written.
-    # A job whose only logged claim is a later attempt ran once: the reaper took it back while the first
-    # claimer was still confirming its rename, so that claimer never ran it (seen in CI at stop 10).
-    claims = collections.Counter(re.findall(r"job (r\d{3}) claimed, attempt (\d+)", logs))
+    _assert_each_ran_once(a, b, jobs, log_of(wa) + log_of(wb))
+    assert "polling observer" in log_of(wa) and "polling observer" in log_of(wb)
+
+
+def test_a_mount_dropped_mid_race_loses_no_job_and_runs_none_twice(shares: tuple[Share, Share], procs: Procs,
+                                                                     pair: SmbPair) -> None:
+    """Mount a's SMB client dies (kill -9 of its rclone) while both workers claim, and reconnects a moment later:
+    worker on-a sees ENOTCONN mid-rename, mid-write and mid-poll. No job is lost, none runs twice."""
+    a, b = shares
+    wa, wb = _two_workers(a, b, procs)
+    jobs = [f"k{i:03d}" for i in range(24)]
+    for job_id in jobs:  # all through b, which stays up
+        _drop(b, job_id)
+    wait_for(lambda: sum(result_of(b, j) is not None for j in jobs) >= 6, 120, "6 results before the drop",
+             every=0.2, explain=lambda: _stuck(b, jobs, procs, pair))
+    pair.kill_mount("a")
+    before = {j for j in jobs if result_of(b, j) is not None}
+    wait_for(lambda: all(result_of(b, j) for j in jobs), 240, "24 results", every=0.5,
+             explain=lambda: _stuck(b, jobs, procs, pair))
+    procs.stop_all()
+    assert wa.returncode == 0 and wb.returncode == 0, procs.tails()
+    _assert_each_ran_once(a, b, jobs, log_of(wa) + log_of(wb))
+    after = collections.Counter(result_of(b, j).worker for j in jobs if j not in before)
+    assert after["on-a"] > 0, f"worker on-a took no job once its mount was back: {after}\n{log_of(wa)[-3000:]}"
+
+
+def _two_workers(a: Share, b: Share, procs: Procs) -> tuple[subprocess.Popen, subprocess.Popen]:
+    wa, wb = procs.worker(a, "on-a"), procs.worker(b, "on-b")
+    wait_for(lambda: len(list(a.heartbeats.glob("on-*.json"))) == 2, 60, "both heartbeats")
+    return wa, wb
+
+
+def _drop(side: Share, job_id: str) -> None:
+    """Drop a probe job as a person's copy does: a hidden temp file, then a rename into the inbox."""
+    tmp = side.inbox / f".{job_id}.tmp"
+    tmp.write_text(json.dumps({"kind": "probe"}))
+    tmp.rename(side.inbox / f"{job_id}.json")
+
+
+def _assert_each_ran_once(a: Share, b: Share, jobs: list[str], logs: str) -> None:
+    """Exactly once per queue entry: (job, attempt) is claimed by one worker. A job may be claimed again only
+    as a later attempt, after a reaper judged its worker stale (a loaded machine can stall an rclone mount
+    for seconds), and then the earlier claimer's outcome must have been fenced off, not written.
+    A job whose only logged claim is a later attempt ran once: the reaper took it back while the first
+    claimer was still confirming its rename, so that claimer never ran it (seen in CI at stop 10)."""
+    claims = collections.Counter(re.findall(r"job ([a-z]\d{3}) claimed, attempt (\d+)", logs))
     twice = [c for c, n in claims.items() if n > 1]
     attempts: dict[str, set[int]] = collections.defaultdict(set)
     for j, n in claims:
@@ -85,7 +125,6 @@ def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs,
         assert result_of(a, job_id).attempts == max(seen), (job_id, seen, result_of(a, job_id))
     workers = collections.Counter(result_of(b, j).worker for j in jobs)
     assert set(workers) == {"on-a", "on-b"}, workers
-    assert "polling observer" in log_of(wa) and "polling observer" in log_of(wb)
 
 
 def _stuck(share: Share, jobs: list[str], procs: Procs, pair: SmbPair) -> str:

@@ -24,7 +24,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
-from tests.smbshare import SmbPair, smb_pair, smb_unavailable_reason
+from tests.smbshare import SmbPair, incidents_warned, smb_pair, smb_unavailable_reason
 
 pytestmark = [
     pytest.mark.smb,
@@ -36,6 +36,12 @@ pytestmark = [
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmbPair]:
     with smb_pair(tmp_path_factory.mktemp("smb")) as p:
         yield p
+
+
+@pytest.fixture(autouse=True)
+def _mount_incidents(pair: SmbPair) -> Iterator[None]:
+    with incidents_warned(pair):
+        yield
 
 
 @pytest.fixture
