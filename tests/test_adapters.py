@@ -446,16 +446,27 @@ def test_merge_into_base_equals_adapter_on_base(share: Share, trained: dict) -> 
     from transformers import AutoModelForCausalLM
 
     before = registry.read_manifest(share, registry.Ref("support", 3))
-    outcome = run(share, JobSpec(id="m-base", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
+    base = share.root / "models" / "tiny"
+    (base / "additional_chat_templates").mkdir()  # a named template goes with the tokenizer; a README does not
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    (base / "README.md").write_text("# tiny")
+    try:
+        outcome = run(share, JobSpec(id="m-base", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
+    finally:
+        shutil.rmtree(base / "additional_chat_templates")
+        (base / "README.md").unlink()
     assert outcome.ok and outcome.merged_model == "models/merged/support-v3"
     out = share.root / outcome.merged_model
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert not (out / "README.md").exists()
     record = read_model(out / MANIFEST, MergedModel)
     assert record is not None and record.adapter == "support/v3" and record.max_logit_diff <= record.tolerance
     assert any(n.endswith(".safetensors") for n in record.files) and not list(out.glob("*.bin"))
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
-    base = AutoModelForCausalLM.from_pretrained(share.root / "models" / "tiny")
     with torch.no_grad():
-        adapted = PeftModel.from_pretrained(base, version(share, "support/v3"))(input_ids=ids).logits
+        base_model = AutoModelForCausalLM.from_pretrained(base)
+        adapted = PeftModel.from_pretrained(base_model, version(share, "support/v3"))(input_ids=ids).logits
         merged = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
     assert torch.allclose(adapted, merged, atol=1e-4), float((adapted - merged).abs().max())
     assert registry.read_manifest(share, registry.Ref("support", 3)) == before  # the input is untouched

@@ -158,3 +158,31 @@ def test_the_share_folder_is_checked_first(tmp_path: Path) -> None:
 def test_same_name_at_two_share_paths_gets_two_folders(tmp_path: Path) -> None:
     a, b = tmp_path / "x" / "base", tmp_path / "y" / "base"
     assert cache_key(a) != cache_key(b) and cache_key(a).startswith("base-")
+
+
+def test_named_chat_templates_are_copied_so_the_copy_renders_as_the_share_does(tiny_model_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """transformers reads additional_chat_templates/*.jinja, and a "default.jinja" there replaces the model's
+    template: a copy without that folder would train on other text than the share's folder gives."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "share" / "models" / "t"
+    shutil.copytree(tiny_model_dir, src)
+    extra = src / "additional_chat_templates"
+    extra.mkdir()
+    (extra / "default.jinja").write_text("{% for m in messages %}<<{{ m.content }}>>{% endfor %}")
+    (extra / "tool_use.jinja").write_text("tools")
+    (extra / "notes.txt").write_text("not a template")
+    cache = tmp_path / "cache"
+    copy = local_copy(src, cache, share_root=tmp_path / "share")
+    assert sorted(p.name for p in (copy / "additional_chat_templates").iterdir()) == ["default.jinja",
+                                                                                      "tool_use.jinja"]
+    chat = [{"role": "user", "content": "hi"}]
+    want = AutoTokenizer.from_pretrained(src).apply_chat_template(chat, tokenize=False)
+    assert AutoTokenizer.from_pretrained(copy).apply_chat_template(chat, tokenize=False) == want == "<<hi>>"
+    assert local_copy(src, cache) == copy
+    (extra / "default.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    again = local_copy(src, cache)
+    assert again != copy and AutoTokenizer.from_pretrained(again).apply_chat_template(chat, tokenize=False) == "[hi]"

@@ -31,6 +31,7 @@ from spooler.atomic import chmod_tree, fsync_dir, fsync_tree, write_json
 from spooler.clock import iso
 from spooler.errors import Rejected
 from worker.adapter_verify import logits_of, probe_ids
+from worker.modelcache import source_listing
 from worker.verify import BASE_CONFIG, BASE_INDEX, base_identity, file_entries
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,16 @@ def _refuse_existing(out_dir: Path) -> None:
 
 
 def _save_model(model: torch.nn.Module, base_dir: Path, staged: Path) -> None:
-    """The merged weights (safetensors), plus the base's tokenizer files, so the folder is a whole model."""
+    """The merged weights (safetensors), plus the base's tokenizer files, so the folder is a whole model.
+
+    The files are the ones the model cache copies: tokenizer, chat templates (named ones too), special tokens;
+    never a README, a pickle or a .py the base folder may also hold."""
     model.save_pretrained(staged)
-    weights = (BASE_CONFIG, BASE_INDEX, "generation_config.json", MANIFEST)
-    for path in sorted(base_dir.iterdir()):
-        if path.is_file() and path.name not in weights and not path.name.endswith(".safetensors"):
-            shutil.copyfile(path, staged / path.name)  # tokenizer, chat template, special tokens
+    weights = (BASE_CONFIG, BASE_INDEX, "generation_config.json")
+    for name, _, _ in source_listing(base_dir):
+        if name not in weights and not name.endswith(".safetensors"):
+            (staged / name).parent.mkdir(exist_ok=True)
+            shutil.copyfile(base_dir / name, staged / name)
 
 
 def _reloaded_diff(staged: Path, ids: torch.Tensor, expected: torch.Tensor, device: str) -> float:

@@ -46,6 +46,7 @@ MANIFEST = ".loraspool-manifest.json"
 MODEL_FILES = frozenset({*TOKENIZER_FILES, *CODE_CONFIGS, SAFETENSORS_INDEX, "generation_config.json",
                          "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                          "chat_template.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model"})
+TEMPLATE_DIR = "additional_chat_templates"  # transformers' CHAT_TEMPLATE_DIR: named chat templates, one file each
 CHUNK = 8 * 1024 * 1024
 Listing = list[tuple[str, int, int]]  # (name, size, mtime_ns), sorted by name
 
@@ -94,14 +95,26 @@ def source_listing(src: Path) -> Listing:
         entries = sorted(os.scandir(src), key=lambda e: e.name)
     except OSError as e:
         raise CacheError(f"cannot list {src} ({e}); check the share is mounted") from e
-    listing = []
-    for entry in entries:
-        if not _wanted(entry.name) or not entry.is_file(follow_symlinks=True):
-            continue
-        st = entry.stat(follow_symlinks=True)
-        listing.append((entry.name, st.st_size, st.st_mtime_ns))
+    listing = _files(entries, "", _wanted)
     if not any(name.endswith(".safetensors") for name, _, _ in listing):
         raise CacheError(f"{src} has no *.safetensors file to cache")
+    templates = src / TEMPLATE_DIR
+    if templates.is_dir():  # transformers reads every *.jinja there, and "default.jinja" replaces the template
+        try:
+            extra = sorted(os.scandir(templates), key=lambda e: e.name)
+        except OSError as e:
+            raise CacheError(f"cannot list {templates} ({e}); check the share is mounted") from e
+        listing += _files(extra, f"{TEMPLATE_DIR}/", lambda name: name.endswith(".jinja") and not name.startswith("."))
+    return listing
+
+
+def _files(entries: list[os.DirEntry[str]], prefix: str, wanted: Callable[[str], bool]) -> Listing:
+    listing = []
+    for entry in entries:
+        if not wanted(entry.name) or not entry.is_file(follow_symlinks=True):
+            continue
+        st = entry.stat(follow_symlinks=True)
+        listing.append((prefix + entry.name, st.st_size, st.st_mtime_ns))
     return listing
 
 
@@ -194,6 +207,7 @@ def _copy(src: Path, key_dir: Path, listing: Listing, should_stop: Callable[[], 
 def _copy_one(src: Path, tmp: Path, entry: tuple[str, int, int], should_stop: Callable[[], bool]) -> dict:
     name, size, mtime_ns = entry
     source_hash = hashlib.sha256()
+    (tmp / name).parent.mkdir(exist_ok=True)  # additional_chat_templates/
     with open(src / name, "rb") as fin, open(tmp / name, "wb") as fout:
         while chunk := fin.read(CHUNK):
             if should_stop():
