@@ -560,6 +560,7 @@ def _config_with(**sizes: object) -> Any:
     (_config_with(text_config={"hidden_size": -4}), "config.json: text_config.hidden_size is -4, not a positive"),
     (_config_with(num_hidden_layers="2"), "num_hidden_layers is 2, not a positive whole number"),
     (_config_with(num_local_experts=10**9), "num_local_experts is 1000000000, more than all the numbers the weight"),
+    (_config_with(num_hidden_layers=2000), "num_hidden_layers is 2000, more than the"),
     (_pickle_only, "has only pickle weights (pytorch_model.bin)"),
     (_auto_map, "config.json has \"auto_map\""),
     (_link_outside, "'tokenizer.json' is a symlink to"),
@@ -580,6 +581,26 @@ def test_bad_model_folder_is_refused_before_loading(tmp_path: Path, tiny_model_d
     assert e.value.field == "base_model" and expected in e.value.problem, e.value.problem
     if breakage is _link_outside:
         assert "outside the share" in e.value.problem
+
+
+def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
+        tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each size fits the weights (the config check passes), together they describe a model 30x bigger than the
+    files hold: transformers would fill the rest with random numbers, or be killed allocating a real one."""
+    import transformers
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights were loaded before the parameter count was checked")
+
+    root = tmp_path / "share"
+    shutil.copytree(tiny_model_dir, root / "models" / "big")
+    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=8)
+    _config_with(intermediate_size=4096)(root / "models" / "big", tmp_path)
+    check_model_dir(root / "models" / "big", root)  # no single size is out of bounds
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(Rejected) as e:
+        train(root, make_job("big", model="models/big"))
+    assert e.value.field == "base_model" and "config.json describes a model of" in e.value.problem, e.value.problem
 
 
 def test_links_inside_the_share_are_fine(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -32,6 +32,7 @@ from worker import checkpoint, data, tokencache
 from worker.batching import Batcher
 from worker.fused import lean_activations
 from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings
+from worker.modelguard import stored_weights
 from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
 from worker.packprobe import packing_problem
 from worker.probes import generate_answers, pair
@@ -328,6 +329,19 @@ def meta_model(model_dir: Path) -> torch.nn.Module:
                                      f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
 
 
+def check_parameters(model_dir: Path) -> None:
+    """Refuse a config.json that describes a bigger model than its weights: each size may fit (the config check
+    bounds them one by one) while together they do not, a thousand experts where the files hold eight, say.
+    transformers would fill the missing parameters with random numbers, or be killed trying to allocate them.
+    Built on the meta device, the model counts its parameters in a fraction of a second."""
+    wanted = sum(p.numel() for p in meta_model(model_dir).parameters())  # tied weights count once
+    held = stored_weights(model_dir).parameters
+    if wanted > held * 1.01 + 2**20:
+        raise Rejected("base_model", f"config.json describes a model of {wanted:,} parameters, but the weight files "
+                                     f"hold {held:,}: this config.json does not belong to these weights; copy the "
+                                     "model's own config.json")
+
+
 def _adaptable(module: torch.nn.Module) -> bool:
     """Layer types peft's LoRA can wrap."""
     from transformers.pytorch_utils import Conv1D
@@ -371,6 +385,7 @@ def load_model(model_dir: Path, plan: Plan) -> torch.nn.Module:
     """Load the base weights: safetensors only, no remote code, on the plan's device and dtype."""
     from transformers import AutoModelForCausalLM
 
+    check_parameters(model_dir)
     kwargs: dict[str, Any] = {"dtype": plan.dtype, "use_safetensors": True, "trust_remote_code": False}
     if plan.device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}

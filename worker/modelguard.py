@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def check_model_dir(path: Path, share_root: Path) -> None:
             raise Rejected("base_model", f"{name} has \"auto_map\", which asks to run Python code shipped with the "
                                          "model (trust_remote_code); this worker never runs such code: use a model "
                                          "whose architecture transformers supports natively")
-    _check_sizes(_read_json(path / "config.json"), _check_weights(path))
+    _check_sizes(_read_json(path / "config.json"), stored_weights(path))
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise Rejected("base_model", f"{path.name!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                                      "save the tokenizer into the model folder with tokenizer.save_pretrained")
@@ -116,9 +117,21 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_weights(folder: Path) -> int:
-    """Safetensors weights must be there, complete; pickle weights alone are refused. Returns how many numbers
-    the loaded files hold."""
+@dataclass(frozen=True)
+class Stored:
+    """What the safetensors files from_pretrained reads hold, from their headers alone."""
+
+    numbers: int  # elements, all tensors together
+    tensors: int
+    parameters: int  # the most parameters they can fill: a packed integer tensor holds several 4-bit ones
+
+
+# 4-bit weights packed into integers (bitsandbytes' U8, GPTQ's I32): how many one element can hold, at most.
+PACKED = {"U8": 2, "I8": 2, "U16": 4, "I16": 4, "U32": 8, "I32": 8, "U64": 16, "I64": 16}
+
+
+def stored_weights(folder: Path) -> Stored:
+    """Safetensors weights must be there, complete; pickle weights alone are refused."""
     names = [p.name for p in folder.iterdir() if p.is_file()]
     safe = [n for n in names if n.endswith(".safetensors")]
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
@@ -140,13 +153,17 @@ def _check_weights(folder: Path) -> int:
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} names {len(missing)} missing shard(s) "
                                      f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
     loaded = shards or [n for n in safe if n == "model.safetensors"]  # what from_pretrained reads
-    numbers = 0
+    numbers = tensors = parameters = 0
     for name in loaded:  # the header only: a truncated copy or a hostile header fails here, not in a loader
         try:
-            numbers += sum(math.prod(info["shape"]) for info in read_header(folder / name).values())
+            header = read_header(folder / name)
         except (OSError, ValueError) as e:
             raise Rejected("base_model", f"{name}: {e}; the file is broken or was cut short: copy it again") from None
-    return numbers
+        for info in header.values():
+            count = math.prod(info["shape"])
+            numbers, tensors = numbers + count, tensors + 1
+            parameters += count * PACKED.get(info["dtype"], 1)
+    return Stored(numbers, tensors, parameters)
 
 
 # Sizes that shape the model's tensors: each a positive whole number, or a list of them (per layer, in some models).
@@ -156,10 +173,13 @@ SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
-def _check_sizes(config: dict, numbers: int) -> None:
+def _check_sizes(config: dict, stored: Stored) -> None:
     """The model is built from config.json before a weight is read: a size no weight file could fill (a typo,
     a config copied from another model, a hostile 10^15 vocabulary) would fail deep in a loader, or try to
-    allocate it. ``numbers``: how many the safetensors files hold (0: not known, e.g. no model.safetensors)."""
+    allocate it. Each layer has tensors of its own, so there are no more layers than tensors; that also bounds
+    the time it takes to build the model's structure for ``check_parameters``. ``stored.numbers`` is 0 when
+    it is not known (no model.safetensors)."""
+    numbers = stored.numbers
     text = config.get("text_config")
     for where, section in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
         for key in SIZE_KEYS:
@@ -174,6 +194,11 @@ def _check_sizes(config: dict, numbers: int) -> None:
             if isinstance(value, int) and value > numbers:
                 raise Rejected("base_model", f"config.json: {where}{key} is {value}, more than all the numbers the "
                                              f"weight files hold ({numbers}); copy the model's own config.json")
+        layers = section.get("num_hidden_layers")
+        if numbers and isinstance(layers, int) and layers > stored.tensors:
+            raise Rejected("base_model", f"config.json: {where}num_hidden_layers is {layers}, more than the "
+                                         f"{stored.tensors} tensors the weight files hold, so this config.json does "
+                                         "not belong to these weights; copy the model's own config.json")
         vocab, hidden = section.get("vocab_size"), section.get("hidden_size")
         if numbers and isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden > numbers:
             raise Rejected("base_model", f"config.json: {where}vocab_size x hidden_size ({vocab} x {hidden}) is more "
