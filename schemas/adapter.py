@@ -166,3 +166,5 @@ class GcReport(BaseModel):
     removed: list[str] = Field(default_factory=list)
     refused: dict[str, str] = Field(default_factory=dict, description="Asked for, not removed: why.")
     freed_bytes: int = 0
+    token_cache_bytes: int = Field(0, description="Bytes in datasets/.tokens (tokenized rows, only a cache), "
+                                                  "before any removal.")

@@ -56,12 +56,12 @@ def add_parsers(sub: argparse._SubParsersAction, share_arg: Callable[[argparse.A
                                  "(default models/merged/NAME-VERSION)")
     _device_and_json(p)
 
-    p = sub.add_parser("gc", help="report which adapter versions and merged models could be removed; --apply "
-                                  "removes those named")
+    p = sub.add_parser("gc", help="report which adapter versions, merged models and caches could be removed; "
+                                  "--apply removes those named")
     share_arg(p)
     p.add_argument("--apply", nargs="+", metavar="NAME/VERSION|FOLDER",
-                   help="remove these versions or merged model folders (only those no rule keeps: never a newest "
-                        "version, never a parent, never one an unfinished job names)")
+                   help="remove these versions, merged model folders, or datasets/.tokens (only those no rule "
+                        "keeps: never a newest version, never a parent, never one an unfinished job names)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("register", help="register a succeeded train job's adapter (results/<id>/adapter)")
@@ -123,10 +123,19 @@ def _render_gc(report: Any, applying: bool) -> str:
     if applying:
         lines.append(f"freed {human(report.freed_bytes)}")
         return "\n".join(lines)
-    lines += [f"could remove {r}" for r in report.removable] or ["nothing could be removed"]
+    lines += [f"could remove {r}{_cache_note(r, report)}" for r in report.removable] or ["nothing could be removed"]
     lines += [f"keeps {r}: {why}" for r, why in sorted(report.kept.items())]
     lines.append("nothing was removed; to remove, name them: loraspool gc --apply NAME/VERSION|FOLDER ...")
     return "\n".join(lines)
+
+
+def _cache_note(name: str, report: Any) -> str:
+    from spooler.registry import human
+    from spooler.share import TOKEN_CACHE
+
+    if name != TOKEN_CACHE:
+        return ""
+    return f" ({human(report.token_cache_bytes)} of tokenized rows, only a cache: the next job tokenizes again)"
 
 
 def cmd_register(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ from spooler.clock import iso
 from spooler.errors import Rejected
 from spooler.jobfile import looks_temporary, parse_spec, read_limited
 from spooler.paths import canonical, outside_share, resolve_in_share
-from spooler.share import Share, read_model
+from spooler.share import TOKEN_CACHE, Share, read_model
 from spooler.states import JobState, source_name
 from worker.verify import base_identity, file_entries
 
@@ -458,12 +458,13 @@ def human(n: int) -> str:
 # ── retention ────────────────────────────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class Doomed:
-    """A thing gc may remove: a registered version (key NAME/vN) or a merged model folder (key: its path)."""
+    """A thing gc may remove: a registered version (key NAME/vN), a merged model folder (key: its path), or the
+    token cache (key datasets/.tokens)."""
 
     key: str
     folder: Path
     size: int
-    kind: str  # "adapter" or "merged model", for the log
+    kind: str  # "adapter", "merged model" or "token cache", for the log
 
 
 def _kept(all_refs: list[Ref], by_ref: dict[str, Manifest], keep: set[str], named: dict[str, str],
@@ -571,9 +572,9 @@ def gc(share: Share, remove: list[str] | None = None) -> GcReport:
     all_refs = refs(share)
     by_ref = {str(r): m for r, m in found.items()}
     merged = {m.path: m for m in merged_models(share)}
-    report = GcReport(kept={}, removable=[])
+    report = GcReport(kept={}, removable=[], token_cache_bytes=_tree_bytes(share.root / TOKEN_CACHE))
     asked = _asked(share, remove or [], all_refs, by_ref, merged, report)
-    everything = [str(r) for r in all_refs] + list(merged)
+    everything = [str(r) for r in all_refs] + list(merged) + ([TOKEN_CACHE] if report.token_cache_bytes else [])
     keep = set(everything) - {d.key for d in asked.values()} if remove is not None else set()
 
     def decide() -> dict[str, str]:
@@ -595,6 +596,14 @@ def _asked(share: Share, remove: list[str], all_refs: list[Ref], by_ref: dict[st
     """What a person typed -> the exact version or merged model it names; anything else is refused, saying why."""
     asked: dict[str, Doomed] = {}
     for text in sorted(set(remove)):
+        if text.rstrip("/") == TOKEN_CACHE and report.token_cache_bytes:
+            try:  # datasets/ may be a link leading out of the share: gc removes nothing there
+                folder = resolve_in_share(share.root, TOKEN_CACHE, "gc")
+            except Rejected as e:
+                report.refused[text] = e.problem
+                continue
+            asked[text] = Doomed(TOKEN_CACHE, folder, report.token_cache_bytes, "token cache")
+            continue
         if (path := text.rstrip("/")) in merged:
             try:  # the listing follows no link below models/, but models/ itself may be one leading out
                 folder = resolve_in_share(share.root, path, "gc")
@@ -607,8 +616,8 @@ def _asked(share: Share, remove: list[str], all_refs: list[Ref], by_ref: dict[st
             ref, _folder = resolve(share, text, "gc")
         except Rejected as e:
             report.refused[text] = (e.problem if ADAPTER_REF.match(text) else
-                                    f"{text!r} is neither NAME/VERSION of a registered adapter nor a merged model "
-                                    "folder that loraspool adapters lists")
+                                    f"{text!r} is neither NAME/VERSION of a registered adapter, nor a merged model "
+                                    f"folder that loraspool adapters lists, nor {TOKEN_CACHE} (when it holds files)")
             continue
         if ref not in all_refs or str(ref) != text:
             # A case-insensitive share (SMB, NTFS) finds "Support/v2" in support/v2: the rules speak of exact
@@ -638,6 +647,16 @@ def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], repor
         log.info("%s %s removed by gc --apply (%d bytes freed)", doomed.kind, text, doomed.size)
         report.freed_bytes += doomed.size
         report.removed.append(text)
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes in the files below ``folder`` (0 when it is not there), links not followed."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _hide(doomed: Doomed) -> Path:

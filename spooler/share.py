@@ -16,6 +16,8 @@ from spooler import atomic
 
 SETTINGS_FILE = "loraspool.json"
 FOLDERS = ("inbox", "intake", "queue", "running", "results", "cancel", "heartbeats", "tmp", "models", "datasets")
+# Tokenized dataset rows (worker/tokencache.py): only a cache, so gc may remove it whole when a person names it.
+TOKEN_CACHE = "datasets/.tokens"
 
 M = TypeVar("M", bound=BaseModel)
 

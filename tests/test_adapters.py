@@ -737,6 +737,30 @@ def _tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_gc_removes_the_token_cache_only_when_named(share: Share, trained: dict, tmp_path: Path) -> None:
+    """datasets/.tokens is only a cache of tokenized rows, but nothing on the share goes unless a person names it:
+    gc reports its size, leaves it when other things are named, and removes it whole when it is named."""
+    tokens = share.root / "datasets" / ".tokens"
+    size = sum(f.stat().st_size for f in tokens.iterdir())
+    assert size and any(tokens.glob("*.safetensors"))  # the train jobs above wrote it
+    report = registry.gc(share)
+    assert "datasets/.tokens" in report.removable and report.token_cache_bytes == size
+    assert "could remove datasets/.tokens (" in _cli("gc", "--share", str(share.root)).stdout
+    report = registry.gc(share, ["support/v1"])
+    assert report.kept["datasets/.tokens"] == "not named for removal" and tokens.is_dir()
+    shutil.copytree(tokens, tmp_path / "tokens")
+    datasets = _tree_digest(share.root / "datasets")
+    try:
+        applied = json.loads(_cli("gc", "--share", str(share.root), "--apply", "datasets/.tokens/", "--json").stdout)
+        assert applied["removed"] == ["datasets/.tokens/"] and applied["freed_bytes"] == size
+        assert not tokens.exists() and [p.name for p in (share.root / "datasets").iterdir() if p.name[0] == "."] == []
+        assert _tree_digest(share.root / "datasets") == {k: v for k, v in datasets.items()
+                                                         if not k.startswith(".tokens")}  # the datasets stay
+    finally:
+        shutil.rmtree(tokens, ignore_errors=True)
+        shutil.copytree(tmp_path / "tokens", tokens)  # the module's later tests find the cache as it was
+
+
 def test_gc_removes_a_merged_model_only_when_named_and_no_job_trains_on_it(share: Share, trained: dict) -> None:
     """A merged model is listed as removable, but stays while a queued job trains on it (base_model, written with
     another case and a trailing slash), and goes once a person names it and the job is gone."""

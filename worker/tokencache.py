@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spooler.atomic import dir_mode_for, write_bytes
+from spooler.share import TOKEN_CACHE
 from worker.data import IGNORE
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump whenever worker.data.row_tokens changes what a row becomes
-FOLDER = Path("datasets") / ".tokens"
+FOLDER = Path(TOKEN_CACHE)
 # A hostile file may claim any shapes: more rows than the dataset has lines, or more tokens than its bytes and a
 # generous template overhead per row could make, is refused before anything is read into memory.
 TOKENS_PER_BYTE, TOKENS_PER_ROW = 4, 4096
