@@ -281,6 +281,7 @@ class _Mount:
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed_on_purpose = False
+        self.gave_up = False  # a remount failed: the tests see ENOTCONN from here on, and the incident says why
 
     def start(self) -> None:
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -301,7 +302,7 @@ class _Mount:
 
     def revive(self) -> str | None:
         """Remount if rclone has exited; return what happened to it, or None when it is alive."""
-        if self.proc is None or self.proc.poll() is None:
+        if self.proc is None or self.proc.poll() is None or self.gave_up:
             return None
         if self.killed_on_purpose:
             died, self.killed_on_purpose = f"rclone mount {self.name} killed on purpose", False
@@ -345,6 +346,7 @@ def _supervised(mounts: list[_Mount], incidents: list[str]) -> Iterator[None]:
                 try:
                     what = m.revive()
                 except RuntimeError as e:
+                    m.gave_up = True
                     what = f"rclone mount {m.name} died and could not be remounted: {e}"
                 if what:
                     incidents.append(what)
