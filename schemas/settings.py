@@ -13,7 +13,8 @@ class ShareSettings(BaseModel):
     stale_after: float = Field(
         15.0, gt=0, description="A worker whose heartbeat seq has not advanced for this long is stale."
     )
-    max_attempts: int = Field(3, ge=1, le=100, description="Attempts before a job orphaned by dead workers fails.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts before a job fails whose worker or training "
+                                                          "process died each time.")
     file_mode: str = Field("0664", description="Octal mode for files the system writes (safetensors uses 0600).")
     dir_mode: str = Field("0775", description="Octal mode for folders the system makes.")
     max_job_bytes: int = Field(256 * 1024, ge=1024, description="Larger job files are rejected unread.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -155,18 +156,29 @@ def test_submitter_falls_back_when_the_worker_is_killed(train_share: Share, proc
     assert time.monotonic() - killed < 300
 
 
-def test_worker_survives_a_crashing_training_process(train_share: Share, procs: Procs) -> None:
-    """A training child that dies (here: killed, as the OOM killer would) fails that job, not the worker."""
+def test_a_killed_training_process_resumes_from_its_checkpoint_until_attempts_run_out(train_share: Share,
+                                                                                    procs: Procs) -> None:
+    """A training child that dies (here: kill -9, as the OOM killer would) costs an attempt, not the job: the next
+    attempt resumes from the newest checkpoint. Killed on every attempt, the job fails on the last one, naming
+    the cause; the worker lives on and takes the next job."""
     share = train_share
     w = procs.worker(share, "w1")
-    drop(share, "oom.json", train_job("oom", steps=LONG, batch_size=2, max_length=32))
-    wait_for(lambda: progress_step(share, "oom") >= 1, 120, "training to start")
-    children = psutil.Process(w.pid).children()
-    assert children, "the training runs in a child process"
-    for child in children:
-        os.kill(child.pid, 9)
+    last = share.settings.max_attempts
+    drop(share, "oom.json", train_job("oom", steps=LONG, batch_size=2, max_length=32, checkpoint_every_steps=20))
+    for attempt in range(1, last + 1):  # each attempt passes one more checkpoint (every 20 steps) before its kill
+        folder = share.result_dir("oom") / "attempts" / f"a{attempt}-w1"
+        wait_for(lambda f=folder, a=attempt: max(_train_losses(f / "metrics.jsonl"), default=0) >= 20 * a + 5, 180,
+                 f"attempt {attempt} to train past step {20 * attempt + 5}", every=0.01, explain=procs.tails)
+        children = [c for c in psutil.Process(w.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(children) == 1, "the training runs in one child process"
+        if attempt > 1:  # resumed from the attempt before's newest checkpoint, not from step 0
+            resumed = re.search(r"resumes at step (\d+) ", (folder / "train.log").read_text())
+            assert resumed and int(resumed[1]) >= 20 * (attempt - 1), (folder / "train.log").read_text()[-2000:]
+        os.kill(children[0].pid, 9)
     r = wait_result(share, "oom", 60)
-    assert r.status.value == "failed" and "killed by SIGKILL" in r.error and "batch_size" in r.error
+    assert r.status.value == "failed" and r.attempts == last, r
+    assert "killed by SIGKILL" in r.error and "batch_size" in r.error and f"attempt {last} of {last}" in r.error
+    assert "job oom requeued for attempt 2: worker w1: the training process was killed by SIGKILL" in log_of(w)
     drop(share, "alive.json", {"kind": "probe"})
     assert wait_result(share, "alive", 30).status.value == "succeeded"
 

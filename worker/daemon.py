@@ -268,7 +268,7 @@ class Worker:
             result = base.model_copy(update={"error": f"internal error: {e}; see the worker log"})
         finally:
             self.hb.job, self.hb.progress = None, None
-        if result is None:  # released for a graceful stop
+        if result is None:  # released: a graceful stop, or another attempt after the child died
             return
         result.finished_at = iso(self.clock.wall())
         if result.status is Terminal.rejected:  # unlike a rejection at intake, this one has the job's own id
@@ -339,6 +339,12 @@ class Worker:
                                            "resumed_from_step": o.resumed_from_step, "registered": o.registered})
         if out.kind == "died" and self.stopping.is_set():  # the stop signal reached the child too
             out = horse.HorseResult("cancelled", error="shutdown")
+        if out.kind == "died" and base.attempts < self.share.settings.max_attempts:
+            # Killed (the kernel's OOM killer, a person) or crashed in native code: not the job's own verdict, and
+            # its checkpoints survive. Another attempt resumes from the newest; the last one fails with the cause.
+            release(self.share, running_file, self.id, self.clock, f"{out.error}; the next attempt resumes from its "
+                    "newest checkpoint", count_attempt=True)
+            return None
         if out.kind == "rejected":
             return base.model_copy(update={"status": Terminal.rejected, "error": f"{out.field}: {out.error}"})
         if out.kind == "cancelled":
@@ -349,6 +355,9 @@ class Worker:
                         count_attempt=False)
                 return None
             return base.model_copy(update={"status": Terminal.cancelled, "error": "cancelled by a person"})
+        if out.kind == "died":
+            last = f" (attempt {base.attempts} of {self.share.settings.max_attempts}, none left)"
+            return base.model_copy(update={"status": Terminal.failed, "error": out.error + last})
         return base.model_copy(update={"status": Terminal.failed, "error": out.error})
 
     def _should_stop(self, running_file: Path, job_id: str) -> str | None:
