@@ -37,7 +37,9 @@ def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
             return _cancel_queued(share, path, key, me, clock)
     if any(key.job_id == job_id for _, key, _ in claim.running(share)):
         return f"job {job_id} is running; its worker will stop it at the next step"
-    return f"job {job_id} is not queued or running; the request stays in cancel/ in case it arrives later"
+    return (f"job {job_id} is not in the inbox, queued or running; the request stays in cancel/{job_id}.json, so a "
+            "job still arriving under that id (a copy in progress, or one another machine wrote that this one does "
+            f"not see yet) is cancelled before it starts. If the id was a typo, delete cancel/{job_id}.json")
 
 
 def _cancel_queued(share: Share, path: Path, key: states.QueueKey, me: str, clock: Clock) -> str:

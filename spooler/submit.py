@@ -40,6 +40,10 @@ def drop(share: Share, job_file: Path) -> str:
     if share.result_dir(spec.id).exists():
         raise SubmitError(f"id {spec.id!r} is already used (results/{spec.id}/ exists); ids are never reused, "
                           "so set a new \"id\" in the job file")
+    if share.cancel_file(spec.id).exists():  # the worker would cancel it before it starts
+        raise SubmitError(f"a cancel request for id {spec.id!r} waits in cancel/{spec.id}.json (a `loraspool cancel "
+                          f"{spec.id}` before the job arrived), so this job would be cancelled before it starts; if "
+                          f"that request was a mistake delete cancel/{spec.id}.json, else set a new \"id\"")
     dest = share.inbox / f"{spec.id}.json"
     if dest.exists():
         raise SubmitError(f"inbox/{dest.name} is already waiting to be taken; set a new \"id\" in the job file")

@@ -64,6 +64,21 @@ def test_submit_refuses_a_used_id(share: Share, tmp_path: Path) -> None:
     assert out.returncode == 2 and "already used" in out.stderr
 
 
+def test_submit_refuses_an_id_a_pending_cancel_would_end(share: Share, tmp_path: Path) -> None:
+    """A cancel for an id no job has yet stays for a job still arriving, so a later submit under that id (a typo
+    in the cancel, an id used again) would end cancelled before it starts: submit says so and drops nothing."""
+    said = run("cancel", "nosuchjob", "--share", str(share.root))
+    assert said.returncode == 0 and "If the id was a typo, delete cancel/nosuchjob.json" in said.stdout, said
+    job = tmp_path / "nosuchjob.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")
+    assert out.returncode == 2 and "a cancel request for id 'nosuchjob' waits in cancel/nosuchjob.json" in out.stderr
+    assert list(share.inbox.iterdir()) == []
+    share.cancel_file("nosuchjob").unlink()  # the person deletes the mistaken request, as the message says
+    out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")
+    assert out.returncode == 0 and (share.inbox / "nosuchjob.json").exists(), out.stderr
+
+
 def test_json_schemas_are_up_to_date() -> None:
     for name, model in RECORDS.items():
         path = DEFAULT_DIR / f"{name}.schema.json"

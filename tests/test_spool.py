@@ -118,7 +118,7 @@ def test_cancel_leaves_a_copy_still_arriving_in_the_inbox(share: Share, procs: P
     whole = json.dumps({"id": "nightly", "kind": "probe"}).encode()
     (share.inbox / "nightly.json").write_bytes(whole[:15])
     said = request_cancel(share, "nightly", SystemClock())
-    assert "not queued or running" in said, said
+    assert "is not in the inbox, queued or running" in said, said
     assert (share.inbox / "nightly.json").exists() and not list(share.results.iterdir())
     (share.inbox / "nightly.json").write_bytes(whole)
     procs.worker(share, "w1")
