@@ -87,6 +87,9 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
     except Rejected:
         raise
     except json.JSONDecodeError as e:
+        if e.pos >= len(text.rstrip()):  # the line and column after the last newline would point at nothing
+            raise Rejected("file", f"not valid JSON: {e.msg} at the end of the file, which stops before the JSON "
+                                   "does (cut short?); copy the whole file again") from None
         raise Rejected("file", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:  # defence in depth; the depth check should have caught it
         raise Rejected("file", "nested too deeply to parse") from None

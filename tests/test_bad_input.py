@@ -19,6 +19,7 @@ GOOD = {"kind": "train", "base_model": "models/tiny", "dataset": "datasets/alpac
 # (file name, bytes, the field the error must name, words it must contain)
 BAD_FILES = [
     ("notjson.json", b"{'kind': 'probe'}", "file", "not valid JSON"),
+    ("cut.json", b'{"kind": "probe", "priority": \n', "file", "at the end of the file, which stops before the JSON"),
     ("latin1.json", '{"kind": "probe", "id": "caf\xe9"}'.encode("latin-1"), "file", "not UTF-8"),
     ("huge.json", b'{"kind": "probe", "pad": "' + b"x" * 300_000 + b'"}', "file", "over the"),
     ("deep.json", b'{"kind": "probe", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "file", "nested 10001 levels"),

@@ -282,6 +282,14 @@ def test_skip_bad_rows_with_no_good_row_left_is_refused(tmp_path: Path, tok: Any
                                "quotes at column 2); each line must be one JSON object")
 
 
+def test_a_line_cut_short_is_named_at_its_own_end(tmp_path: Path, tok: Any) -> None:
+    """The column is the line's own, not column 1 of the next line (json.loads once saw the line end first)."""
+    path = write_jsonl(tmp_path / "cut.jsonl", [GOOD[0], '{"instruction": "broken", "output": ', GOOD[0]])
+    with pytest.raises(Rejected) as e:
+        data.load_splits([path], tok, spec())
+    assert "line 2: not valid JSON (Expecting value at column 37 (the line ends there: cut short?))" in e.value.problem
+
+
 def test_skipped_rows_are_named_when_too_few_remain(tmp_path: Path, tok: Any) -> None:
     path = write_jsonl(tmp_path / "thin.jsonl", ["{not json", GOOD[0], GOOD[0]])
     with pytest.raises(Rejected, match=r"of 3 rows read, 1 malformed \(skipped by training.skip_bad_rows; the "

@@ -166,10 +166,12 @@ def _parse_raw(raw: bytes, number: int, label: str) -> Row | None:
 
 def _parse_line(text: str, number: int, label: str = "") -> Row:
     at = where(label, number)
+    text = text.rstrip("\r\n")  # parsed with its line end, a line cut short would be "wrong" at column 1 of the next
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise Rejected("dataset", f"{at}: not valid JSON ({e.msg} at column {e.colno}); "
+        ends = " (the line ends there: cut short?)" if e.pos >= len(text.rstrip()) else ""
+        raise Rejected("dataset", f"{at}: not valid JSON ({e.msg} at column {e.pos + 1}{ends}); "
                                   "each line must be one JSON object") from e
     except (ValueError, RecursionError) as e:  # an integer of 5000 digits; nesting deeper than Python recurses
         raise Rejected("dataset", f"{at}: not a usable JSON value ({type(e).__name__}: {str(e)[:120]})") from None
