@@ -102,9 +102,19 @@ def render(doc: dict[str, Any]) -> str:
         extra = ""
         if (p := j.get("progress")) and p.get("total_steps"):
             loss = f" loss {p['loss']:.3f}" if p.get("loss") is not None else ""
-            extra = f" step {p['step']}/{p['total_steps']}{loss}"
+            speed = f" {p['tokens_per_second']:,.0f} tok/s" if p.get("tokens_per_second") else ""
+            eta = f" ETA {_duration(p['eta_seconds'])}" if p.get("eta_seconds") is not None else ""
+            extra = f" step {p['step']}/{p['total_steps']}{loss}{speed}{eta}"
         if j.get("error"):
             extra += f" - {j['error']}"
         who = f" on {j['worker']}" if j.get("worker") else ""
         lines.append(f"  {j['id']:<32} {j['state']:<10}{who}{extra}")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """3h05m, 4m10s, 12s: an ETA people read at a glance."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from schemas.heartbeat import Progress
 from schemas.result import Result, Terminal
@@ -137,24 +138,42 @@ class Waiter:
 
 def wait_for(share: Share, job_id: str, clock: Clock, fallback: bool, show: bool = True) -> Result:
     """Wait with a progress bar on stderr; returns the terminal result."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=None, desc=job_id, unit="step", file=sys.stderr, disable=not show, leave=True,
-               bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {postfix}")
+    bar = _bar(job_id, show)
     try:
         for state, progress, result in Waiter(share, job_id, clock, fallback).updates():
-            if result is not None:
-                bar.set_postfix_str(result.status.value)
+            if result is not None:  # progress is written at most once a second: the result has the last step
+                steps = result.metrics.steps if result.metrics is not None else None
+                if steps and result.status is Terminal.succeeded:
+                    bar.total = bar.total or steps
+                    bar.n = bar.total
+                bar.status = result.status.value
+                bar.refresh()
                 return result
             if progress is not None and progress.total_steps:
                 bar.total = progress.total_steps
                 bar.n = progress.step
             loss = f" loss {progress.loss:.3f}" if progress and progress.loss is not None else ""
             phase = f" {progress.phase}" if progress else ""
-            bar.set_postfix_str(f"{state}{phase}{loss}")
+            bar.status = f"{state}{phase}{loss}"
+            bar.refresh()
     finally:
         bar.close()
     raise AssertionError("unreachable")
+
+
+def _bar(job_id: str, show: bool) -> Any:
+    """tqdm with a ``{status}`` field: its own ``{postfix}`` always starts with ", "."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        status = ""
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {**super().format_dict, "status": self.status}
+
+    return Bar(total=None, desc=job_id, unit="step", file=sys.stderr, disable=not show, leave=True,
+               bar_format="{desc} {n_fmt}/{total_fmt} |{bar:20}| {status}")
 
 
 def exit_code(result: Result) -> int:

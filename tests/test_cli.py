@@ -83,3 +83,12 @@ def test_json_schemas_are_up_to_date() -> None:
     for name, model in RECORDS.items():
         path = DEFAULT_DIR / f"{name}.schema.json"
         assert path.read_text() == schema_text(model), f"run: loraspool schema  ({path} is stale)"
+
+
+def test_status_shows_a_running_jobs_speed_and_eta() -> None:
+    """README promises tokens/s and ETA in status, not only in --json."""
+    from spooler.status import render
+
+    doc = {"workers": [], "jobs": [{"id": "j1", "state": "running", "worker": "w1", "progress": {
+        "step": 690, "total_steps": 100000, "loss": 5.8431, "tokens_per_second": 35988.4, "eta_seconds": 11105}}]}
+    assert "j1" in render(doc) and "on w1 step 690/100000 loss 5.843 35,988 tok/s ETA 3h05m" in render(doc)
