@@ -90,7 +90,10 @@ def render(doc: dict[str, Any]) -> str:
     lines = ["WORKERS"]
     if not doc["workers"]:
         lines.append("  (no heartbeats on this share)")
-    for w in doc["workers"]:
+    gone = [w for w in doc["workers"] if w.get("fallback") and w["state"] == "stopped"]
+    if gone:  # a submitter's fallback has its own id each time: once stopped, it is history, in --json
+        lines.append(f"  ({len(gone)} stopped fallback worker{'s' if len(gone) != 1 else ''} not shown; see --json)")
+    for w in (w for w in doc["workers"] if w not in gone):
         mark = "stopped" if w["state"] == "stopped" else "stale" if w["stale"] else "live"
         job = f" job {w['job']}" if w["job"] else ""
         lines.append(f"  {w['id']:<24} {mark:<7} {w['device'] or '?':<4} {w['state'] or '?':<8}{job}"

@@ -199,6 +199,11 @@ def test_submit_falls_back_to_local_cpu_worker(share: Share, procs: Procs, tmp_p
     assert r.fallback and r.device == "cpu" and r.status.value == "succeeded"
     assert r.worker.startswith(socket.gethostname().split(".")[0][:40])
     assert time.monotonic() - t0 < 60
+    # Each fallback has an id of its own: once it stopped it leaves no folder behind, and status hides it.
+    assert not share.running(r.worker).exists() and not share.intake(r.worker).exists()
+    shown = subprocess.run([sys.executable, "-m", "spooler.cli", "status", "--share", str(share.root)],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "(1 stopped fallback worker not shown; see --json)" in shown and r.worker not in shown.split("JOBS")[0]
 
 
 def test_submit_never_falls_back_when_told_not_to(share: Share, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ Broad exceptions are caught only at the loop boundary, with the job id in the lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -192,6 +193,10 @@ class Worker:
         # "stopped" tells observers to requeue our jobs at once. A job whose outcome we still hold must not run
         # again: "stopping" leaves the restart stale_after to deliver it first.
         self.hb.stop(WorkerState.stopping if kept else WorkerState.stopped)
+        if self.cfg.fallback and not kept:  # each fallback has its own id: leave no empty folders behind
+            for folder in (self.share.running(self.id), self.share.intake(self.id)):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: a job file in it stays for a restart or a reaper
         if kept:
             log.warning("worker %s stopped holding the outcome of job(s) %s in %s: start it again to deliver them; "
                         "after stale_after other workers run them again", self.id, ", ".join(kept),
