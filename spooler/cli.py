@@ -27,9 +27,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create a share's layout and settings (idempotent)")
     p.add_argument("share", help="the share's root folder")
-    p.add_argument("--heartbeat-interval", type=float)
-    p.add_argument("--stale-after", type=float)
-    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--heartbeat-interval", type=float, help="seconds between a worker's heartbeats (default 2)")
+    p.add_argument("--stale-after", type=float,
+                   help="seconds without a heartbeat's seq advancing before a worker counts as dead (default 15; "
+                        "at least twice the heartbeat interval)")
+    p.add_argument("--max-attempts", type=int,
+                   help="attempts before a job whose worker or training process died each time fails (default 3)")
     p.add_argument("--file-mode", help='octal mode for files the system writes, e.g. "0664"')
 
     p = sub.add_parser("worker", help="run a worker in the foreground until SIGTERM or SIGINT")
@@ -38,7 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="validate a job file and drop it into the inbox")
     p.add_argument("job", type=Path)
     _share_arg(p)
-    p.add_argument("--wait", action="store_true", help="show progress; exit non-zero unless it succeeded")
+    p.add_argument("--wait", action="store_true",
+                   help="show progress until the job ends; exit non-zero unless it succeeded. Without it, submit "
+                        "returns once the job is dropped, unless no worker is live and --fallback is auto: then it "
+                        "runs the job on a local CPU worker and waits anyway")
     p.add_argument("--fallback", choices=["auto", "never"], default="auto",
                    help="auto: run a local CPU worker when no worker's heartbeat is fresh")
 
@@ -56,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
 
     p = sub.add_parser("demo", help="a whole run on a temp share with a tiny model built on the spot")
-    p.add_argument("--keep", type=Path, help="use this folder as the share and keep it")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--keep", type=Path, help="use this folder as the share (a later demo reuses it); without it, "
+                                             "a new temp folder is made each time and left for you to look at")
+    p.add_argument("--steps", type=int, default=30, help="training steps of the demo job (default 30)")
 
     p = sub.add_parser("schema", help="write the JSON Schemas of every record on the share")
     p.add_argument("--out", type=Path, default=None, help="folder (default: the package's schemas/json)")
@@ -135,7 +142,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     fallback = args.fallback == "auto"
     if not args.wait and not (fallback and not submit.live_workers(share, SystemClock())):
         return 0
-    result = submit.wait_for(share, job_id, SystemClock(), fallback)
+    try:
+        result = submit.wait_for(share, job_id, SystemClock(), fallback)
+    except KeyboardInterrupt:
+        print(f"loraspool submit: stopped waiting. Job {job_id} stays in the spool for a worker to take; "
+              f"`loraspool status` follows it, `loraspool cancel {job_id}` ends it", file=sys.stderr)
+        return 130
     print(result.model_dump_json(indent=2))
     return submit.exit_code(result)
 

@@ -136,7 +136,9 @@ def init_share(root: Path | str, **overrides: float | int | str) -> Share:
     try:
         settings = ShareSettings.model_validate(current)
     except ValidationError as e:
-        raise ShareError(f"bad share settings: {e}") from e
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}"
+                             f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        raise ShareError(f"bad share settings: {problems} (from the flags, or {path})") from e
     share = Share(root, settings)
     if read_model(path, ShareSettings) != settings:
         share.write_json(path, settings)

@@ -96,6 +96,8 @@ def render(doc: dict[str, Any]) -> str:
     for w in (w for w in doc["workers"] if w not in gone):
         mark = "stopped" if w["state"] == "stopped" else "stale" if w["stale"] else "live"
         job = f" job {w['job']}" if w["job"] else ""
+        if mark == "stale" and job:  # its last word, not what it does now: the job may have moved on
+            job = f" (last said:{job})"
         lines.append(f"  {w['id']:<24} {mark:<7} {w['device'] or '?':<4} {w['state'] or '?':<8}{job}"
                      f"  ({w['reason']}; confidence: {w['confidence']})")
     lines.append("JOBS")

@@ -94,6 +94,7 @@ class Waiter:
         self.me = f"submit-{socket.gethostname().split('.')[0]}-{os.getpid()}"
         self.liveness = Liveness(share, clock)
         self.proc: subprocess.Popen | None = None
+        self.warned = False  # told the person that no worker is live (--fallback never)
 
     def start_fallback(self, why: str) -> None:
         if self.proc is None:
@@ -113,6 +114,10 @@ class Waiter:
                 views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)
                 if self.fallback and self.proc is None and not self._any_live(views):
                     self.start_fallback("every worker's heartbeat went stale")
+                elif not self.fallback and not self.warned and not self._any_live(views):
+                    self.warned = True
+                    log.warning("job %s: no worker's heartbeat is fresh, so it waits in the spool until a worker "
+                                "starts (--fallback auto would run it on this machine's CPU)", self.job_id)
                 if self.proc is not None and self.proc.poll() not in (None, 0, 1):
                     raise SubmitError(f"the local fallback worker exited with code {self.proc.returncode}; "
                                       "see its log above")

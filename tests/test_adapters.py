@@ -470,7 +470,7 @@ def test_merge_into_base_equals_adapter_on_base(share: Share, trained: dict) -> 
         merged = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
     assert torch.allclose(adapted, merged, atol=1e-4), float((adapted - merged).abs().max())
     assert registry.read_manifest(share, registry.Ref("support", 3)) == before  # the input is untouched
-    with pytest.raises(Rejected, match="already exists; a merge never replaces a folder") as e:
+    with pytest.raises(Rejected, match="'models/merged/support-v3' already exists; a merge never replaces") as e:
         run(share, JobSpec(id="m-base-2", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
     assert e.value.field == "merge.output"
     _merged_models_are_listed(share, record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -213,6 +214,27 @@ def test_submit_never_falls_back_when_told_not_to(share: Share, tmp_path: Path) 
                           "--fallback", "never"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "nofb"
     assert (share.inbox / "nofb.json").exists() and result_of(share, "nofb") is None
+
+
+def test_waiting_with_no_worker_says_so_and_ctrl_c_says_where_the_job_is(share: Share, tmp_path: Path) -> None:
+    """--fallback never with no live worker: the wait says why nothing moves; Ctrl-C leaves the job queued and
+    says how to follow or end it."""
+    job, err = tmp_path / "idle.json", tmp_path / "submit.err"
+    job.write_text(json.dumps({"kind": "probe"}))
+    with open(err, "wb") as f:
+        sub = subprocess.Popen([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(share.root),
+                                "--wait", "--fallback", "never"], stderr=f, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "no worker's heartbeat is fresh, so it waits in the spool" in err.read_text(), 60,
+                 "the no-worker warning", explain=err.read_text)
+        sub.send_signal(signal.SIGINT)
+        assert sub.wait(30) == 130
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+    text = err.read_text()
+    assert "stopped waiting. Job idle stays in the spool" in text and "loraspool cancel idle" in text, text
+    assert "Traceback" not in text, text
 
 
 def test_second_worker_with_the_same_id_refuses_to_start(share: Share, procs: Procs) -> None:

@@ -53,4 +53,6 @@ def run_demo(keep: Path | None, steps: int) -> int:
     if result.status.value == "succeeded":
         print(f"\n{job_id} succeeded on {result.device}: eval loss {m.eval_loss_before:.3f} -> {m.eval_loss_after:.3f}"
               f" in {m.seconds:.1f}s; adapter in {share.root / result.adapter.path}", file=sys.stderr)
+    if keep is None:
+        print(f"the demo share stays in {share.root} for you to look at; delete it when done", file=sys.stderr)
     return submit.exit_code(result)

@@ -115,7 +115,9 @@ def _notes(adapter: Input, dtype: torch.dtype) -> list[str]:
 
 def _refuse_existing(out_dir: Path) -> None:
     if out_dir.exists():
-        raise Rejected("merge.output", f"{out_dir.name!r} already exists; a merge never replaces a folder: name "
+        parts = out_dir.parts  # merge.output is under models/: name it from there, as the person wrote it
+        shown = "/".join(parts[len(parts) - 1 - parts[::-1].index("models"):]) if "models" in parts else out_dir.name
+        raise Rejected("merge.output", f"{shown!r} already exists; a merge never replaces a folder: name "
                                        "another output")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
