@@ -100,6 +100,33 @@ def test_killed_worker_job_resumes_from_its_checkpoint(train_share: Share, procs
         assert abs(history[step] - first[step]) <= 1e-4 * max(1.0, abs(first[step])), (step, history[step])
 
 
+def test_a_training_child_whose_worker_was_killed_checkpoints_and_ends_quietly(train_share: Share,
+                                                                                procs: Procs) -> None:
+    """kill -9 of the worker alone (the child lives on, orphaned): the child sees its parent gone at the next step,
+    checkpoints and ends without a traceback, and the attempt a reaper starts resumes from that checkpoint, not
+    from the last periodic one (here there is none)."""
+    share = train_share
+    w1 = procs.worker(share, "w1")
+    drop(share, "orphan.json", train_job("orphan", steps=1500, batch_size=2, max_length=32,
+                                         checkpoint_every_steps=10_000))
+    wait_for(lambda: progress_step(share, "orphan") >= 50, 180, "training to run a while", explain=procs.tails)
+    children = [c for c in psutil.Process(w1.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    assert len(children) == 1
+    os.kill(w1.pid, 9)
+    killed_at = progress_step(share, "orphan")
+    psutil.wait_procs(children, timeout=60)
+    assert not children[0].is_running(), "the orphaned training child did not end"
+    checkpoints = sorted(share.result_dir("orphan").glob("attempts/a1-w1/checkpoints/step-*"))
+    assert len(checkpoints) == 1, checkpoints
+    saved_at = int(checkpoints[0].name.removeprefix("step-"))
+    assert saved_at >= killed_at
+    assert "Traceback" not in log_of(w1) and "BrokenPipeError" not in log_of(w1), log_of(w1)[-3000:]
+    procs.worker(share, "w2")
+    r = wait_result(share, "orphan", 300)
+    assert r.status.value == "succeeded" and (r.worker, r.attempts) == ("w2", 2), r
+    assert r.resumed_from_step == saved_at
+
+
 def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Share, procs: Procs) -> None:
     share = train_share
     w1 = procs.worker(share, "w1")

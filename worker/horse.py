@@ -63,10 +63,12 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
 
     def should_stop() -> bool:
         nonlocal stop
-        while not stop and conn.poll():
-            stop = conn.recv() == "stop"
-        if os.getppid() != parent_pid:  # the daemon was killed (kill -9): its job will be requeued elsewhere
-            raise SystemExit(3)
+        with contextlib.suppress(EOFError, OSError):  # a pipe the killed daemon closed: its ppid says so below
+            while not stop and conn.poll():
+                stop = conn.recv() == "stop"
+        # The daemon was killed (kill -9): stop as for a shutdown, with a checkpoint, so the attempt that a
+        # reaper starts elsewhere resumes from here, not from the last periodic checkpoint; nobody hears the rest.
+        stop = stop or os.getppid() != parent_pid
         return stop
 
     from spooler.errors import Cancelled, Rejected
@@ -75,18 +77,24 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
     try:
         from worker.train import TrainRequest, run_training
 
-        outcome = run_training(TrainRequest(**request), lambda p: conn.send(("progress", p)), should_stop)
-        conn.send(("done", outcome))
+        def report(progress: Progress) -> None:
+            if progress.phase != "training" and os.getppid() != parent_pid:
+                raise SystemExit(3)  # orphaned outside the steps: no checkpoint to write, and nothing after
+                # training (saving, registering an adapter version) may run for a job another worker takes over
+            _send(conn, ("progress", progress))
+
+        outcome = run_training(TrainRequest(**request), report, should_stop)
+        _send(conn, ("done", outcome))
     except Rejected as e:
-        conn.send(("rejected", e.field, e.problem))
+        _send(conn, ("rejected", e.field, e.problem))
     except Cancelled:
-        conn.send(("cancelled",))
+        _send(conn, ("cancelled",))
     except RanksDied as e:  # DDP ranks killed or crashed: what "died" means for one process
-        conn.send(("died", str(e)))
+        _send(conn, ("died", str(e)))
     except RankFailed as e:  # already described by the rank that raised
-        conn.send(("failed", str(e), e.remote_traceback))
+        _send(conn, ("failed", str(e), e.remote_traceback))
     except BaseException as e:  # the child reports everything; the parent decides
-        conn.send(("failed", _describe(e), traceback.format_exc()))
+        _send(conn, ("failed", _describe(e), traceback.format_exc()))
 
 
 def _describe(e: BaseException) -> str:
@@ -157,7 +165,8 @@ def _recv(conn: Connection) -> tuple | None:
     return None
 
 
-def _send(conn: Connection, msg: str) -> None:
+def _send(conn: Connection, msg: Any) -> None:
+    """A send the other end may no longer hear: the daemon killed (the child's case), or the child gone."""
     with contextlib.suppress(BrokenPipeError, OSError):
         conn.send(msg)
 
