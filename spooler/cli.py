@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                         "runs the job on a local CPU worker and waits anyway")
     p.add_argument("--fallback", choices=["auto", "never"], default="auto",
                    help="auto: run a local CPU worker when no worker's heartbeat is fresh")
+    p.add_argument("--no-check", action="store_true",
+                   help="drop the job even if its base_model or dataset is not on the share (yet)")
 
     p = sub.add_parser("status", help="workers, queued and running jobs, recent results")
     _share_arg(p)
@@ -131,7 +133,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     share = _share(args)
     try:
-        job_id = submit.drop(share, args.job)
+        job_id = submit.drop(share, args.job, check_inputs=not args.no_check)
     except submit.SubmitError as e:
         print(f"loraspool submit: {e}", file=sys.stderr)
         return 2

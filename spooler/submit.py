@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from schemas.heartbeat import Progress
+from schemas.job import JobSpec
 from schemas.result import Result, Terminal
 from spooler import atomic, claim
 from spooler.clock import Clock
+from spooler.errors import Rejected
 from spooler.heartbeat import Liveness, WorkerView, snapshot, watch_briefly
 from spooler.jobfile import parse_spec
+from spooler.paths import resolve_in_share
 from spooler.reaper import reap
 from spooler.share import Share, read_model
 
@@ -33,11 +36,14 @@ class SubmitError(Exception):
     """The job was not submitted; the message says why and what to do."""
 
 
-def drop(share: Share, job_file: Path) -> str:
+def drop(share: Share, job_file: Path, check_inputs: bool = True) -> str:
     """Validate ``job_file`` and place its bytes, unchanged, in the inbox. Returns the job id."""
     data = job_file.read_bytes()
     spec = parse_spec(data, job_file.name, share.settings.max_job_bytes)
     assert spec.id is not None
+    if check_inputs and (problems := input_problems(share, spec)):
+        raise SubmitError(f"{'; '.join(problems)}. Nothing was submitted, so the id {spec.id!r} is still free; fix the "
+                          "path, or pass --no-check if it is still being copied to the share")
     if share.result_dir(spec.id).exists():
         raise SubmitError(f"id {spec.id!r} is already used (results/{spec.id}/ exists); ids are never reused, "
                           "so set a new \"id\" in the job file")
@@ -58,6 +64,25 @@ def drop(share: Share, job_file: Path) -> str:
     os.rename(tmp, dest)
     atomic.fsync_dir(share.inbox)
     return spec.id
+
+
+def input_problems(share: Share, spec: JobSpec) -> list[str]:
+    """The worker would reject the job, burning its id, if its base model or dataset is not on the share: say so
+    now. Judged as this machine sees the share, with the worker's own path rules."""
+    wanted = [("base_model", spec.base_model, "config.json")] if spec.base_model else []
+    wanted += [("dataset", d, None) for d in spec.dataset_files()]
+    problems = []
+    for field, value, inside in wanted:
+        try:
+            path = resolve_in_share(share.root, value, field)
+        except Rejected as e:
+            problems.append(str(e))
+            continue
+        if inside and not (path / inside).is_file():
+            problems.append(f"{field}: {value!r} has no {inside}; point it at the model folder save_pretrained wrote")
+        elif not inside and not path.is_file():
+            problems.append(f"{field}: {value!r} is not a file; name a JSONL file")
+    return problems
 
 
 def find_result(share: Share, job_id: str) -> Result | None:

@@ -79,6 +79,22 @@ def test_submit_refuses_an_id_a_pending_cancel_would_end(share: Share, tmp_path:
     assert out.returncode == 0 and (share.inbox / "nosuchjob.json").exists(), out.stderr
 
 
+def test_submit_checks_the_inputs_are_on_the_share_before_it_uses_the_id(share: Share, tmp_path: Path) -> None:
+    """A missing model or dataset would be rejected by the worker and burn the id: submit says so first."""
+    (share.root / "models" / "m").mkdir()
+    (share.root / "datasets" / "folder").mkdir()
+    job = tmp_path / "early.json"
+    job.write_text(json.dumps({"kind": "train", "base_model": "models/m", "dataset": ["datasets/nope.jsonl",
+                                                                                     "datasets/folder"]}))
+    out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")
+    assert out.returncode == 2 and list(share.inbox.iterdir()) == [], out.stderr
+    for words in ("base_model: 'models/m' has no config.json", "dataset: 'datasets/nope.jsonl' does not exist on "
+                  "the share", "dataset: 'datasets/folder' is not a file", "the id 'early' is still free"):
+        assert words in out.stderr, out.stderr
+    out = run("submit", str(job), "--share", str(share.root), "--fallback", "never", "--no-check")
+    assert out.returncode == 0 and (share.inbox / "early.json").exists(), out.stderr
+
+
 def test_json_schemas_are_up_to_date() -> None:
     for name, model in RECORDS.items():
         path = DEFAULT_DIR / f"{name}.schema.json"
