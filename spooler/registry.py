@@ -634,7 +634,17 @@ def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], repor
     gc takes no lock that a submitter honours, so a job may land after the first look. Once hidden, a version
     or model cannot be loaded by a job that comes later (that job is rejected, naming the field), and the second
     look finds any job that came in between."""
-    hidden = {text: _hide(d) for text, d in asked.items()}
+    hidden: dict[str, Path] = {}
+    for text, doomed in asked.items():
+        try:
+            hidden[text] = _hide(doomed)
+        except OSError as e:  # in use (Windows, SMB: a job has a file in it open). All or none: had its parent
+            for back, folder in hidden.items():  # gone and it stayed, the rules would be broken
+                os.rename(folder, asked[back].folder)
+            for other in asked:
+                report.refused[other] = f"not removed: {text} could not be moved aside, so nothing was"
+            report.refused[text] = f"could not be moved aside ({type(e).__name__}: {e}); try again when no job uses it"
+            return
     late = decide()
     for text, doomed in asked.items():
         if doomed.key in late:

@@ -309,6 +309,8 @@ class _Mount:
         else:
             died = f"rclone mount {self.name} exited with {self.proc.returncode}: {_first_panic(self.log)}"
         _unmount(self.mnt)  # the dead FUSE mount still answers ENOTCONN until it is detached
+        if _mounted(self.mnt):  # start() would take the dead mount for a live one
+            raise RuntimeError(f"{died}; its dead mount {self.mnt} could not be detached")
         self.start()
         return f"{died}; remounted"
 
@@ -362,7 +364,7 @@ def _supervised(mounts: list[_Mount], incidents: list[str]) -> Iterator[None]:
     finally:
         done.set()
         if watcher.is_alive():
-            watcher.join(timeout=START_TIMEOUT + 5)
+            watcher.join()  # a remount under way ends within its own timeouts; stop() must not race it
         for m in started:
             m.stop()
 

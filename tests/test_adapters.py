@@ -447,19 +447,23 @@ def test_merge_into_base_equals_adapter_on_base(share: Share, trained: dict) -> 
 
     before = registry.read_manifest(share, registry.Ref("support", 3))
     base = share.root / "models" / "tiny"
-    (base / "additional_chat_templates").mkdir()  # a named template goes with the tokenizer; a README does not
-    (base / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
-    (base / "README.md").write_text("# tiny")
+    extra = {"additional_chat_templates/tool_use.jinja": "{{ tools }}", "LICENSE": "terms", "modeling_x.py": "",
+             "pytorch_model.bin": "pickle"}  # a named template and the licence go with it; code and pickles do not
+    (base / "additional_chat_templates").mkdir()
+    for name, text in extra.items():
+        (base / name).write_text(text)
     try:
         outcome = run(share, JobSpec(id="m-base", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
     finally:
         shutil.rmtree(base / "additional_chat_templates")
-        (base / "README.md").unlink()
+        for name in list(extra)[1:]:
+            (base / name).unlink()
     assert outcome.ok and outcome.merged_model == "models/merged/support-v3"
     out = share.root / outcome.merged_model
     assert (out / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
+    assert (out / "LICENSE").read_text() == "terms"
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
-    assert not (out / "README.md").exists()
+    assert not (out / "modeling_x.py").exists() and not (out / "pytorch_model.bin").exists()
     record = read_model(out / MANIFEST, MergedModel)
     assert record is not None and record.adapter == "support/v3" and record.max_logit_diff <= record.tolerance
     assert any(n.endswith(".safetensors") for n in record.files) and not list(out.glob("*.bin"))

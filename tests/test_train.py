@@ -603,6 +603,20 @@ def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
     assert e.value.field == "base_model" and "config.json describes a model of" in e.value.problem, e.value.problem
 
 
+def test_pre_quantized_weights_are_not_counted_against_the_config(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A GPTQ, AQLM or bitsandbytes checkpoint packs 2 to 16 values per stored number by its own scheme: with a
+    quantization_config the count is left to its loader, so a real 2-bit model is not refused."""
+    from worker.engine import check_parameters
+
+    folder = tmp_path / "share" / "models" / "q"
+    shutil.copytree(tiny_model_dir, folder)
+    _config_with(intermediate_size=4096)(folder, tmp_path)
+    with pytest.raises(Rejected, match="config.json describes a model of"):
+        check_parameters(folder)
+    _config_with(intermediate_size=4096, quantization_config={"quant_method": "gptq", "bits": 2})(folder, tmp_path)
+    check_parameters(folder)
+
+
 def test_links_inside_the_share_are_fine(tmp_path: Path, tiny_model_dir: Path) -> None:
     root = tmp_path / "share"
     shutil.copytree(tiny_model_dir, root / "blobs")

@@ -145,11 +145,12 @@ def merge_job(share: Share, req: TrainRequest, report: Callable[[Progress], None
     base = check_same_base(inputs, base_dir, registry.base_cache_file(share, base_rel))
     _stop_if(should_stop)
     if spec.into == "base":
-        return _into_base(share, req, inputs[0], base_dir, base)
-    return _combined(share, req, inputs, base_dir, base)
+        return _into_base(share, req, inputs[0], base_dir, base, should_stop)
+    return _combined(share, req, inputs, base_dir, base, should_stop)
 
 
-def _into_base(share: Share, req: TrainRequest, item: Input, base_dir: Path, base) -> AdapterJobOutcome:  # noqa: ANN001
+def _into_base(share: Share, req: TrainRequest, item: Input, base_dir: Path, base,  # noqa: ANN001
+               should_stop: Callable[[], bool]) -> AdapterJobOutcome:
     from schemas.adapter import MANIFEST, MergedModel
     from spooler.share import read_model
     from worker.merge import into_base
@@ -162,7 +163,10 @@ def _into_base(share: Share, req: TrainRequest, item: Input, base_dir: Path, bas
     done = read_model(out_dir / MANIFEST, MergedModel)
     if done is not None and req.job.id is not None and done.job_id == req.job.id:  # requeued after it merged
         return AdapterJobOutcome("merge", True, merged_model=rel, notes=done.notes)
-    record = into_base(item, base_dir, base, out_dir, req.device, share.file_mode, req.job.id)
+    # Checked again just before the model is published: a merge for a job that was cancelled, or whose worker
+    # was killed (another worker takes it over), must not appear under models/.
+    record = into_base(item, base_dir, base, out_dir, req.device, share.file_mode, req.job.id,
+                       before_publish=lambda: _stop_if(should_stop))
     return AdapterJobOutcome("merge", True, merged_model=rel, notes=record.notes)
 
 
@@ -178,7 +182,7 @@ def _check_inside(share: Share, out_dir: Path, field_name: str) -> None:
 
 
 def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Path,
-              base) -> AdapterJobOutcome:  # noqa: ANN001 - BaseIdentity
+              base, should_stop: Callable[[], bool]) -> AdapterJobOutcome:  # noqa: ANN001 - BaseIdentity
     from spooler import registry
     from worker.adapter_verify import folder_target, registered_target, verify
     from worker.merge import combine, merge_info
@@ -198,6 +202,7 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
             return AdapterJobOutcome("merge", False, f"the merged adapter fails verification, so it was not "
                                      f"registered: {failures(staged_report)}", verify=staged_report)
         info = merge_info(spec.combination, weights, spec.density)
+        _stop_if(should_stop)  # never register a version for a job that is ending or taken over
         ref = registry.register_merged(share, name, staged, base, [i.label for i in inputs], info, req.job.id,
                                        [f"{spec.combination} of {', '.join(i.label for i in inputs)} with weights "
                                         f"{weights}"])

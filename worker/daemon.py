@@ -344,9 +344,12 @@ class Worker:
                                            "resumed_from_step": o.resumed_from_step, "registered": o.registered})
         if out.kind == "died" and self.stopping.is_set():  # the stop signal reached the child too
             out = horse.HorseResult("cancelled", error="shutdown")
-        if out.kind == "died" and base.attempts < self.share.settings.max_attempts:
+        if out.kind == "died" and out.stop_reason in ("cancel", "lost"):  # it died while it was being stopped
+            out = horse.HorseResult("cancelled", error=out.stop_reason)
+        if out.kind == "died" and out.killed and base.kind == "train" and self._attempts_left(base):
             # Killed (the kernel's OOM killer, a person) or crashed in native code: not the job's own verdict, and
             # its checkpoints survive. Another attempt resumes from the newest; the last one fails with the cause.
+            # A verify or merge job has no checkpoint: run again, it would most likely die the same way.
             release(self.share, running_file, self.id, self.clock, f"{out.error}; the next attempt resumes from its "
                     "newest checkpoint", count_attempt=True)
             return None
@@ -360,10 +363,13 @@ class Worker:
                         count_attempt=False)
                 return None
             return base.model_copy(update={"status": Terminal.cancelled, "error": "cancelled by a person"})
-        if out.kind == "died":
+        if out.kind == "died" and out.killed and base.kind == "train":
             last = f" (attempt {base.attempts} of {self.share.settings.max_attempts}, none left)"
-            return base.model_copy(update={"status": Terminal.failed, "error": out.error + last})
+            return base.model_copy(update={"status": Terminal.failed, "error": f"{out.error}{last}"})
         return base.model_copy(update={"status": Terminal.failed, "error": out.error})
+
+    def _attempts_left(self, base: Result) -> bool:
+        return (base.attempts or 1) < self.share.settings.max_attempts
 
     def _should_stop(self, running_file: Path, job_id: str) -> str | None:
         self.maintenance()

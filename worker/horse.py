@@ -47,6 +47,8 @@ class HorseResult:
     outcome: Any = None  # worker.train.TrainOutcome when kind == "done"
     field: str | None = None
     error: str | None = None
+    stop_reason: str | None = None  # what the daemon had asked when it ended ("cancel", "lost", "shutdown")
+    killed: bool = False  # "died" by a signal (the OOM killer, a crash in native code), not an exit of its own
 
 
 def _child(request: dict[str, Any], conn: Connection) -> None:
@@ -58,43 +60,61 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or SIGTERM is the daemon's to handle, then ours
     if hasattr(signal, "SIGTERM"):  # via "stop" (systemd sends SIGTERM to the whole group)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    stop = False
-    parent_pid = os.getppid()
-
-    def should_stop() -> bool:
-        nonlocal stop
-        with contextlib.suppress(EOFError, OSError):  # a pipe the killed daemon closed: its ppid says so below
-            while not stop and conn.poll():
-                stop = conn.recv() == "stop"
-        # The daemon was killed (kill -9): stop as for a shutdown, with a checkpoint, so the attempt that a
-        # reaper starts elsewhere resumes from here, not from the last periodic checkpoint; nobody hears the rest.
-        stop = stop or os.getppid() != parent_pid
-        return stop
-
+    link = _Link(conn)
     from spooler.errors import Cancelled, Rejected
     from worker.ddp import RankFailed, RanksDied
 
     try:
         from worker.train import TrainRequest, run_training
 
-        def report(progress: Progress) -> None:
-            if progress.phase != "training" and os.getppid() != parent_pid:
-                raise SystemExit(3)  # orphaned outside the steps: no checkpoint to write, and nothing after
-                # training (saving, registering an adapter version) may run for a job another worker takes over
-            _send(conn, ("progress", progress))
-
-        outcome = run_training(TrainRequest(**request), report, should_stop)
-        _send(conn, ("done", outcome))
+        outcome = run_training(TrainRequest(**request), link.report, link.should_stop)
+        link.send(("done", outcome))
     except Rejected as e:
-        _send(conn, ("rejected", e.field, e.problem))
+        link.send(("rejected", e.field, e.problem))
     except Cancelled:
-        _send(conn, ("cancelled",))
+        link.send(("cancelled",))
     except RanksDied as e:  # DDP ranks killed or crashed: what "died" means for one process
-        _send(conn, ("died", str(e)))
+        link.send(("died", str(e)))
     except RankFailed as e:  # already described by the rank that raised
-        _send(conn, ("failed", str(e), e.remote_traceback))
+        link.send(("failed", str(e), e.remote_traceback))
     except BaseException as e:  # the child reports everything; the parent decides
-        _send(conn, ("failed", _describe(e), traceback.format_exc()))
+        link.send(("failed", _describe(e), traceback.format_exc()))
+
+
+class _Link:
+    """The child's end of the pipe to the daemon, and what it means when the daemon is gone (kill -9): its job
+    will be requeued elsewhere, so the child stops as for a shutdown, with a checkpoint at the next step, and
+    the attempt a reaper starts resumes from there. Outside the steps it ends at once: nothing after training
+    (saving, registering a version) may run for a job another worker takes over."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.parent_pid = conn, os.getppid()
+        self.stopping = self.orphaned = False
+
+    def gone(self) -> bool:
+        # On Windows the ppid stays the dead parent's: a closed pipe (below) says it there.
+        self.orphaned = self.orphaned or os.getppid() != self.parent_pid
+        return self.orphaned
+
+    def should_stop(self) -> bool:
+        try:
+            while not self.stopping and self.conn.poll():
+                self.stopping = self.conn.recv() == "stop"
+        except (EOFError, OSError):
+            self.orphaned = True
+        self.stopping = self.stopping or self.gone()
+        return self.stopping
+
+    def send(self, msg: tuple) -> None:
+        try:
+            self.conn.send(msg)
+        except OSError:  # BrokenPipeError: nobody is listening any more
+            self.orphaned = True
+
+    def report(self, progress: Progress) -> None:
+        if progress.phase != "training" and self.gone():
+            raise SystemExit(3)
+        self.send(("progress", progress))
 
 
 def _describe(e: BaseException) -> str:
@@ -122,7 +142,9 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
             msg = _recv(parent)
             if msg == _EOF:  # the child is gone without a last word: killed, or crashed in native code
                 proc.join(10)
-                return HorseResult("died", error=_death(proc.exitcode))
+                code = proc.exitcode
+                return HorseResult("died", error=_death(code), stop_reason=stop_reason,
+                                   killed=code is not None and code < 0)
             if msg is not None and msg[0] != "progress":
                 return _final(msg, stop_reason)
             if msg is not None:
@@ -165,8 +187,7 @@ def _recv(conn: Connection) -> tuple | None:
     return None
 
 
-def _send(conn: Connection, msg: Any) -> None:
-    """A send the other end may no longer hear: the daemon killed (the child's case), or the child gone."""
+def _send(conn: Connection, msg: str) -> None:
     with contextlib.suppress(BrokenPipeError, OSError):
         conn.send(msg)
 
@@ -179,8 +200,8 @@ def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
         return HorseResult("rejected", field=msg[1], error=msg[2])
     if kind == "cancelled":
         return HorseResult("cancelled", error=stop_reason)
-    if kind == "died":
-        return HorseResult("died", error=msg[1])
+    if kind == "died":  # DDP ranks killed or crashed
+        return HorseResult("died", error=msg[1], stop_reason=stop_reason, killed=True)
     log.debug("training process traceback:\n%s", msg[2])
     return HorseResult("failed", error=msg[1])
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from spooler.atomic import chmod_tree, fsync_dir, fsync_tree, write_json
 from spooler.clock import iso
 from spooler.errors import Rejected
 from worker.adapter_verify import logits_of, probe_ids
-from worker.modelcache import source_listing
+from worker.modelcache import TEMPLATE_DIR
+from worker.modelguard import PICKLE_SUFFIXES
 from worker.verify import BASE_CONFIG, BASE_INDEX, base_identity, file_entries
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ def _base_dtype(base_dir: Path) -> torch.dtype:
 
 # ── into the base ────────────────────────────────────────────────────────────────────────────────────────
 def into_base(adapter: Input, base_dir: Path, base: BaseIdentity, out_dir: Path, device: str = "cpu",
-              file_mode: int = 0o664, job_id: str | None = None) -> MergedModel:
+              file_mode: int = 0o664, job_id: str | None = None,
+              before_publish: Callable[[], None] | None = None) -> MergedModel:
     """Merge ``adapter`` into the base and save it as the new folder ``out_dir`` (which must not exist)."""
     from peft import PeftModel
 
@@ -95,6 +98,8 @@ def into_base(adapter: Input, base_dir: Path, base: BaseIdentity, out_dir: Path,
                                  "torch."), max_logit_diff=diff, tolerance=tol, notes=_notes(adapter, dtype))
         record.size_bytes = sum(e.size for e in record.files.values())
         write_json(staged / MANIFEST, record, file_mode)
+        if before_publish is not None:
+            before_publish()  # may raise: the staged folder is then removed below
         _publish(staged, out_dir, file_mode)
     finally:
         if staged.exists():  # our own temp folder: never published, nobody else knows it
@@ -123,16 +128,19 @@ def _refuse_existing(out_dir: Path) -> None:
 
 
 def _save_model(model: torch.nn.Module, base_dir: Path, staged: Path) -> None:
-    """The merged weights (safetensors), plus the base's tokenizer files, so the folder is a whole model.
-
-    The files are the ones the model cache copies: tokenizer, chat templates (named ones too), special tokens;
-    never a README, a pickle or a .py the base folder may also hold."""
+    """The merged weights (safetensors), plus the base's other files, so the folder is a whole model: tokenizer,
+    chat templates (named ones in additional_chat_templates/ too), special tokens, and the licence and notice
+    files a derivative must carry. Never its weights or config (the merge writes its own), a pickle, or code."""
     model.save_pretrained(staged)
-    weights = (BASE_CONFIG, BASE_INDEX, "generation_config.json")
-    for name, _, _ in source_listing(base_dir):
-        if name not in weights and not name.endswith(".safetensors"):
-            (staged / name).parent.mkdir(exist_ok=True)
-            shutil.copyfile(base_dir / name, staged / name)
+    skip = (BASE_CONFIG, BASE_INDEX, "generation_config.json", MANIFEST)
+    for path in sorted(base_dir.iterdir()):
+        if (path.is_file() and not path.name.startswith(".") and path.name not in skip
+                and not path.name.endswith((".safetensors", ".py", *PICKLE_SUFFIXES))):
+            shutil.copyfile(path, staged / path.name)
+    templates = base_dir / TEMPLATE_DIR
+    for path in sorted(templates.glob("*.jinja")) if templates.is_dir() else []:
+        (staged / TEMPLATE_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(path, staged / TEMPLATE_DIR / path.name)
 
 
 def _reloaded_diff(staged: Path, ids: torch.Tensor, expected: torch.Tensor, device: str) -> float:

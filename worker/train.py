@@ -77,6 +77,10 @@ def run_training(req: TrainRequest, report: Callable[[Progress], None],
     outcome = (ddp.launch(req, world, report, should_stop) if world > 1
                else train_checked(req, report, should_stop))
     assert outcome is not None  # only DDP ranks other than 0 get None
+    if should_stop():  # cancelled, shut down, or orphaned while verifying: a version is for a job that ends here
+        from spooler.errors import Cancelled
+
+        raise Cancelled("stopped before registering the adapter")
     register(req, outcome)
     return outcome
 
