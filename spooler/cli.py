@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=["auto", "never"], default="auto",
                    help="auto: run a local CPU worker when no worker's heartbeat is fresh")
     p.add_argument("--no-check", action="store_true",
-                   help="drop the job even if its base_model or dataset is not on the share (yet)")
+                   help="drop the job even if its base_model or dataset is not on the share yet (still being "
+                        "copied, or made by a job still queued, such as a merge)")
 
     p = sub.add_parser("status", help="workers, queued and running jobs, recent results")
     _share_arg(p)
