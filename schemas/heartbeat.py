@@ -46,8 +46,9 @@ class Progress(BaseModel):
     phase: str = Field(
         "starting", description="copying (the base model to the local cache), loading, preparing (reading and "
                                 "tokenizing the dataset), eval-before, training, "
-                                "eval-after, saving, verifying; merging for merge jobs. A worker ends a job silent for "
-                                "its stall_minutes in copying, preparing, eval-* or training.")
+                                "eval-after, saving, verifying; merging for merge jobs; finished once the job has "
+                                "its result. A worker ends a job silent for its stall_minutes in copying, preparing, "
+                                "eval-* or training.")
 
 
 class Heartbeat(BaseModel):

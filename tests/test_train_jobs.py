@@ -46,6 +46,8 @@ def test_train_job_end_to_end(train_share: Share, procs: Procs) -> None:
         assert stat.S_IMODE((adapter / name).stat().st_mode) == 0o664, name
     assert any(n.endswith(".safetensors") for n in r.adapter.files)
     assert (share.result_dir("t1") / "job.json").read_bytes() == data
+    last = json.loads((share.result_dir("t1") / "progress.json").read_text())  # not "verifying, step 0"
+    assert (last["phase"], last["step"], last["total_steps"]) == ("finished", 30, 30), last
 
     import torch
     from peft import PeftModel

@@ -296,6 +296,7 @@ class Worker:
             self.stopping.wait(self.share.settings.heartbeat_interval)
             return
         self.outbox.delivered(running_file.name)
+        self._last_progress(key.job_id, result)
         if retry:
             log.info("job %s: the outcome kept locally is delivered [worker %s]", key.job_id, self.id)
         if result.status is Terminal.cancelled:
@@ -396,6 +397,11 @@ class Worker:
         return now - self._missing_since >= 2 * self.share.settings.heartbeat_interval
 
     def _on_progress(self, progress: Progress) -> None:
+        prev = self.hb.progress
+        if prev is not None and prev.job == progress.job and progress.total_steps is None and prev.total_steps:
+            # A phase after training (saving, verifying) reports no step: keep the last one, not "step 0".
+            kept = ("step", "total_steps", "epoch", "loss", "tokens", "padded_tokens")
+            progress = progress.model_copy(update={k: getattr(prev, k) for k in kept})
         self.hb.progress = progress
         now = self.clock.monotonic()
         if now - self._last_progress_write >= PROGRESS_EVERY or progress.phase != self._last_phase:
@@ -407,6 +413,18 @@ class Worker:
                 if not self._progress_failing:  # once per outage, not once a second
                     log.warning("progress of job %s not written: %s [worker %s]", progress.job, e, self.id)
                 self._progress_failing = True
+
+    def _last_progress(self, job_id: str, result: Result) -> None:
+        """progress.json ends as "finished" with the last step, not as whatever phase last reported."""
+        last = self.hb.progress if self.hb.progress is not None and self.hb.progress.job == job_id else None
+        done = (last or Progress(job=job_id)).model_copy(update={"phase": "finished", "eta_seconds": None})
+        if result.metrics is not None and result.metrics.steps:
+            done.step = result.metrics.steps
+        if result.metrics is not None and result.metrics.steps and result.status is Terminal.succeeded:
+            done.total_steps = done.total_steps or result.metrics.steps
+        with contextlib.suppress(OSError):  # best effort: the result is what counts
+            if (self.share.result_dir(job_id) / "progress.json").exists():
+                self.share.write_json(self.share.result_dir(job_id) / "progress.json", done)
 
     # ── helpers ─────────────────────────────────────────────────────────────────────────────────────
     def _pick_device(self, wanted: str) -> str:
