@@ -282,6 +282,11 @@ def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Me
     if (done := registered_by(share, name, str(spec.id))) is not None:
         return done
     assert spec.base_model is not None
+    if spec.parent and read_manifest(share, Ref.parse(spec.parent)) is None:
+        # Registered anyway, it could take the parent's own number and name itself as its parent (a share from
+        # before the registry, or a parent removed by hand): refuse, and say in which order to register.
+        raise RegistryError(f"its parent {spec.parent} is not registered on this share; register the job that "
+                            f"trained {spec.parent} first (loraspool register JOB_ID), then this one")
     dataset = None if data is None else DatasetInfo(files=data.files, sha256=data.sha256,
                                                      train_rows=data.train_rows, eval_rows=data.eval_rows)
     manifest = Manifest(name=name, version="v0", origin="train", job_id=spec.id, created_at=iso(time.time()),

@@ -82,7 +82,21 @@ def input_problems(share: Share, spec: JobSpec) -> list[str]:
             problems.append(f"{field}: {value!r} has no {inside}; point it at the model folder save_pretrained wrote")
         elif not inside and not path.is_file():
             problems.append(f"{field}: {value!r} is not a file; name a JSONL file")
+    problems += _unregistered(share, [("parent", spec.parent)] + [
+        ("merge.adapters", ref) for ref in (spec.merge.adapters if spec.merge else [])])
     return problems
+
+
+def _unregistered(share: Share, refs: list[tuple[str, str | None]]) -> list[str]:
+    """Adapter versions a job names (NAME/vN) that the registry does not hold."""
+    from schemas.job import ref_problem
+    from spooler import registry
+
+    out = []
+    for field, ref in refs:
+        if ref and ref_problem(ref) is None and registry.read_manifest(share, registry.Ref.parse(ref)) is None:
+            out.append(f"{field}: {ref!r} is not registered on this share (loraspool adapters lists what is)")
+    return out
 
 
 def find_result(share: Share, job_id: str) -> Result | None:

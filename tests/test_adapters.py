@@ -193,6 +193,19 @@ def test_a_parent_must_be_registered_and_on_the_same_base(share: Share, trained:
     assert e.value.field == "parent"
 
 
+def test_register_refuses_a_child_whose_parent_is_not_registered(share: Share, trained: dict) -> None:
+    """loraspool register on a share from before the registry, child first: registered anyway it would take the
+    parent's number and name itself as its own parent (then vanish from the tree and pass verify --chain)."""
+    from schemas.result import Metrics
+
+    before = registry.refs(share)
+    spec = JobSpec.model_validate(_job("late-child", parent="support/v99").model_dump())
+    with pytest.raises(registry.RegistryError, match=r"its parent support/v99 is not registered on this share; "
+                                                     r"register the job that trained support/v99 first"):
+        registry.register_trained(share, spec, version(share, "support/v2"), Metrics(), None)
+    assert registry.refs(share) == before
+
+
 def test_a_version_whose_weights_are_a_pickle_is_never_loaded(share: Share, trained: dict) -> None:
     """A registered version whose safetensors someone swapped for adapter_model.bin: peft would unpickle it.
     As a parent or a merge input it is refused, naming the field; the pickle is never opened."""

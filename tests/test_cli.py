@@ -84,12 +84,13 @@ def test_submit_checks_the_inputs_are_on_the_share_before_it_uses_the_id(share: 
     (share.root / "models" / "m").mkdir()
     (share.root / "datasets" / "folder").mkdir()
     job = tmp_path / "early.json"
-    job.write_text(json.dumps({"kind": "train", "base_model": "models/m", "dataset": ["datasets/nope.jsonl",
-                                                                                     "datasets/folder"]}))
+    job.write_text(json.dumps({"kind": "train", "base_model": "models/m", "parent": "support/v77",
+                               "dataset": ["datasets/nope.jsonl", "datasets/folder"]}))
     out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")
     assert out.returncode == 2 and list(share.inbox.iterdir()) == [], out.stderr
     for words in ("base_model: 'models/m' has no config.json", "dataset: 'datasets/nope.jsonl' does not exist on "
-                  "the share", "dataset: 'datasets/folder' is not a file", "the id 'early' is still free"):
+                  "the share", "dataset: 'datasets/folder' is not a file", "the id 'early' is still free",
+                  "parent: 'support/v77' is not registered on this share"):
         assert words in out.stderr, out.stderr
     out = run("submit", str(job), "--share", str(share.root), "--fallback", "never", "--no-check")
     assert out.returncode == 0 and (share.inbox / "early.json").exists(), out.stderr
