@@ -186,11 +186,13 @@ def _verify_one(args: argparse.Namespace) -> int:
     from worker.adapter_verify import folder_target, registered_target, verify
 
     share = _share_or_none(args)
-    options = {"base": args.base, "dataset": args.dataset, "tolerance": args.eval_tolerance, "rehash": args.rehash}
+    base, folder = _on_share(share, args.base), _on_share(share, Path(args.target))
+    dataset = [_on_share(share, d) for d in args.dataset] if args.dataset else None
+    options = {"base": base, "dataset": dataset, "tolerance": args.eval_tolerance, "rehash": args.rehash}
     if share is not None and ADAPTER_REF.match(args.target) and not os.path.isdir(args.target):
         target = registered_target(share, args.target, "adapter", **options)
-    elif os.path.isdir(args.target):
-        target = folder_target(Path(args.target).resolve(), args.target, share, **options)
+    elif folder is not None and folder.is_dir():
+        target = folder_target(folder.resolve(), args.target, share, **options)
     else:
         hint = "" if share is not None else " (to name a registered NAME/VERSION, pass --share)"
         return _fail("verify", f"{args.target!r} is not a folder{hint}")
@@ -202,12 +204,23 @@ def _verify_one(args: argparse.Namespace) -> int:
 def _verify_chain(args: argparse.Namespace) -> int:
     from worker.adapter_verify import verify_chain
 
-    chain = verify_chain(_share(args), args.chain, args.device, args.dataset, args.eval_tolerance, args.rehash)
+    share = _share(args)
+    dataset = [_on_share(share, d) for d in args.dataset] if args.dataset else None
+    chain = verify_chain(share, args.chain, args.device, dataset, args.eval_tolerance, args.rehash)
     text = "\n\n".join(render_report(r) for r in chain.versions)
     text += "\n\n" + "\n".join(f"{c.status.value.upper():4} {c.name}: {c.reason}" for c in chain.links)
     text += f"\n\nchain {chain.name}: {'OK' if chain.ok else 'FAILED'}"
     _print(chain, args.json, text)
     return 0 if chain.ok else 1
+
+
+def _on_share(share: Any, value: Path | None) -> Path | None:
+    """A path as given when it exists from here, else relative to the share when it exists there: README's
+    examples (--dataset datasets/x.jsonl, --base models/y) are share paths, whatever the current folder."""
+    if value is None or share is None or value.is_absolute() or value.exists():
+        return value
+    there = share.root / value
+    return there if there.exists() else value
 
 
 def render_report(report: Any) -> str:

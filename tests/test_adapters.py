@@ -422,6 +422,13 @@ def test_verify_cli_exit_status_and_json(share: Share, trained: dict, tmp_path: 
     assert good.returncode == 0, good.stderr
     assert VerifyReport.model_validate_json(good.stdout).ok
     assert bad.returncode == 1 and "FAIL files" in bad.stdout and "FAILED" in bad.stdout
+    # Share paths, from a current folder that is not the share (README's examples are share paths).
+    rel = str(version(share, "support/v2").relative_to(share.root))
+    assert not Path(rel).exists() and not Path("models/tiny").exists()
+    here = _cli("verify", rel, "--base", "models/tiny", "--dataset", "datasets/alpaca.jsonl", "--share",
+                str(share.root), "--json")
+    assert here.returncode == 0, here.stdout + here.stderr
+    assert {c["name"] for c in json.loads(here.stdout)["checks"]} >= {"eval", "load"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
