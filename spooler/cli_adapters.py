@@ -266,6 +266,19 @@ def cmd_compat(args: argparse.Namespace) -> int:
     return 0 if report.compatible else 1
 
 
+def _as_flags(message: str) -> str:
+    """A merge typed on the command line: name the flags a person used, not the job-file fields they set."""
+    for field, flag in (("merge.output", "--out"), ("register_as", "--name"), ("merge.weights", "--weights"),
+                        ("merge.density", "--density"), ("merge.combination", "--combination")):
+        message = message.replace(field, flag)
+    return message
+
+
+def _located(err: Any) -> str:
+    msg, where = err["msg"].removeprefix("Value error, "), ".".join(str(x) for x in err["loc"])
+    return f"{where}: {msg}" if where and where not in msg else msg
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -282,14 +295,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         job = JobSpec(kind="merge", merge={k: v for k, v in merge.items() if v is not None}, register_as=args.name)
     except ValidationError as e:
-        return _fail("merge", "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+        return _fail("merge", _as_flags("; ".join(_located(err) for err in e.errors())))
     _quiet()
     request = TrainRequest(job=job, model_dir=None, datasets=[], share_root=share.root, out_dir=share.tmp,
                            device=args.device, file_mode=share.file_mode)
     try:
         outcome = merge_job(share, request, lambda _p: None, lambda: False)
     except Rejected as e:
-        return _fail("merge", str(e))
+        return _fail("merge", _as_flags(str(e)))
     doc = {"ok": outcome.ok, "error": outcome.error, "registered": outcome.registered,
            "merged_model": outcome.merged_model, "notes": outcome.notes,
            "verify": outcome.verify.model_dump(mode="json") if outcome.verify else None}

@@ -41,6 +41,9 @@ CONFIG_ENV = "LORASPOOL_CONFIG"
 # Only for a worker that a submitter starts for one job; never a machine's standing setting.
 FLAG_ONLY = ("fallback", "only_job")
 PATH_KEYS = ("share", "cache_dir", "log_file")
+# Settings whose empty value means "none" (as --quiet-hours "" does): an empty variable clears the file's value.
+# Elsewhere an empty variable is taken as unset, as shells and service managers leave them.
+CLEARED_BY_EMPTY = frozenset({"quiet_hours"})
 QUIET = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -243,7 +246,7 @@ def _merge(flags: Mapping[str, Any], env: Mapping[str, str], file: dict[str, Any
     for name in WorkerSettings.model_fields:
         if flags.get(name) is not None:
             values[name], sources[name] = flags[name], f"flag {_flag_name(name)}"
-        elif name in ENV and env.get(ENV[name]):
+        elif name in ENV and (env.get(ENV[name]) or (name in CLEARED_BY_EMPTY and ENV[name] in env)):
             values[name], sources[name] = env[ENV[name]], f"env {ENV[name]}"
         elif name in file:
             value = file[name]

@@ -886,3 +886,11 @@ def test_train_verify_and_merge_jobs_through_a_worker(tmp_path: Path, tiny_model
     bad = wait_result(s, "bad", 60)
     assert bad.status is Terminal.rejected and bad.error.startswith("verify.adapter: 'support/v7' is not registered")
     assert bad.error.endswith("the id 'bad' is used now: drop the fixed job under a new id"), "rejected as it ran"
+
+
+def test_merge_on_the_command_line_names_its_flags_in_errors(share: Share) -> None:
+    """A person who typed --name and --out reads about --name and --out, not register_as and merge.output."""
+    out = _cli("merge", "support/v1", "--into", "base", "--name", "foo", "--share", str(share.root))
+    assert out.returncode != 0 and "--name" in out.stderr and "register_as" not in out.stderr, out.stderr
+    out = _cli("merge", "support/v1", "--into", "base", "--out", "/abs", "--share", str(share.root))
+    assert out.returncode != 0 and "--out" in out.stderr and "merge.output" not in out.stderr, out.stderr

@@ -49,6 +49,14 @@ def test_flags_beat_env_beat_file_beat_defaults(tmp_path: Path) -> None:
     assert src["device"] == "flag --device" and src["watch"] == "default"
 
 
+def test_an_empty_quiet_hours_variable_clears_the_files_window(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'share = "/s"\nquiet_hours = "22:00-07:00"\n')
+    cfg, src = resolve({}, {"LORASPOOL_CONFIG": str(path), "LORASPOOL_QUIET_HOURS": ""})
+    assert cfg.quiet_hours is None and src["quiet_hours"] == "env LORASPOOL_QUIET_HOURS"
+    cfg, _ = resolve({}, {"LORASPOOL_CONFIG": str(path), "LORASPOOL_WORKER_ID": ""})  # others: empty is unset
+    assert cfg.quiet_hours == "22:00-07:00" and cfg.id
+
+
 def test_config_flag_beats_config_env(tmp_path: Path) -> None:
     a, b = tmp_path / "a.toml", tmp_path / "b.toml"
     a.write_text('share = "/a"\n')
