@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from schemas.heartbeat import Progress
+from schemas.heartbeat import Progress, WorkerState
 from schemas.job import JobSpec
 from schemas.result import Result, Terminal
 from spooler import atomic, claim
@@ -134,6 +134,7 @@ class Waiter:
         self.liveness = Liveness(share, clock)
         self.proc: subprocess.Popen | None = None
         self.warned = False  # told the person that no worker is live (--fallback never)
+        self.said_paused = False  # told the person that every live worker is in its quiet hours
 
     def start_fallback(self, why: str) -> None:
         if self.proc is None:
@@ -157,6 +158,7 @@ class Waiter:
                     self.warned = True
                     log.warning("job %s: no worker's heartbeat is fresh, so it waits in the spool until a worker "
                                 "starts (--fallback auto would run it on this machine's CPU)", self.job_id)
+                self._say_if_all_paused(views)
                 if self.proc is not None and self.proc.poll() not in (None, 0, 1):
                     raise SubmitError(f"the local fallback worker exited with code {self.proc.returncode}; "
                                       "see its log above")
@@ -166,6 +168,15 @@ class Waiter:
             if self.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=30)
+
+    def _say_if_all_paused(self, views: dict[str, WorkerView]) -> None:
+        """Live workers in their quiet hours take no new job: say so once, or the wait looks stuck."""
+        live = [v for v in views.values() if not v.stale and v.heartbeat and not v.heartbeat.fallback]
+        if self.said_paused or not live or any(v.heartbeat.state is not WorkerState.paused for v in live):
+            return
+        self.said_paused = True
+        log.warning("job %s: every live worker (%s) is in its quiet hours and takes no new job; it waits until one "
+                    "resumes", self.job_id, ", ".join(sorted(v.id for v in live)))
 
     def _any_live(self, views: dict[str, WorkerView]) -> bool:
         return any(not v.stale and not (v.heartbeat and v.heartbeat.fallback) for v in views.values())

@@ -98,6 +98,12 @@ def test_quiet_hours_take_no_new_jobs_but_accept_and_beat(share: Share, procs: P
     time.sleep(1.0)  # several loops of the worker: none may claim it
     assert list(share.queue.glob("*later*")) and result_of(share, "later") is None
     assert log_of(w).count("in quiet hours") == 1, "one line per change, not one per loop"
+    job = share.root / "tmp" / "w.json"
+    job.write_text('{"kind": "probe"}')
+    waiting = procs.start("submit", str(job), "--share", str(share.root), "--wait", "--fallback", "never",
+                          name="submit")
+    wait_for(lambda: "every live worker (q1) is in its quiet hours" in log_of(waiting), 60,
+             "submit --wait to say why the job waits", explain=lambda: log_of(waiting))
 
 
 def test_two_slots_run_two_jobs_at_once(train_share: Share, procs: Procs) -> None:
