@@ -330,7 +330,8 @@ def model_allowed(settings: WorkerSettings, share_root: Path, model_dir: Path) -
         shown = str(target)
     return (f"{shown!r} is outside the folders this worker takes base models from "
             f"({', '.join(settings.allowed_model_roots)}); move the model into one of them, or add its folder "
-            f"to allowed_model_roots in the worker's loraspool.toml")
+            f"to the worker's allowed_model_roots (loraspool.toml, LORASPOOL_ALLOWED_MODEL_ROOTS or "
+            f"--allowed-model-root; loraspool config show says where it is set)")
 
 
 def gpu_indices(settings: WorkerSettings, gpu_count: int) -> list[int]:

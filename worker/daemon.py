@@ -316,7 +316,7 @@ class Worker:
             model_dir = resolve_in_share(self.share.root, spec.base_model, "base_model") if spec.base_model else None
             datasets = [resolve_in_share(self.share.root, d, "dataset") for d in spec.dataset_files()]
             if model_dir is not None and (problem := model_allowed(self.cfg, self.share.root, model_dir)):
-                raise Rejected("base_model", f"{problem} (this worker's allowed_model_roots)")
+                raise Rejected("base_model", problem)
         except Rejected as e:
             return base.model_copy(update={"status": Terminal.rejected, "error": str(e)})
         out_dir = states.attempt_dir(self.share, key.job_id, key.attempt, self.id)
