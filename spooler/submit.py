@@ -133,7 +133,7 @@ class Waiter:
         self.me = f"submit-{socket.gethostname().split('.')[0]}-{os.getpid()}"
         self.liveness = Liveness(share, clock)
         self.proc: subprocess.Popen | None = None
-        self.warned = False  # told the person that no worker is live (--fallback never)
+        self.said_no_worker = False  # told the person that no worker is live (--fallback never)
         self.said_paused = False  # told the person that every live worker is in its quiet hours
 
     def start_fallback(self, why: str) -> None:
@@ -154,8 +154,8 @@ class Waiter:
                 views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)
                 if self.fallback and self.proc is None and not self._any_live(views):
                     self.start_fallback("every worker's heartbeat went stale")
-                elif not self.fallback and not self.warned and not self._any_live(views):
-                    self.warned = True
+                elif not self.fallback and not self.said_no_worker and not self._any_live(views):
+                    self.said_no_worker = True
                     log.warning("job %s: no worker's heartbeat is fresh, so it waits in the spool until a worker "
                                 "starts (--fallback auto would run it on this machine's CPU)", self.job_id)
                 self._say_if_all_paused(views)

@@ -415,16 +415,20 @@ class Worker:
                 self._progress_failing = True
 
     def _last_progress(self, job_id: str, result: Result) -> None:
-        """progress.json ends as "finished" with the last step, not as whatever phase last reported."""
-        last = self.hb.progress if self.hb.progress is not None and self.hb.progress.job == job_id else None
-        done = (last or Progress(job=job_id)).model_copy(update={"phase": "finished", "eta_seconds": None})
-        if result.metrics is not None and result.metrics.steps:
-            done.step = result.metrics.steps
-        if result.metrics is not None and result.metrics.steps and result.status is Terminal.succeeded:
-            done.total_steps = done.total_steps or result.metrics.steps
+        """progress.json ends as "finished" with the last step, not as whatever phase last reported (it is
+        written at most once a second, and the heartbeat's copy is already cleared)."""
+        path = self.share.result_dir(job_id) / "progress.json"
+        last = read_model(path, Progress)
+        if last is None:  # a probe, or a job that never reported
+            return
+        steps = result.metrics.steps if result.metrics is not None else None
+        update: dict[str, object] = {"phase": "finished", "eta_seconds": None}
+        if steps:
+            update["step"] = steps
+            if result.status is Terminal.succeeded:
+                update["total_steps"] = last.total_steps or steps
         with contextlib.suppress(OSError):  # best effort: the result is what counts
-            if (self.share.result_dir(job_id) / "progress.json").exists():
-                self.share.write_json(self.share.result_dir(job_id) / "progress.json", done)
+            self.share.write_json(path, last.model_copy(update=update))
 
     # ── helpers ─────────────────────────────────────────────────────────────────────────────────────
     def _pick_device(self, wanted: str) -> str:
