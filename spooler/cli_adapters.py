@@ -274,16 +274,11 @@ def _as_flags(message: str) -> str:
     return message
 
 
-def _located(err: Any) -> str:
-    msg, where = err["msg"].removeprefix("Value error, "), ".".join(str(x) for x in err["loc"])
-    return f"{where}: {msg}" if where and where not in msg else msg
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from schemas.job import JobSpec
-    from spooler.errors import Rejected
+    from spooler.errors import Rejected, validation_problems
     from worker.adapter_jobs import merge_job
     from worker.train import TrainRequest
 
@@ -295,7 +290,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         job = JobSpec(kind="merge", merge={k: v for k, v in merge.items() if v is not None}, register_as=args.name)
     except ValidationError as e:
-        return _fail("merge", _as_flags("; ".join(_located(err) for err in e.errors())))
+        return _fail("merge", _as_flags(validation_problems(e.errors())))
     _quiet()
     request = TrainRequest(job=job, model_dir=None, datasets=[], share_root=share.root, out_dir=share.tmp,
                            device=args.device, file_mode=share.file_mode)

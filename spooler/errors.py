@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class Rejected(Exception):  # noqa: N818 - the name is the job state it leads to
     """Bad input: the job ends ``rejected`` with a message that names the field and the problem."""
@@ -18,3 +20,12 @@ class ClaimLost(Exception):  # noqa: N818
 
 class Cancelled(Exception):  # noqa: N818
     """A person asked to cancel the job (``loraspool cancel``); the training loop stops at its next step."""
+
+
+def validation_problems(errors: list[Any]) -> str:
+    """pydantic's ``e.errors()`` as one line a person reads: "where: what", where is not already said."""
+    out = []
+    for err in errors:
+        msg, where = err["msg"].removeprefix("Value error, "), ".".join(str(x) for x in err["loc"])
+        out.append(f"{where}: {msg}" if where and where not in msg else msg)
+    return "; ".join(out)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.settings import ShareSettings
 from spooler import atomic
+from spooler.errors import validation_problems
 
 SETTINGS_FILE = "loraspool.json"
 FOLDERS = ("inbox", "intake", "queue", "running", "results", "cancel", "heartbeats", "tmp", "models", "datasets")
@@ -136,9 +137,7 @@ def init_share(root: Path | str, **overrides: float | int | str) -> Share:
     try:
         settings = ShareSettings.model_validate(current)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}"
-                             f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
-        raise ShareError(f"bad share settings: {problems} (from the flags, or {path})") from e
+        raise ShareError(f"bad share settings: {validation_problems(e.errors())} (from the flags, or {path})") from e
     share = Share(root, settings)
     if read_model(path, ShareSettings) != settings:
         share.write_json(path, settings)
