@@ -96,6 +96,14 @@ class Share:
     def dir_mode(self) -> int:
         return int(self.settings.dir_mode, 8)
 
+    def reachable(self) -> bool:
+        """The settings file is there. A network drive that dropped leaves a bare mount point (or an error) where
+        the share was, and a spool that looks empty then must not be taken for one that is."""
+        try:
+            return (self.root / SETTINGS_FILE).exists()
+        except OSError:
+            return False
+
     def makedirs(self, path: Path) -> Path:
         if not path.is_dir():
             if not (self.root / SETTINGS_FILE).is_file():

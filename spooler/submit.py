@@ -8,6 +8,7 @@ heartbeats: if the worker running the job goes stale, it requeues the job and fa
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -135,6 +136,7 @@ class Waiter:
         self.proc: subprocess.Popen | None = None
         self.said_no_worker = False  # told the person that no worker is live (--fallback never)
         self.said_paused = False  # told the person that every live worker is in its quiet hours
+        self.unreachable_since: float | None = None  # our monotonic time when the share stopped answering
 
     def start_fallback(self, why: str) -> None:
         if self.proc is None:
@@ -143,31 +145,60 @@ class Waiter:
 
     def updates(self, poll: float = 0.5) -> Iterator[tuple[str, Progress | None, Result | None]]:
         """Yields (state line, progress, result) until the result exists; the last item has the result."""
-        if self.fallback and not live_workers(self.share, self.clock):
-            self.start_fallback("no worker's heartbeat is fresh")
         try:
+            with contextlib.suppress(OSError):  # the share just took the job; if it stops answering, _look says so
+                if self.fallback and not live_workers(self.share, self.clock):
+                    self.start_fallback("no worker's heartbeat is fresh")
             while True:
-                result = find_result(self.share, self.job_id)
-                if result is not None:
-                    yield "done", None, result
+                try:
+                    update = self._look()
+                except OSError as e:  # ENOTCONN, EIO...: the job goes on wherever it runs, so the wait does too
+                    update = (self._unreachable(e), None, None)
+                else:
+                    self._reachable()
+                yield update
+                if update[2] is not None:
                     return
-                views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)
-                if self.fallback and self.proc is None and not self._any_live(views):
-                    self.start_fallback("every worker's heartbeat went stale")
-                elif not self.fallback and not self.said_no_worker and not self._any_live(views):
-                    self.said_no_worker = True
-                    log.warning("job %s: no worker's heartbeat is fresh, so it waits in the spool until a worker "
-                                "starts (--fallback auto would run it on this machine's CPU)", self.job_id)
-                self._say_if_all_paused(views)
-                if self.proc is not None and self.proc.poll() not in (None, 0, 1):
-                    raise SubmitError(f"the local fallback worker exited with code {self.proc.returncode}; "
-                                      "see its log above")
-                yield self._state(), read_model(self.share.result_dir(self.job_id) / "progress.json", Progress), None
                 self.clock.sleep(poll)
         finally:
             if self.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=30)
+
+    def _look(self) -> tuple[str, Progress | None, Result | None]:
+        """One round: the result if it exists, else reap, fall back if no worker is live, and say where the job is."""
+        if not self.share.reachable():  # a dropped mount shows an empty spool: no worker, no job, no result
+            raise OSError(errno.ENOENT, "no settings file there; is the network drive mounted?", str(self.share.root))
+        result = find_result(self.share, self.job_id)
+        if result is not None:
+            return "done", None, result
+        views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)
+        if self.fallback and self.proc is None and not self._any_live(views):
+            self.start_fallback("every worker's heartbeat went stale")
+        elif not self.fallback and not self.said_no_worker and not self._any_live(views):
+            self.said_no_worker = True
+            log.warning("job %s: no worker's heartbeat is fresh, so it waits in the spool until a worker "
+                        "starts (--fallback auto would run it on this machine's CPU)", self.job_id)
+        self._say_if_all_paused(views)
+        if self.proc is not None and self.proc.poll() not in (None, 0, 1):
+            raise SubmitError(f"the local fallback worker exited with code {self.proc.returncode}; "
+                              "see its log above")
+        return self._state(), read_model(self.share.result_dir(self.job_id) / "progress.json", Progress), None
+
+    def _unreachable(self, e: OSError) -> str:
+        """Say once per outage that the share does not answer. No fallback starts meanwhile: heartbeats that
+        cannot be read are not stale ones."""
+        if self.unreachable_since is None:
+            self.unreachable_since = self.clock.monotonic()
+            log.warning("job %s: the share does not answer (%s); still waiting. The job goes on wherever it runs; "
+                        "check the network drive if this lasts", self.job_id, e)
+        return f"the share does not answer ({e.strerror or e})"
+
+    def _reachable(self) -> None:
+        if self.unreachable_since is not None:
+            log.warning("job %s: the share answers again, after %.0f s", self.job_id,
+                        self.clock.monotonic() - self.unreachable_since)
+            self.unreachable_since = None
 
     def _say_if_all_paused(self, views: dict[str, WorkerView]) -> None:
         """Live workers in their quiet hours take no new job: say so once, or the wait looks stuck."""

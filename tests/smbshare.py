@@ -14,6 +14,7 @@ all down on exit. A mount whose rclone dies is remounted, as a client reconnects
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import pwd
@@ -28,9 +29,10 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 INSTALL_HINT = (
     "run .ci/run (deploy/setup.sh --test installs them as root), or: apt-get install -y samba rclone fuse3"
@@ -48,6 +50,8 @@ RCLONE_MOUNT_OPTIONS += ("--vfs-write-back", "0s")
 START_TIMEOUT = 30.0
 _REMOTE = "LORASPOOLSMB"  # rclone remote name, configured through RCLONE_CONFIG_<NAME>_* variables only
 _PASSWORD = "loraspool-test"
+_DROPPED = (errno.ENOTCONN, errno.ECONNABORTED)  # what a FUSE mount whose rclone died answers
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,16 +68,41 @@ class SmbPair:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join([*self.incidents, *(_tail(p, lines) for p in sorted(self.logs.glob("*.log")))])
 
-    def kill_mount(self, side: str) -> None:
-        """kill -9 one side's rclone, as a dropped SMB session; returns once it is remounted."""
-        seen, proc = len(self.incidents), self.mounts[side].proc
-        assert proc is not None and proc.poll() is None, f"mount {side} is not running"
-        self.mounts[side].killed_on_purpose = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        end = time.monotonic() + START_TIMEOUT + 5
+    def kill_mount(self, side: str, down_for: float = 0.0) -> None:
+        """kill -9 one side's rclone, as a dropped SMB session; returns once it is remounted. For ``down_for``
+        seconds the dead mount answers ENOTCONN, as a share whose server is away does."""
+        seen, mount = len(self.incidents), self.mounts[side]
+        assert mount.proc is not None and mount.proc.poll() is None, f"mount {side} is not running"
+        mount.killed_on_purpose, mount.down_until = True, time.monotonic() + down_for
+        os.killpg(mount.proc.pid, signal.SIGKILL)
+        end = time.monotonic() + down_for + START_TIMEOUT + 5
         while len(self.incidents) == seen and time.monotonic() < end:
             time.sleep(0.05)
         assert len(self.incidents) > seen and self.incidents[-1].endswith("remounted"), self.incidents
+
+
+    def retried(self, step: Callable[[], T]) -> T:
+        """Run one of the test's own steps through a mount, and again if a remount explains its failure.
+
+        Why: the workers under test ride out a dropped mount (they retry), but the test's own copy into an
+        inbox, or its glob of the heartbeats, fails with ENOTCONN (or finds the bare mount point) in the second
+        before the rig remounts, and would fail a test over rclone's panic rather than over the spool. An error
+        that no remount explains is raised at once; so is one that outlasts a remount's timeout.
+        """
+        end = time.monotonic() + START_TIMEOUT + 5
+        while True:
+            seen = len(self.incidents)
+            try:
+                return step()
+            except OSError as e:
+                remounting = e.errno in _DROPPED or len(self.incidents) != seen or not self._up()
+                if not remounting or time.monotonic() > end:
+                    raise
+            while not self._up() and time.monotonic() < end:
+                time.sleep(0.05)
+
+    def _up(self) -> bool:
+        return all(m.proc is not None and m.proc.poll() is None and _mounted(m.mnt) for m in self.mounts.values())
 
 
 def _tool(name: str) -> str | None:
@@ -281,6 +310,7 @@ class _Mount:
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed_on_purpose = False
+        self.down_until = 0.0  # a mount killed on purpose stays dead until then (our monotonic clock)
         self.gave_up = False  # a remount failed: the tests see ENOTCONN from here on, and the incident says why
 
     def start(self) -> None:
@@ -302,7 +332,7 @@ class _Mount:
 
     def revive(self) -> str | None:
         """Remount if rclone has exited; return what happened to it, or None when it is alive."""
-        if self.proc is None or self.proc.poll() is None or self.gave_up:
+        if self.proc is None or self.proc.poll() is None or self.gave_up or time.monotonic() < self.down_until:
             return None
         if self.killed_on_purpose:
             died, self.killed_on_purpose = f"rclone mount {self.name} killed on purpose", False

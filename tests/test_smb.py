@@ -57,10 +57,10 @@ def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs,
     """40 jobs, dropped through both mounts, claimed by a worker on each: every one runs exactly once.
     (Each job costs about three confirm pauses of 0.3 s per worker, so 40 take ~30 s here; 80 timed out in CI.)"""
     a, b = shares
-    wa, wb = _two_workers(a, b, procs)
+    wa, wb = _two_workers(a, b, procs, pair)
     jobs = [f"r{i:03d}" for i in range(40)]
     for i, job_id in enumerate(jobs):  # dropped through both mounts, as from two machines
-        _drop(a if i % 2 else b, job_id)
+        _drop(pair, a if i % 2 else b, job_id)
     wait_for(lambda: all(result_of(a, j) for j in jobs), 240, "40 results", every=0.5,
              explain=lambda: _stuck(a, jobs, procs, pair))
     procs.stop_all()
@@ -73,10 +73,10 @@ def test_a_mount_dropped_mid_race_loses_no_job_and_runs_none_twice(shares: tuple
     """Mount a's SMB client dies (kill -9 of its rclone) while both workers claim, and reconnects a moment later:
     worker on-a sees ENOTCONN mid-rename, mid-write and mid-poll. No job is lost, none runs twice."""
     a, b = shares
-    wa, wb = _two_workers(a, b, procs)
+    wa, wb = _two_workers(a, b, procs, pair)
     jobs = [f"k{i:03d}" for i in range(24)]
     for job_id in jobs:  # all through b, which stays up
-        _drop(b, job_id)
+        _drop(pair, b, job_id)
     wait_for(lambda: sum(result_of(b, j) is not None for j in jobs) >= 6, 120, "6 results before the drop",
              every=0.2, explain=lambda: _stuck(b, jobs, procs, pair))
     pair.kill_mount("a")
@@ -90,17 +90,18 @@ def test_a_mount_dropped_mid_race_loses_no_job_and_runs_none_twice(shares: tuple
     assert after["on-a"] > 0, f"worker on-a took no job once its mount was back: {after}\n{log_of(wa)[-3000:]}"
 
 
-def _two_workers(a: Share, b: Share, procs: Procs) -> tuple[subprocess.Popen, subprocess.Popen]:
+def _two_workers(a: Share, b: Share, procs: Procs, pair: SmbPair) -> tuple[subprocess.Popen, subprocess.Popen]:
     wa, wb = procs.worker(a, "on-a"), procs.worker(b, "on-b")
-    wait_for(lambda: len(list(a.heartbeats.glob("on-*.json"))) == 2, 60, "both heartbeats")
+    wait_for(lambda: pair.retried(lambda: len(list(a.heartbeats.glob("on-*.json")))) == 2, 60, "both heartbeats")
     return wa, wb
 
 
-def _drop(side: Share, job_id: str) -> None:
-    """Drop a probe job as a person's copy does: a hidden temp file, then a rename into the inbox."""
+def _drop(pair: SmbPair, side: Share, job_id: str) -> None:
+    """Drop a probe job as a person's copy does: a hidden temp file, then a rename into the inbox. Each step is
+    tried again across a remount (a rename that failed with ENOTCONN yet happened leaves no temp file)."""
     tmp = side.inbox / f".{job_id}.tmp"
-    tmp.write_text(json.dumps({"kind": "probe"}))
-    tmp.rename(side.inbox / f"{job_id}.json")
+    pair.retried(lambda: tmp.write_text(json.dumps({"kind": "probe"})))
+    pair.retried(lambda: tmp.exists() and tmp.rename(side.inbox / f"{job_id}.json"))
 
 
 def _assert_each_ran_once(a: Share, b: Share, jobs: list[str], logs: str) -> None:
@@ -142,7 +143,7 @@ def test_drop_train_result_across_mounts(shares: tuple[Share, Share], procs: Pro
     shutil.copytree(tiny_model_dir, b.root / "models" / "tiny")
     write_dataset(b.root / "datasets" / "d.jsonl", "alpaca", rows=40)
     procs.worker(a, "gpu-desk")
-    wait_for(lambda: b.heartbeat_file("gpu-desk").exists(), 60, "the worker's heartbeat through b")
+    wait_for(lambda: pair.retried(b.heartbeat_file("gpu-desk").exists), 60, "the worker's heartbeat through b")
     job = tmp_path / "smbtrain.json"
     job.write_text(json.dumps({"kind": "train", "base_model": "models/tiny", "dataset": "datasets/d.jsonl",
                                "training": {"max_steps": 8, "batch_size": 4, "max_length": 48,
@@ -159,3 +160,38 @@ def test_drop_train_result_across_mounts(shares: tuple[Share, Share], procs: Pro
         import hashlib
 
         assert hashlib.sha256((b.root / r.adapter.path / name).read_bytes()).hexdigest() == digest
+
+
+def test_submit_wait_outlives_its_mount_dropping(shares: tuple[Share, Share], procs: Procs, tiny_model_dir: Path,
+                                                 tmp_path: Path, pair: SmbPair) -> None:
+    """The submitter's mount (b) drops for 3 s while it waits on a job that trains on a: it says the share does
+    not answer, keeps waiting, and prints the result once the mount is back. A spool it cannot read is not an
+    empty one, so no fallback starts meanwhile, though --fallback auto would start one if no worker were live."""
+    from worker.tinymodel import write_dataset
+
+    a, b = shares
+    served = pair.backing / a.root.name  # set up on the server's disk: the test is about b's waiting
+    shutil.copytree(tiny_model_dir, served / "models" / "tiny")
+    write_dataset(served / "datasets" / "d.jsonl", "alpaca", rows=40)
+    procs.worker(a, "gpu-desk")
+    wait_for(lambda: (served / "heartbeats" / "gpu-desk.json").exists(), 60, "the worker's heartbeat")
+    job = tmp_path / "outage.json"
+    job.write_text(json.dumps({"kind": "train", "base_model": "models/tiny", "dataset": "datasets/d.jsonl",
+                               "training": {"max_steps": 20, "batch_size": 4, "max_length": 48}}))
+    submit = subprocess.Popen([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(b.root),
+                               "--wait", "--fallback", "auto"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        wait_for(lambda: (served / "results" / "outage" / "progress.json").exists(), 120, "training to start",
+                 explain=lambda: _stuck(a, ["outage"], procs, pair))
+        pair.kill_mount("b", down_for=3.0)
+        out, err = submit.communicate(timeout=300)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, err[-3000:]
+    assert "outage: the share does not answer" in err and "outage: the share answers again" in err, err[-3000:]
+    assert "local CPU worker" not in err, err[-3000:]
+    r = result_of(a, "outage")
+    assert r.status.value == "succeeded" and r.worker == "gpu-desk" and not r.fallback
+    assert json.loads(out[out.index("{"):])["id"] == "outage"

@@ -14,6 +14,7 @@ import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
+from tests.conftest import wait_for
 from tests.smbshare import SmbPair, incidents_warned, smb_pair, smb_unavailable_reason
 
 pytestmark = [
@@ -399,3 +401,24 @@ def test_mtime_is_set_by_the_writing_client_at_open_and_utime_carries_over(pair:
     os.utime(path, (1_700_000_000.5, 1_700_000_000.5))
     assert os.stat(pair.b / sub / "heartbeat.json").st_mtime == pytest.approx(1_700_000_000.5, abs=1e-3)
     assert os.stat(pair.backing / sub / "heartbeat.json").st_mtime == pytest.approx(1_700_000_000.5, abs=1e-3)
+
+
+def test_a_step_retried_across_a_remount_goes_through_and_other_errors_do_not_wait(pair: SmbPair, sub: str) -> None:
+    """The rig's ``retried``: a test's own write into a dead mount lands once the mount is back; an error that
+    no remount explains (a missing folder, with both mounts up) is raised at once."""
+    killer = threading.Thread(target=pair.kill_mount, args=("a",), kwargs={"down_for": 1.0})
+    killer.start()
+    try:
+        dead = pair.mounts["a"]
+        wait_for(lambda: dead.proc is not None and dead.proc.poll() is not None, 10, "mount a to die")
+        with pytest.raises(OSError) as seen:
+            (pair.a / sub / "first").write_text("lost")
+        assert seen.value.errno == errno.ENOTCONN
+        pair.retried(lambda: (pair.a / sub / "later").write_text("kept"))
+    finally:
+        killer.join()
+    assert (pair.backing / sub / "later").read_text() == "kept"
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        pair.retried(lambda: (pair.a / sub / "no-such-folder" / "x").write_text("x"))
+    assert time.monotonic() - t0 < 5

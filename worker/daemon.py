@@ -31,7 +31,7 @@ from spooler.intake import Intake
 from spooler.jobfile import parse_spec
 from spooler.paths import resolve_in_share
 from spooler.reaper import Reaper, release
-from spooler.share import SETTINGS_FILE, Share, read_model
+from spooler.share import Share, read_model
 from spooler.submit import find_result
 from spooler.watch import FolderWatcher
 from worker import horse
@@ -255,7 +255,7 @@ class Worker:
             log.warning("job %s dropped: %s [worker %s]", key.job_id, e, self.id)
             return
         except OSError as e:
-            if self._share_reachable():  # a share that answers: the error is this job's; report it, do not loop
+            if self.share.reachable():  # a share that answers: the error is this job's; report it, do not loop
                 log.exception("job %s failed on a file error [worker %s]", key.job_id, self.id)
                 result = base.model_copy(update={"error": f"{type(e).__name__}: {e}; see the worker log"})
                 self.deliver(running_file, key, result)
@@ -326,7 +326,7 @@ class Worker:
         t0 = time.monotonic()
         outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id),
                             stall_seconds=60 * self.cfg.stall_minutes or None)
-        if outcome.kind in ("failed", "died") and not self._share_reachable():
+        if outcome.kind in ("failed", "died") and not self.share.reachable():
             # The share went away under the training (its checkpoint or log write failed): not the job's fault.
             # Keep it claimed; it resumes from its last checkpoint when the share is back.
             raise OSError(f"the share went away during the job ({outcome.error})")
@@ -389,7 +389,7 @@ class Worker:
         """True once our running file has been missing for two heartbeat intervals while the share is reachable.
         A share that went away, or a listing cached for a moment, must not kill hours of training."""
         now = self.clock.monotonic()
-        if running_file.exists() or not self._share_reachable():
+        if running_file.exists() or not self.share.reachable():
             self._missing_since = None
             return False
         if self._missing_since is None:
@@ -439,13 +439,6 @@ class Worker:
         import torch  # only on a machine that has an NVIDIA driver
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def _share_reachable(self) -> bool:
-        """The share's settings file is there: a mount that dropped, or a server that went away, hides it."""
-        try:
-            return (self.share.root / SETTINGS_FILE).exists()
-        except OSError:
-            return False
 
     def _caches_models(self) -> bool:
         """A submitter's one-off fallback run reads the base from the share: a laptop's disk is not a cache."""
