@@ -644,17 +644,17 @@ def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], repor
         try:
             hidden[text] = _hide(doomed)
         except OSError as e:  # in use (Windows, SMB: a job has a file in it open). All or none: had its parent
-            for back, folder in hidden.items():  # gone and it stayed, the rules would be broken
-                os.rename(folder, asked[back].folder)
-            for other in asked:
+            for other in asked:  # gone and it stayed, the rules would be broken
                 report.refused[other] = f"not removed: {text} could not be moved aside, so nothing was"
+            for back, folder in hidden.items():
+                _put_back(folder, asked[back], back, report)
             report.refused[text] = f"could not be moved aside ({type(e).__name__}: {e}); try again when no job uses it"
             return
     late = decide()
     for text, doomed in asked.items():
         if doomed.key in late:
-            os.rename(hidden[text], doomed.folder)
             report.refused[text] = f"kept: {late[doomed.key]} (it came while gc ran)"
+            _put_back(hidden[text], doomed, text, report)
             continue
         shutil.rmtree(hidden[text], ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -662,6 +662,17 @@ def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], repor
         log.info("%s %s removed by gc --apply (%d bytes freed)", doomed.kind, text, doomed.size)
         report.freed_bytes += doomed.size
         report.removed.append(text)
+
+
+def _put_back(hidden: Path, doomed: Doomed, text: str, report: GcReport) -> None:
+    """Rename a hidden folder back. If the share refuses (a server gone mid-run), nothing is lost: the refusal
+    says where the folder is and what to type."""
+    try:
+        os.rename(hidden, doomed.folder)
+    except OSError as e:
+        log.error("%s %s stays moved aside at %s: %s", doomed.kind, text, hidden, e)
+        report.refused[text] += (f"; it could not be put back ({type(e).__name__}: {e}) and is at {hidden}: "
+                                 f"rename that folder to {doomed.folder.name} to restore it")
 
 
 def _tree_bytes(folder: Path) -> int:

@@ -756,6 +756,28 @@ def test_a_job_that_lands_while_gc_runs_keeps_its_versions(share: Share, trained
     assert not [p for p in (registry.root(share) / "late").iterdir() if p.name.startswith(".")]
 
 
+def test_gc_removes_none_when_one_cannot_be_moved_aside(share: Share, trained: dict,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """All or none: roll/v1 <- v2, both asked for, and v2 cannot be moved aside (on Windows or SMB a file in it is
+    open). Had v1 gone while v2 stayed, v2 would have lost its parent. gc puts v1 back, the same folder."""
+    _register_copies(share, trained, "roll", [[], ["roll/v1"], []])
+    before = {r: _tree_digest(version(share, r)) for r in ("roll/v1", "roll/v2")}
+    hide = registry._hide
+
+    def in_use_on_v2(doomed: registry.Doomed) -> Path:
+        if doomed.key == "roll/v2":
+            raise PermissionError(13, "The process cannot access the file because it is being used", "model")
+        return hide(doomed)
+
+    monkeypatch.setattr(registry, "_hide", in_use_on_v2)
+    report = registry.gc(share, ["roll/v1", "roll/v2"])
+    assert report.removed == [] and registry.numbers(share, "roll") == [1, 2, 3]
+    assert report.refused["roll/v1"] == "not removed: roll/v2 could not be moved aside, so nothing was"
+    assert report.refused["roll/v2"].startswith("could not be moved aside (PermissionError")
+    assert {r: _tree_digest(version(share, r)) for r in before} == before
+    assert not [p for p in (registry.root(share) / "roll").iterdir() if p.name.startswith(".")]
+
+
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
