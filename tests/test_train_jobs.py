@@ -168,6 +168,30 @@ def test_cancel_running_job(train_share: Share, procs: Procs) -> None:
     assert w.poll() is None
 
 
+def test_a_training_child_that_dies_while_being_cancelled_ends_the_job_cancelled(train_share: Share,
+                                                                                  procs: Procs) -> None:
+    """A person cancels; the child, frozen (SIGSTOP) so it cannot read the "stop", is then killed. That death is
+    the cancel taking effect, not an OOM kill: the job ends cancelled on its first attempt. Taken for an OOM kill,
+    it would be requeued as attempt 2 and only then end, "cancelled before it started"."""
+    share = train_share
+    w = procs.worker(share, "w1")
+    drop(share, "frozen.json", train_job("frozen", steps=LONG, batch_size=2, max_length=32))
+    wait_for(lambda: progress_step(share, "frozen") >= 1, 120, "training to start", explain=procs.tails)
+    child = next(c for c in psutil.Process(w.pid).children() if "spawn_main" in " ".join(c.cmdline()))
+    child.suspend()
+    try:
+        out = subprocess.run([sys.executable, "-m", "spooler.cli", "cancel", "frozen", "--share", str(share.root)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out
+        wait_for(lambda: "stopping the training process: cancel" in log_of(w), 60, "the worker to send stop",
+                 explain=procs.tails)
+    finally:
+        child.kill()
+    r = wait_result(share, "frozen", 60)
+    assert (r.status.value, r.error, r.attempts) == ("cancelled", "cancelled by a person", 1), r
+    assert "resumes from its newest checkpoint" not in log_of(w)
+
+
 def test_submitter_falls_back_when_the_worker_is_killed(train_share: Share, procs: Procs, tmp_path: Path) -> None:
     share = train_share
     w1 = procs.worker(share, "gpu-desk")
