@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # the share dropped, or a folder of it is not what it should be: a sentence, no traceback
+        print(f"loraspool {args.cmd}: {e}; is the share mounted and writable? `loraspool doctor --share SHARE` "
+              "checks it", file=sys.stderr)
+        return 1
 
 
 def _share(args: argparse.Namespace):  # noqa: ANN202 - Share, imported lazily

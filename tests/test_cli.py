@@ -35,6 +35,14 @@ def test_commands_explain_a_missing_share(tmp_path: Path) -> None:
     assert out.returncode == 2 and "loraspool init" in out.stderr
 
 
+def test_a_share_folder_that_cannot_be_read_is_a_sentence_not_a_traceback(share: Share) -> None:
+    (share.root / "running").rmdir()
+    (share.root / "running").write_text("a file where a folder belongs")
+    out = run("status", "--share", str(share.root))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "Not a directory" in out.stderr and "loraspool doctor" in out.stderr, out.stderr
+
+
 def test_ping_and_status(share: Share, procs: Procs) -> None:
     procs.worker(share, "w1")
     wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "a heartbeat")
