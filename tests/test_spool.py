@@ -122,7 +122,8 @@ def test_cancel_leaves_a_copy_still_arriving_in_the_inbox(share: Share, procs: P
     assert (share.inbox / "nightly.json").exists() and not list(share.results.iterdir())
     (share.inbox / "nightly.json").write_bytes(whole)
     procs.worker(share, "w1")
-    assert wait_result(share, "nightly", 30).status.value == "cancelled"
+    r = wait_result(share, "nightly", 30)
+    assert (r.status.value, r.error, r.kind) == ("cancelled", "cancelled before it started", "probe"), r
 
 
 def test_unfinished_conclude_is_completed_on_restart(share: Share, procs: Procs) -> None:

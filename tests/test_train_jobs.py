@@ -172,7 +172,8 @@ def test_a_training_child_that_dies_while_being_cancelled_ends_the_job_cancelled
                                                                                   procs: Procs) -> None:
     """A person cancels; the child, frozen (SIGSTOP) so it cannot read the "stop", is then killed. That death is
     the cancel taking effect, not an OOM kill: the job ends cancelled on its first attempt. Taken for an OOM kill,
-    it would be requeued as attempt 2 and only then end, "cancelled before it started"."""
+    it would be requeued as attempt 2 and only then end, "cancelled before it started" (of kind "train", which the
+    result names even then)."""
     share = train_share
     w = procs.worker(share, "w1")
     drop(share, "frozen.json", train_job("frozen", steps=LONG, batch_size=2, max_length=32))

@@ -305,12 +305,14 @@ class Worker:
                  f": {result.error}" if result.error else "", self.id)
 
     def _run(self, running_file: Path, key: states.QueueKey, base: Result) -> Result | None:
-        if cancel.requested(self.share, key.job_id):
-            return base.model_copy(update={"status": Terminal.cancelled, "error": "cancelled before it started"})
+        unstarted = base.model_copy(update={"status": Terminal.cancelled, "error": "cancelled before it started"})
+        cancelled = cancel.requested(self.share, key.job_id)
         try:
             spec = parse_spec(running_file.read_bytes(), f"{key.job_id}.json", self.share.settings.max_job_bytes)
             spec.id = key.job_id
             base.kind = spec.kind.value
+            if cancelled:  # after the parse, so that the result says what kind of job was cancelled
+                return unstarted.model_copy(update={"kind": base.kind})
             if spec.kind.value == "probe":
                 return base.model_copy(update={"status": Terminal.succeeded, "metrics": Metrics(seconds=0.0)})
             model_dir = resolve_in_share(self.share.root, spec.base_model, "base_model") if spec.base_model else None
@@ -318,7 +320,7 @@ class Worker:
             if model_dir is not None and (problem := model_allowed(self.cfg, self.share.root, model_dir)):
                 raise Rejected("base_model", problem)
         except Rejected as e:
-            return base.model_copy(update={"status": Terminal.rejected, "error": str(e)})
+            return unstarted if cancelled else base.model_copy(update={"status": Terminal.rejected, "error": str(e)})
         out_dir = states.attempt_dir(self.share, key.job_id, key.attempt, self.id)
         request = {"job": spec, "model_dir": model_dir, "datasets": datasets, "share_root": self.share.root,
                    "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode,
