@@ -18,7 +18,7 @@ from spooler import claim, states
 from spooler.clock import Clock, iso
 from spooler.errors import ClaimLost, Rejected
 from spooler.intake import Intake
-from spooler.jobfile import decode, looks_temporary, read_limited
+from spooler.jobfile import decode, looks_temporary, parse_spec, read_limited
 from spooler.share import Share, read_model
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
 def _cancel_queued(share: Share, path: Path, key: states.QueueKey, me: str, clock: Clock) -> str:
     now = iso(clock.wall())
     result = Result(id=key.job_id, status=Terminal.cancelled, error=f"cancelled by a person ({me}) while queued",
-                    attempts=key.attempt - 1, finished_at=now)
+                    attempts=key.attempt - 1, finished_at=now, kind=_kind(share, path, key.job_id))
     try:
         states.conclude(share, path, result)
     except ClaimLost:
@@ -53,6 +53,15 @@ def _cancel_queued(share: Share, path: Path, key: states.QueueKey, me: str, cloc
     file_request(share, key.job_id)
     log.info("job %s cancelled while queued [%s]", key.job_id, me)
     return f"job {key.job_id} cancelled"
+
+
+def _kind(share: Share, path: Path, job_id: str) -> str | None:
+    """The queued job's kind, for the result; None when its file cannot be read (a worker may just have won it)."""
+    limit = share.settings.max_job_bytes
+    try:
+        return parse_spec(read_limited(path, limit), f"{job_id}.json", limit).kind.value
+    except (OSError, Rejected):
+        return None
 
 
 def file_request(share: Share, job_id: str) -> None:
