@@ -350,8 +350,9 @@ def devices_problem(settings: WorkerSettings, gpu_count: int) -> str | None:
     missing = [i for i in settings.devices if i >= gpu_count]
     if not missing:
         return None
-    return (f"devices names GPU {', '.join(map(str, missing))}, but this machine has {gpu_count} "
-            f"(0-{gpu_count - 1}); fix devices in loraspool.toml (nvidia-smi -L lists them)")
+    has = f"{gpu_count} (0-{gpu_count - 1})" if gpu_count else "none that the NVIDIA driver shows"
+    return (f"devices names GPU {', '.join(map(str, missing))}, but this machine has {has}; fix devices in "
+            "loraspool.toml (nvidia-smi -L lists them)")
 
 
 def concurrency(settings: WorkerSettings, gpu_count: int) -> int:

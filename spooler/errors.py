@@ -22,6 +22,11 @@ class Cancelled(Exception):  # noqa: N818
     """A person asked to cancel the job (``loraspool cancel``); the training loop stops at its next step."""
 
 
+class DeviceUnavailable(RuntimeError):
+    """The worker's GPU cannot be used (a driver update broke CUDA under a running worker): no job's fault. The
+    job goes back to the queue, its attempt not counted, and the worker stops rather than fail the next one."""
+
+
 def validation_problems(errors: list[Any]) -> str:
     """pydantic's ``e.errors()`` as one line a person reads: "where: what", where is not already said."""
     out = []

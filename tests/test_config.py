@@ -182,6 +182,7 @@ def test_concurrency_and_devices() -> None:
     assert gpu_indices(settings(devices="0,3"), 2) == [0]
     assert "GPU 3" in (devices_problem(settings(devices="0,3"), 2) or "")
     assert devices_problem(settings(devices="0,1"), 2) is None
+    assert "this machine has none that the NVIDIA driver shows" in (devices_problem(settings(devices="1"), 0) or "")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

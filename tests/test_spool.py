@@ -6,6 +6,8 @@ import collections
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -250,3 +252,18 @@ def test_a_job_the_share_failed_under_mid_intake_is_finished_at_the_next_scan(
     intake.scan()
     assert [key.job_id for key, _ in claim.queued(share)] == ["blip"] and not list(share.intake("w1").iterdir())
     assert not [p for p in share.results.iterdir() if p.name != "blip"]
+
+
+def test_a_worker_told_to_use_cuda_where_there_is_none_takes_no_job(share: Share) -> None:
+    """It would fail every queued job for good (an id is used once), as after a driver update broke CUDA: it
+    refuses to start, saying why, and the job waits for a worker that can run it."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable CUDA GPU")
+    drop(share, "waits.json", {"kind": "probe"})
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "worker", "--share", str(share.root), "--id", "w1",
+                          "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "device cuda was asked for, but torch sees no CUDA GPU" in out.stderr and "--device cpu" in out.stderr
+    assert (share.inbox / "waits.json").exists() and result_of(share, "waits") is None

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from schemas.heartbeat import Progress
 from spooler.share import Share, read_model
@@ -129,7 +130,10 @@ def test_a_training_child_whose_worker_was_killed_checkpoints_and_ends_quietly(t
     assert r.resumed_from_step == saved_at
 
 
-def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Share, procs: Procs) -> None:
+@pytest.mark.parametrize("hangup", [False, True], ids=["SIGTERM", "SIGHUP-to-the-session"])
+def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Share, procs: Procs, hangup: bool) -> None:
+    """SIGTERM to the worker, or SIGHUP to its whole session (the terminal of a foreground worker closed; the
+    training child gets it too, and must leave the stop to the worker)."""
     share = train_share
     w1 = procs.worker(share, "w1")
     # 200 such steps take 1.5 s on 2 cores, and progress is written once a second: the SIGTERM could come after
@@ -137,7 +141,10 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Shar
     drop(share, "graceful.json", train_job("graceful", steps=1500, batch_size=2, max_length=32,
                                            checkpoint_every_steps=10_000))
     wait_for(lambda: progress_step(share, "graceful") >= 20, 180, "training to run a while")
-    w1.send_signal(signal.SIGTERM)
+    if hangup:
+        os.killpg(w1.pid, signal.SIGHUP)
+    else:
+        w1.send_signal(signal.SIGTERM)
     assert w1.wait(120) == 0, log_of(w1)[-2000:]
     checkpoints = sorted(share.result_dir("graceful").glob("attempts/*/checkpoints/step-*"))
     assert len(checkpoints) == 1, "SIGTERM writes exactly one checkpoint before the worker exits"
@@ -259,3 +266,31 @@ def test_a_job_silent_for_stall_minutes_is_ended_and_the_worker_goes_on(train_sh
     assert "no progress for 0.4 min (phase 'preparing')" in r.error and "stall_minutes" in r.error, r.error
     drop(share, "after.json", {"kind": "probe"})
     assert wait_result(share, "after", 60).status.value == "succeeded"
+
+
+def test_a_gpu_that_fails_under_a_running_worker_gives_the_job_back_and_stops_the_worker(
+        train_share: Share, tmp_path: Path) -> None:
+    """A driver update can break CUDA under a worker that started fine: its next job's training process finds
+    no GPU. That is no fault of the job, which goes back to the queue on the same attempt, and the worker stops
+    (exit 1, for its service manager) rather than fail every queued job in turn. In-process, so that the worker's
+    device can be "cuda" on this machine, as it was when the worker started."""
+    import torch
+
+    from spooler import claim
+    from spooler.config import WorkerSettings
+    from worker.daemon import Worker
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable CUDA GPU")
+    share = train_share
+    w = Worker(share, WorkerSettings(share=share.root, id="w1", device="cpu", cache_dir=tmp_path / "cache"))
+    w.device = "cuda"  # what start-up found, before the driver went
+    drop(share, "nogpu.json", train_job("nogpu", steps=4))
+    drop(share, "next.json", train_job("next", steps=4))
+    w.intake.scan()
+    job = claim.next_job(share, "w1", only="nogpu")
+    assert job is not None
+    w.perform(job)
+    queued = {key.job_id: key.attempt for key, _ in claim.queued(share)}
+    assert queued == {"nogpu": 1, "next": 1} and result_of(share, "nogpu") is None
+    assert w.unfit and w.stopping.is_set() and w._exit_code() == 1

@@ -74,6 +74,7 @@ class Worker:
         self.watcher = watcher  # shared by the slots of one machine (worker.slots), or made in bootstrap
         self._owns_watcher = watcher is None
         self.wake: threading.Event | None = None
+        self.unfit = False  # its device failed under it: it stopped taking jobs
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
     def work(self) -> int:
@@ -345,6 +346,14 @@ class Worker:
             return base.model_copy(update={"status": Terminal.succeeded, "metrics": metrics, "adapter": adapter,
                                            "notes": list(o.notes), "data": o.data, "probes": list(o.probes),
                                            "resumed_from_step": o.resumed_from_step, "registered": o.registered})
+        if out.kind == "unfit":
+            log.error("worker %s stops: %s. Job %s goes back to the queue for another worker [worker %s]", self.id,
+                      out.error, base.id, self.id)
+            self.unfit = True
+            self.request_stop("its device failed")
+            release(self.share, running_file, self.id, self.clock, f"its device failed: {out.error}",
+                    count_attempt=False)
+            return None
         if out.kind == "died" and self.stopping.is_set():  # the stop signal reached the child too
             out = horse.HorseResult("cancelled", error="shutdown")
         if out.kind == "died" and out.stop_reason in ("cancel", "lost"):  # it died while it was being stopped
@@ -434,13 +443,23 @@ class Worker:
 
     # ── helpers ─────────────────────────────────────────────────────────────────────────────────────
     def _pick_device(self, wanted: str) -> str:
-        if wanted != "auto":
-            return wanted
-        if self.sampler.gpu_count() == 0:
+        """Checked once, at start: a worker that cannot train on its device must not claim jobs. It would fail
+        every queued job for good (an id is used once), as after a driver update that broke CUDA."""
+        if wanted == "cpu" or (wanted == "auto" and self.sampler.gpu_count() == 0):
             return "cpu"
-        import torch  # only on a machine that has an NVIDIA driver
+        import torch  # only when a GPU is asked for or the NVIDIA driver shows one
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+               "the NVIDIA driver is missing, not loaded, or not the one torch needs: see nvidia-smi")
+        if wanted == "cuda":
+            raise WorkerError(f"device cuda was asked for, but torch sees no CUDA GPU ({why}); fix that, or start the "
+                              "worker with --device cpu")
+        log.warning("worker %s: the NVIDIA driver shows %d GPU(s), but torch cannot use CUDA (%s): this worker trains "
+                    "on its CPU. Fix that, or set device = \"cpu\" to mean it", self.cfg.id, self.sampler.gpu_count(),
+                    why)
+        return "cpu"
 
     def _caches_models(self) -> bool:
         """A submitter's one-off fallback run reads the base from the share: a laptop's disk is not a cache."""
@@ -468,6 +487,8 @@ class Worker:
         return find_result(self.share, self.cfg.only_job) is not None
 
     def _exit_code(self) -> int:
+        if self.unfit:  # not 0: a service manager restarts it, and the start-up check says what is wrong
+            return 1
         if not self.cfg.only_job:
             return 0
         result = find_result(self.share, self.cfg.only_job)
@@ -493,11 +514,13 @@ def run_worker(share: Share, cfg: WorkerSettings, clock: Clock | None = None) ->
 
 
 def install_signal_handlers(request_stop: Callable[[str], None]) -> None:
-    """SIGTERM (systemd) and Ctrl-C both mean the graceful stop; Windows has no SIGTERM (its service stop
-    calls ``request_stop`` itself)."""
+    """SIGTERM (systemd), Ctrl-C and SIGHUP (the terminal or SSH session of a foreground worker closed) all mean
+    the graceful stop; without it a hang-up killed the worker mid-step, and the job lost its attempt. Windows has
+    neither SIGTERM nor SIGHUP (its service stop calls ``request_stop`` itself)."""
     def handler(signum: int, _frame: object) -> None:
         request_stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, handler)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)

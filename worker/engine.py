@@ -28,7 +28,7 @@ from schemas.heartbeat import Progress
 from schemas.job import JobSpec, Quantization, TrainingSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
 from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree
-from spooler.errors import Cancelled, Rejected
+from spooler.errors import Cancelled, DeviceUnavailable, Rejected
 from worker import checkpoint, data, tokencache
 from worker.batching import Batcher
 from worker.fused import lean_activations
@@ -300,8 +300,8 @@ def plan_for(quantization: Quantization, device: str) -> Plan:
                          "trained as plain LoRA in fp32")
         return Plan("cpu", torch.float32, Quantization.none, notes)
     if not torch.cuda.is_available():
-        raise RuntimeError("this worker was told to use cuda, but torch sees no CUDA GPU (driver, or a CPU-only "
-                           "torch build); start the worker with --device cpu or fix the GPU setup")
+        raise DeviceUnavailable("this worker was told to use cuda, but torch sees no CUDA GPU (driver, or a CPU-only "
+                                "torch build); start the worker with --device cpu or fix the GPU setup")
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return Plan("cuda", dtype, quantization, [])
 

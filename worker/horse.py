@@ -43,7 +43,7 @@ TICKING = frozenset({"copying", "preparing", "eval-before", "training", "eval-af
 
 @dataclass
 class HorseResult:
-    kind: str  # "done" | "rejected" | "cancelled" | "failed" | "died"
+    kind: str  # "done" | "rejected" | "cancelled" | "failed" | "died" | "unfit"
     outcome: Any = None  # worker.train.TrainOutcome when kind == "done"
     field: str | None = None
     error: str | None = None
@@ -58,10 +58,11 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # number them as nvidia-smi and NVML do, not fastest-first
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or SIGTERM is the daemon's to handle, then ours
-    if hasattr(signal, "SIGTERM"):  # via "stop" (systemd sends SIGTERM to the whole group)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGHUP"):  # via "stop" (systemd, and a closing terminal, signal the whole group)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     link = _Link(conn)
-    from spooler.errors import Cancelled, Rejected
+    from spooler.errors import Cancelled, DeviceUnavailable, Rejected
     from worker.ddp import RankFailed, RanksDied
 
     try:
@@ -73,6 +74,8 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
         link.send(("rejected", e.field, e.problem))
     except Cancelled:
         link.send(("cancelled",))
+    except DeviceUnavailable as e:
+        link.send(("unfit", str(e)))
     except RanksDied as e:  # DDP ranks killed or crashed: what "died" means for one process
         link.send(("died", str(e)))
     except RankFailed as e:  # already described by the rank that raised
@@ -200,6 +203,8 @@ def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
         return HorseResult("rejected", field=msg[1], error=msg[2])
     if kind == "cancelled":
         return HorseResult("cancelled", error=stop_reason)
+    if kind == "unfit":  # the worker's GPU is gone: the daemon gives the job back and stops
+        return HorseResult("unfit", error=msg[1])
     if kind == "died":  # DDP ranks killed or crashed
         return HorseResult("died", error=msg[1], stop_reason=stop_reason, killed=True)
     log.debug("training process traceback:\n%s", msg[2])
