@@ -119,6 +119,20 @@ def dir_mode_for(file_mode: int) -> int:
     return file_mode | ((file_mode & 0o444) >> 2)
 
 
+def makedirs(path: Path, mode: int) -> Path:
+    """mkdir -p with ``mode`` on every folder it creates, not only the last: mkdir's own mode is cut by the
+    umask, and the share's other users must write in them (adapters/ and adapters/<name>/, datasets/.tokens/)."""
+    created, p = [], Path(path)
+    while not p.is_dir() and p.parent != p:
+        created.append(p)
+        p = p.parent
+    Path(path).mkdir(parents=True, exist_ok=True)
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):  # a share that ignores modes (SMB, FAT) is fine as it is
+            os.chmod(folder, mode)
+    return Path(path)
+
+
 def chmod_tree(folder: Path, file_mode: int) -> None:
     """Give every file ``file_mode`` and every folder the matching mode: safetensors and torch.save write 0600,
     mkdir what the umask allows, and other users of the share must read what a worker wrote."""

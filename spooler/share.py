@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -109,9 +108,7 @@ class Share:
             if not (self.root / SETTINGS_FILE).is_file():
                 # An unmounted share leaves an empty mount point: never build a second share on the local disk.
                 raise ShareUnavailable(f"{self.root} is not reachable (no {SETTINGS_FILE}); is the share mounted?")
-            path.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                os.chmod(path, self.dir_mode)
+            atomic.makedirs(path, self.dir_mode)
         return path
 
     def write_json(self, target: Path, record: BaseModel | dict) -> None:

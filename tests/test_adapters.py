@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -781,6 +782,24 @@ def test_gc_removes_none_when_one_cannot_be_moved_aside(share: Share, trained: d
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_folders_the_workers_made_are_writable_by_the_shares_group(share: Share, trained: dict) -> None:
+    """adapters/, adapters/<name>/ and datasets/.tokens/ came out 0755 under a 022 umask, only the last folder
+    of a mkdir -p having been chmod-ed: a teammate's fallback worker, another account, could not register or
+    cache there. (The workers here inherit pytest's umask; the unit test below sets one.)"""
+    for folder in (registry.root(share), registry.root(share) / "support", share.root / "datasets" / ".tokens"):
+        assert stat.S_IMODE(folder.stat().st_mode) == share.dir_mode, folder
+
+
+def test_share_makedirs_gives_every_folder_it_makes_the_shares_mode(share: Share) -> None:
+    old = os.umask(0o022)
+    try:
+        made = share.makedirs(share.root / "adapters" / "new" / "deeper")
+    finally:
+        os.umask(old)
+    for folder in (made, made.parent, made.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == share.dir_mode == 0o775, folder
 
 
 def test_gc_removes_the_token_cache_only_when_named(share: Share, trained: dict, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import torch
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec, Quantization, TrainingSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
-from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree
+from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree, makedirs
 from spooler.errors import Cancelled, DeviceUnavailable, Rejected
 from worker import checkpoint, data, tokencache
 from worker.batching import Batcher
@@ -74,7 +74,7 @@ def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_
     """Everything after the folder checks. Returns None on DDP ranks other than 0, which write nothing."""
     dist = dist or Dist()
     plan, tokenizer, splits = prepare(req, report, dist.main)
-    _makedirs(req.out_dir, dir_mode_for(req.file_mode))  # the attempt's folder, kept even if it dies
+    makedirs(req.out_dir, dir_mode_for(req.file_mode))  # the attempt's folder, kept even if it dies
     fp = _with_parent(checkpoint.fingerprint(req.job, splits.report.sha256, dist.world), req.job.parent)
     found = checkpoint.latest(req.out_dir.parent.parent, fp)
     _stop_if(should_stop)
@@ -448,14 +448,6 @@ def _note_parent_shape(config: Any, job: JobSpec, plan: Plan) -> None:
 
 
 # ── saving and checking the adapter ──────────────────────────────────────────────────────────────────────
-def _makedirs(path: Path, mode: int) -> None:
-    """mkdir -p, chmod-ing each folder this call creates (mkdir's own mode is cut by the umask)."""
-    missing = [p for p in [path, *path.parents] if not p.exists()]
-    for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)
-        os.chmod(folder, mode)
-
-
 def save_adapter(model: torch.nn.Module, req: TrainRequest, job_id: str,
                  report: Callable[[Progress], None]) -> Path:
     """Write the adapter (safetensors + adapter_config.json) to ``out_dir/adapter``, readable by the share."""

@@ -28,7 +28,7 @@ import torch
 
 from schemas.adapter import MANIFEST, BaseIdentity, Manifest, MergedModel, MergeInfo
 from schemas.job import Quantization
-from spooler.atomic import chmod_tree, fsync_dir, fsync_tree, write_json
+from spooler.atomic import chmod_tree, dir_mode_for, fsync_dir, fsync_tree, makedirs, write_json
 from spooler.clock import iso
 from spooler.errors import Rejected
 from worker.adapter_verify import logits_of, probe_ids
@@ -76,7 +76,7 @@ def into_base(adapter: Input, base_dir: Path, base: BaseIdentity, out_dir: Path,
 
     from worker.engine import load_model
 
-    _refuse_existing(out_dir)
+    _refuse_existing(out_dir, file_mode)
     model = PeftModel.from_pretrained(load_model(base_dir, _plan(device)), str(adapter.folder))
     model.eval()
     ids = probe_ids(model)
@@ -118,13 +118,13 @@ def _notes(adapter: Input, dtype: torch.dtype) -> list[str]:
     return notes
 
 
-def _refuse_existing(out_dir: Path) -> None:
+def _refuse_existing(out_dir: Path, file_mode: int) -> None:
     if out_dir.exists():
         parts = out_dir.parts  # merge.output is under models/: name it from there, as the person wrote it
         shown = "/".join(parts[len(parts) - 1 - parts[::-1].index("models"):]) if "models" in parts else out_dir.name
         raise Rejected("merge.output", f"{shown!r} already exists; a merge never replaces a folder: name "
                                        "another output")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(out_dir.parent, dir_mode_for(file_mode))
 
 
 def _save_model(model: torch.nn.Module, base_dir: Path, staged: Path) -> None:

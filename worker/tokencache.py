@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from spooler.atomic import dir_mode_for, write_bytes
+from spooler.atomic import dir_mode_for, makedirs, write_bytes
 from spooler.share import TOKEN_CACHE
 from worker.data import IGNORE
 
@@ -104,7 +104,7 @@ class TokenCache:
         if not self._new:  # nothing new, or a process that does not write (it keeps nothing)
             return
         try:
-            self.path.parent.mkdir(mode=dir_mode_for(self.file_mode), parents=True, exist_ok=True)
+            makedirs(self.path.parent, dir_mode_for(self.file_mode))
             write_bytes(self.path, self._serialize(), self.file_mode)
         except OSError as e:
             log.warning("tokenized rows not cached at %s: %s: %s (the next job tokenizes them again)", self.path,

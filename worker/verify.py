@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from schemas.adapter import BaseHashCache, BaseIdentity, CachedHash, FileEntry
-from spooler.atomic import write_json
+from spooler.atomic import dir_mode_for, makedirs, write_json
 from spooler.share import read_model
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def base_identity(model_dir: Path, rel_path: str, cache_file: Path | None = None
 def _save_cache(cache_file: Path, record: BaseHashCache, file_mode: int) -> None:
     """Best effort: a cache that cannot be written only costs a rehash next time."""
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(cache_file.parent, dir_mode_for(file_mode))
         write_json(cache_file, record, file_mode)
     except OSError as e:
         log.warning("base hash cache %s not written: %s; the base will be hashed again next time", cache_file, e)
