@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,18 +147,27 @@ def _unit_spec(args: argparse.Namespace):  # noqa: ANN202 - UnitSpec, imported l
     from spooler import service_linux as sl
     from spooler.config import resolve
 
-    flags = {"share": args.share, "id": args.id, "config": args.config, "cache_dir": args.cache_dir,
+    config = _absolute(args.config)  # the service starts in /, and paths in the file are relative to it
+    flags = {"share": args.share, "id": args.id, "config": config, "cache_dir": args.cache_dir,
              "log_file": args.log_file}
     cfg, sources = resolve(flags)
     kept = {k: not sources[k].startswith(("file", "default", "host")) for k in ("cache_dir", "log_file")}
-    cache = cfg.cache_dir if not sources["cache_dir"].startswith("default") else None
+    cache = _absolute(cfg.cache_dir) if not sources["cache_dir"].startswith("default") else None
+    log_file = _absolute(cfg.log_file)
     environment = {}
     if kept["cache_dir"]:
-        environment["LORASPOOL_CACHE_DIR"] = str(cfg.cache_dir)
-    if kept["log_file"] and cfg.log_file is not None:
-        environment["LORASPOOL_LOG_FILE"] = str(cfg.log_file)
-    return sl.UnitSpec(share=Path(cfg.share).absolute(), worker_id=cfg.id, user=args.user or "loraspool",
-                       config=args.config, writable=sl.writable_paths(cache, cfg.log_file), environment=environment)
+        environment["LORASPOOL_CACHE_DIR"] = str(cache)
+    if kept["log_file"] and log_file is not None:
+        environment["LORASPOOL_LOG_FILE"] = str(log_file)
+    return sl.UnitSpec(share=_absolute(cfg.share), worker_id=cfg.id, user=args.user or "loraspool", config=config,
+                       writable=sl.writable_paths(cache, log_file), environment=environment)
+
+
+def _absolute(path: Path | str | None) -> Path | None:
+    """Absolute and without "..": systemd ignores a relative or unnormalized path in ReadWritePaths= and
+    RequiresMountsFor= (so the unit would lose its mount ordering), and the service's working folder is /.
+    Links are kept, not resolved: a mount point is named as the person named it."""
+    return None if path is None else Path(os.path.abspath(path))
 
 
 def _install_linux(spec, unit_dir: Path, enable: bool) -> int:  # noqa: ANN001 - UnitSpec, imported lazily
@@ -167,21 +178,26 @@ def _install_linux(spec, unit_dir: Path, enable: bool) -> int:  # noqa: ANN001 -
             print(f"loraspool service install: {p}", file=sys.stderr)
         return 2
     sl.make_writable(spec)
-    path = sl.write_unit(sl.render(spec), unit_dir)
-    print(f"wrote {path}")
-    checked = sl.verify(path)
+    text = sl.render(spec)
+    with tempfile.TemporaryDirectory() as scratch:  # checked before it is installed: a unit systemd would
+        checked = sl.verify(sl.write_unit(text, Path(scratch)))  # half-ignore never replaces a working one
     if checked is not None and (checked[0] != 0 or checked[1]):
-        print(f"systemd-analyze verify says:\n{checked[1]}", file=sys.stderr)
+        print(f"systemd-analyze verify says:\n{checked[1]}\nnothing was installed", file=sys.stderr)
         return 1
+    path = sl.write_unit(text, unit_dir)
+    print(f"wrote {path}")
     if not enable:
-        print(f"enable it with: systemctl daemon-reload && systemctl enable --now {sl.UNIT_NAME}")
+        print(f"enable it with: systemctl daemon-reload && systemctl enable {sl.UNIT_NAME} && "
+              f"systemctl restart {sl.UNIT_NAME}")
         return 0
-    for step in (("daemon-reload",), ("enable", "--now", sl.UNIT_NAME)):
+    # restart, not enable --now: a worker already running (install run again after a change) must pick up the
+    # new unit. Its SIGTERM checkpoints the job it has and gives it back to the queue.
+    for step in (("daemon-reload",), ("enable", sl.UNIT_NAME), ("restart", sl.UNIT_NAME)):
         code, out = sl.systemctl(*step)
         if code != 0:
             print(f"systemctl {' '.join(step)} failed: {out}; run it by hand once fixed", file=sys.stderr)
             return 1
-    print(f"{sl.UNIT_NAME} enabled and started; follow it with: journalctl -u {sl.UNIT_NAME} -f")
+    print(f"{sl.UNIT_NAME} enabled and (re)started; follow it with: journalctl -u {sl.UNIT_NAME} -f")
     return 0
 
 

@@ -109,7 +109,7 @@ def test_install_status_uninstall_in_a_unit_dir(tmp_path: Path) -> None:
     text = unit.read_text()
     assert f"--share {share} --id desk-1" in text and "User=root" in text
     assert oct(unit.stat().st_mode & 0o777) == "0o644" and not list(units.glob(".*.tmp"))
-    assert "systemctl enable --now" in out.stdout
+    assert f"systemctl restart {sl.UNIT_NAME}" in out.stdout
     status = run_cli("service", "status", *base)
     assert f"unit file: {unit}" in status.stdout
     out = run_cli("service", "uninstall", *base)
@@ -131,6 +131,25 @@ def test_install_gives_the_settings_folders_write_access(tmp_path: Path) -> None
     assert f"Environment=LORASPOOL_CACHE_DIR={tmp_path / 'cache'}" in text  # a flag: the service must be told
     assert "LORASPOOL_LOG_FILE" not in text and f"--config {toml}" in text  # the file: it reads it itself
     assert (tmp_path / "logs").is_dir() and (tmp_path / "cache").is_dir()
+
+
+@needs_analyze
+def test_relative_paths_given_to_install_are_absolute_in_the_unit(tmp_path: Path) -> None:
+    """Run from the folder that holds the config, as a person does: --config cfg/loraspool.toml, and a share
+    named ../share inside it. systemd ignores relative and unnormalized paths in ReadWritePaths= and
+    RequiresMountsFor= (losing the mount ordering), and the service starts in /."""
+    units, cfg, share = tmp_path / "units", tmp_path / "cfg", tmp_path / "share"
+    for folder in (units, cfg, share):
+        folder.mkdir()
+    (cfg / "loraspool.toml").write_text('share = "../share"\ncache_dir = "cache"\nlog_file = "logs/w.log"\n')
+    out = subprocess.run([*real_exe(), "service", "install", "--id", "w", "--user", "root", "--config",
+                          "cfg/loraspool.toml", "--unit-dir", str(units), "--no-enable"], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = (units / sl.UNIT_NAME).read_text()
+    assert f"RequiresMountsFor={share}\n" in text and f"--config {cfg / 'loraspool.toml'}" in text
+    assert f"ReadWritePaths={share} -{cfg / 'cache'} -{cfg / 'logs'}\n" in text
+    assert sl.verify(units / sl.UNIT_NAME) == (0, "")
 
 
 def test_install_refuses_what_would_fail_at_boot(tmp_path: Path) -> None:
