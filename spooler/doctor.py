@@ -115,7 +115,8 @@ def reachable(root: Path) -> Check:
     fstype = filesystem_type(root) or "unknown filesystem"
     if not (root / SETTINGS_FILE).is_file():
         return Check("share reachable", "fail", f"{root} ({fstype}) has no {SETTINGS_FILE}",
-                     f"run: loraspool init {root}")
+                     f"if the share is a network drive, mount it first (this folder is on {fstype}); to make "
+                     f"a new share here: loraspool init {root}")
     return Check("share reachable", "ok", f"{root} ({fstype})")
 
 

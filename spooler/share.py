@@ -40,7 +40,9 @@ class Share:
         root = Path(root)
         path = root / SETTINGS_FILE
         if not path.is_file():
-            raise ShareError(f"{root} is not a loraspool share (no {SETTINGS_FILE}); run: loraspool init {root}")
+            # On a network drive that is not mounted, "init" would build a second share on the local disk.
+            raise ShareError(f"{root} is not a loraspool share (no {SETTINGS_FILE}). If it is on a network drive, "
+                             f"check that the drive is mounted; to make a new share there: loraspool init {root}")
         try:
             settings = ShareSettings.model_validate_json(path.read_bytes())
         except ValidationError as e:

@@ -43,6 +43,17 @@ def test_a_share_folder_that_cannot_be_read_is_a_sentence_not_a_traceback(share:
     assert "Not a directory" in out.stderr and "loraspool doctor" in out.stderr, out.stderr
 
 
+def test_output_into_a_closed_pipe_is_no_error(share: Share) -> None:
+    """`loraspool status | head`: the reader left early. Not "Broken pipe; is the share mounted?", nor a traceback."""
+    for i in range(40):
+        drop(share, f"p{i}.json", {"kind": "probe"})
+    proc = subprocess.Popen([sys.executable, "-m", "spooler.cli", "status", "--share", str(share.root), "--no-wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # type: ignore[union-attr]
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert proc.wait(60) == 1 and err == "", err
+
+
 def test_ping_and_status(share: Share, procs: Procs) -> None:
     procs.worker(share, "w1")
     wait_for(lambda: share.heartbeat_file("w1").exists(), 30, "a heartbeat")
