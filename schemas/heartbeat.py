@@ -67,4 +67,5 @@ class Heartbeat(BaseModel):
     ram_total_bytes: int | None = None
     job: str | None = None
     progress: Progress | None = None
-    version: str = "0"
+    version: str = Field("unknown", description="The loraspool release the worker runs (`loraspool --version`): "
+                                                "which machines an upgrade has reached.")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from spooler import cli_adapters, cli_deploy
+from spooler import __version__, cli_adapters, cli_deploy
 from spooler.clock import SystemClock
 
 GROUPS = (cli_adapters, cli_deploy)  # subcommands kept beside their subject: adapters, deployment
@@ -24,6 +24,7 @@ def _share_arg(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loraspool", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--version", action="version", version=f"loraspool {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("init", help="create a share's layout and settings (idempotent)")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.heartbeat import Heartbeat, Progress, WorkerState
-from spooler import atomic
+from spooler import __version__, atomic
 from spooler.clock import Clock, iso, parse_iso
 from spooler.share import Share, read_model
 
@@ -84,7 +84,7 @@ class HeartbeatWriter:
         record = Heartbeat(worker=self.worker, seq=self.seq, interval=self.share.settings.heartbeat_interval,
                            state=self.state, host=socket.gethostname(), pid=os.getpid(), device=self.device,
                            fallback=self.fallback, written_at=iso(self.clock.wall()), job=self.job,
-                           progress=self.progress, **self.sample())
+                           progress=self.progress, version=__version__, **self.sample())
         self._write_local(record)
         try:
             self.share.write_json(self.share.heartbeat_file(self.worker), record)

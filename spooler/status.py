@@ -37,6 +37,7 @@ def gather(share: Share, clock: Clock, wait: bool = True) -> dict[str, Any]:
             "job": hb.job if hb else None, "seq": hb.seq if hb else None, "fallback": hb.fallback if hb else False,
             "gpus": [g.model_dump() for g in hb.gpus] if hb else [],
             "progress": hb.progress.model_dump() if hb and hb.progress else None,
+            "version": hb.version if hb else None,
         })
     return {"workers": workers, "jobs": _incoming(share) + _queued(share) + _running(share) + _recent(share)}
 
@@ -103,9 +104,12 @@ def render(doc: dict[str, Any]) -> str:
     lines.append("JOBS")
     if not doc["jobs"]:
         lines.append("  (none)")
+    stale = {w["id"] for w in doc["workers"] if w["stale"]}
     for j in doc["jobs"]:
         extra = ""
-        if (p := j.get("progress")) and p.get("total_steps"):
+        if j["state"] == "running" and j.get("worker") in stale:  # its progress and ETA are its last word
+            extra = " - its worker is stale: the job goes back to the queue (or fails, with no attempts left)"
+        elif (p := j.get("progress")) and p.get("total_steps"):
             loss = f" loss {p['loss']:.3f}" if p.get("loss") is not None else ""
             speed = f" {p['tokens_per_second']:,.0f} tok/s" if p.get("tokens_per_second") else ""
             eta = f" ETA {_duration(p['eta_seconds'])}" if p.get("eta_seconds") is not None else ""

@@ -62,6 +62,10 @@ def test_ping_and_status(share: Share, procs: Procs) -> None:
     drop(share, "waiting.json", {"kind": "train", "base_model": "m", "dataset": "d", "priority": -1})
     doc = json.loads(run("status", "--share", str(share.root), "--json").stdout)
     assert [(w["id"], w["stale"], w["device"]) for w in doc["workers"]] == [("w1", False, "cpu")]
+    from spooler import __version__  # which release each machine runs, for an upgrade across machines
+
+    assert doc["workers"][0]["version"] == __version__ != "unknown"
+    assert run("--version").stdout == f"loraspool {__version__}\n"
     assert {j["state"] for j in doc["jobs"]} >= {"succeeded"}
     text = run("status", "--share", str(share.root)).stdout
     assert "w1" in text and "live" in text and "JOBS" in text
@@ -128,3 +132,7 @@ def test_status_shows_a_running_jobs_speed_and_eta() -> None:
     doc = {"workers": [], "jobs": [{"id": "j1", "state": "running", "worker": "w1", "progress": {
         "step": 690, "total_steps": 100000, "loss": 5.8431, "tokens_per_second": 35988.4, "eta_seconds": 11105}}]}
     assert "j1" in render(doc) and "on w1 step 690/100000 loss 5.843 35,988 tok/s ETA 3h05m" in render(doc)
+    dead = {"id": "w1", "stale": True, "state": "busy", "device": "cuda", "job": "j1", "reason": "seq still for 40 s",
+            "confidence": "observed"}
+    shown = render({**doc, "workers": [dead]})  # its ETA is its last word, not a promise
+    assert "ETA" not in shown and "j1" in shown and "its worker is stale: the job goes back to the queue" in shown
