@@ -139,7 +139,8 @@ class ServiceRunner:
 
         try:
             cfg, _ = resolve(self.flags)
-        except ConfigError as e:
+        except ConfigError as e:  # a service has no console: the default log file is the only place to say it
+            setup_logging(False, self.default_log)
             log.error("loraspool service cannot start: %s", e)
             return 2
         setup_logging(False, cfg.log_file or self.default_log, cfg.log_max_bytes, cfg.log_backups)

@@ -271,3 +271,11 @@ def test_a_service_with_bad_settings_exits_2_and_says_why(tmp_path: Path, caplog
     runner = sw.ServiceRunner({"share": str(tmp_path / "gone"), "id": "w", "config": None})
     assert runner.run() == 2
     assert "loraspool init" in caplog.text or "not a loraspool share" in caplog.text
+    # Settings that do not even resolve: no log_file is known, and a service has no console. The default log
+    # file gets it, where the Windows service's own error message ("see its log file") points.
+    bad = tmp_path / "bad.toml"
+    bad.write_text('share = "x"\nnot_a_setting = 1\n')
+    default_log = tmp_path / "logs" / "worker.log"
+    runner = sw.ServiceRunner({"share": None, "id": "w", "config": str(bad)}, default_log=default_log)
+    assert runner.run() == 2
+    assert "cannot start" in default_log.read_text() and "not_a_setting" in default_log.read_text()
