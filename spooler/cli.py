@@ -189,6 +189,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from spooler import submit
 
     share = _share(args)
+    if not submit.live_workers(share, SystemClock()):
+        print(f"loraspool ping: no worker's heartbeat on {share.root} is fresh; waiting {args.timeout:g}s anyway",
+              file=sys.stderr)
     job_id = f"ping-{socket.gethostname().split('.')[0][:20]}-{os.getpid()}-{int(time.time())}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{job_id}.json"
@@ -202,8 +205,11 @@ def cmd_ping(args: argparse.Namespace) -> int:
             print(f"{job_id}: {result.status.value} by worker {result.worker} on {result.host} in {rtt:.3f}s")
             return 0
         time.sleep(0.05)
-    print(f"{job_id}: no worker answered in {args.timeout:g}s; is a worker running? try: loraspool status",
-          file=sys.stderr)
+    from spooler.cancel import request_cancel
+
+    said = request_cancel(share, job_id, SystemClock())  # a probe that runs an hour later answers nobody
+    print(f"{job_id}: no worker answered in {args.timeout:g}s; is a worker running? try: loraspool status "
+          f"(the probe: {said})", file=sys.stderr)
     return 1
 
 

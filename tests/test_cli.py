@@ -71,6 +71,12 @@ def test_ping_and_status(share: Share, procs: Procs) -> None:
     assert "w1" in text and "live" in text and "JOBS" in text
 
 
+def test_ping_without_a_worker_says_so_and_leaves_no_probe_behind(share: Share) -> None:
+    out = run("ping", "--share", str(share.root), "--timeout", "1")
+    assert out.returncode == 1 and "no worker's heartbeat" in out.stderr and "no worker answered" in out.stderr
+    assert list(share.inbox.iterdir()) == [] and "cancelled" in out.stderr, out.stderr
+
+
 def test_submit_refuses_a_bad_job_locally(share: Share, tmp_path: Path) -> None:
     job = tmp_path / "bad.json"
     job.write_text(json.dumps({"kind": "train", "base_model": "m", "dataset": "d", "lora": {"rank": 8}}))
