@@ -134,7 +134,6 @@ def read_model(path: Path, model: type[M]) -> M | None:
 def init_share(root: Path | str, **overrides: float | int | str) -> Share:
     """Create the layout and write the settings. Idempotent: existing settings are kept unless overridden."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     path = root / SETTINGS_FILE
     current: dict = {}
     if path.is_file():
@@ -145,6 +144,7 @@ def init_share(root: Path | str, **overrides: float | int | str) -> Share:
         settings = ShareSettings.model_validate(current)
     except ValidationError as e:
         raise ShareError(f"bad share settings: {validation_problems(e.errors())} (from the flags, or {path})") from e
+    root.mkdir(parents=True, exist_ok=True)  # after the settings are known good: a refused init leaves nothing
     share = Share(root, settings)
     if read_model(path, ShareSettings) != settings:
         share.write_json(path, settings)

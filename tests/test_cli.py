@@ -28,6 +28,8 @@ def test_init_is_idempotent_and_keeps_settings(tmp_path: Path) -> None:
     assert (root / "inbox" / "mine.json").read_text() == '{"kind": "probe"}'
     bad = run("init", str(root), "--stale-after", "1")
     assert bad.returncode == 2 and "at least twice heartbeat_interval" in bad.stderr
+    refused = run("init", str(tmp_path / "new"), "--stale-after", "1")
+    assert refused.returncode == 2 and not (tmp_path / "new").exists()  # a refused init leaves no folder
 
 
 def test_commands_explain_a_missing_share(tmp_path: Path) -> None:
