@@ -107,7 +107,9 @@ def account(user: str | None) -> str | None:
 
 
 def failure_actions(restart_after_s: int = 60) -> dict[str, Any]:
-    """Restart on failure, like the systemd unit's Restart=on-failure: three tries, the count reset daily.
+    """Restart a minute after every failure, like the systemd unit's Restart=on-failure. Three actions are
+    listed because services.msc shows three, but the service controller repeats the last one for every later
+    failure, so a file server that is down for a while at boot is waited out, never given up on.
     (SC_ACTION_RESTART = 1.) Passed to ChangeServiceConfig2(SERVICE_CONFIG_FAILURE_ACTIONS)."""
     ms = restart_after_s * 1000
     return {"ResetPeriod": 86400, "RebootMsg": "", "Command": "", "Actions": [(1, ms), (1, ms), (1, ms)]}
