@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ShareSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are ignored, not refused: every machine on the share reads this file, and one still on an
+    # older release must go on working after a newer one added a setting (Share.open warns of them, and init
+    # keeps them when it rewrites the file).
+    model_config = ConfigDict(extra="ignore")
 
     layout_version: int = 1
     heartbeat_interval: float = Field(2.0, gt=0, le=300, description="Seconds between a worker's heartbeats.")
@@ -32,6 +37,10 @@ class ShareSettings(BaseModel):
     size_plan_gb: float = Field(6.0, gt=0, description="Chains from this size on: consider planning.")
     size_merge_gb: float = Field(9.0, gt=0, description="Chains from this size on: merge recommended.")
     size_critical_gb: float = Field(16.0, gt=0, description="Chains from this size on: critical.")
+    submit_fallback: Literal["auto", "never"] = Field(
+        "auto", description="What `loraspool submit` does when no worker is live, unless its --fallback says: "
+                            "auto runs the job on the submitting machine's CPU, never leaves it queued for a worker "
+                            "(for a planned stop of the GPU worker).")
 
     @field_validator("file_mode", "dir_mode")
     @classmethod

@@ -36,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int,
                    help="attempts before a job whose worker or training process died each time fails (default 3)")
     p.add_argument("--file-mode", help='octal mode for files the system writes, e.g. "0664"')
+    p.add_argument("--submit-fallback", choices=["auto", "never"],
+                   help="what submit does when no worker is live, unless its --fallback says: auto runs the job on "
+                        "the submitting machine's CPU (the default), never leaves it queued (for a planned stop of "
+                        "the GPU worker)")
 
     p = sub.add_parser("worker", help="run a worker in the foreground until SIGTERM or SIGINT")
     cli_deploy.worker_args(p)
@@ -47,8 +51,10 @@ def parser() -> argparse.ArgumentParser:
                    help="show progress until the job ends; exit non-zero unless it succeeded. Without it, submit "
                         "returns once the job is dropped, unless no worker is live and --fallback is auto: then it "
                         "runs the job on a local CPU worker and waits anyway")
-    p.add_argument("--fallback", choices=["auto", "never"], default="auto",
-                   help="auto: run a local CPU worker when no worker's heartbeat is fresh")
+    p.add_argument("--fallback", choices=["auto", "never"],
+                   help="auto: run a local CPU worker when no worker's heartbeat is fresh; never: leave the job "
+                        "queued. Default: the share's submit_fallback (auto unless `loraspool init --submit-fallback`"
+                        " changed it)")
     p.add_argument("--no-check", action="store_true",
                    help="drop the job even if its base_model or dataset is not on the share yet (still being "
                         "copied, or made by a job still queued, such as a merge)")
@@ -120,7 +126,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from spooler.share import init_share
 
     share = init_share(args.share, heartbeat_interval=args.heartbeat_interval, stale_after=args.stale_after,
-                       max_attempts=args.max_attempts, file_mode=args.file_mode)
+                       max_attempts=args.max_attempts, file_mode=args.file_mode,
+                       submit_fallback=args.submit_fallback)
     print(f"share ready at {share.root}: {share.settings.model_dump_json()}")
     return 0
 
@@ -154,7 +161,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"loraspool submit: cannot read {args.job} or write the inbox: {e}", file=sys.stderr)
         return 2
     print(job_id, flush=True)
-    fallback = args.fallback == "auto"
+    fallback = (args.fallback or share.settings.submit_fallback) == "auto"
+    if args.fallback is None and not fallback and not args.wait and not submit.live_workers(share, SystemClock()):
+        print(f"loraspool submit: no worker is live, and the share says submit_fallback = never (a planned stop?): "
+              f"job {job_id} waits in the spool for a worker. --fallback auto runs it here instead", file=sys.stderr)
     if not args.wait and not (fallback and not submit.live_workers(share, SystemClock())):
         return 0
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ValidationError
 from schemas.settings import ShareSettings
 from spooler import atomic
 from spooler.errors import validation_problems
+
+log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "loraspool.json"
 FOLDERS = ("inbox", "intake", "queue", "running", "results", "cancel", "heartbeats", "tmp", "models", "datasets")
@@ -43,10 +46,14 @@ class Share:
             # On a network drive that is not mounted, "init" would build a second share on the local disk.
             raise ShareError(f"{root} is not a loraspool share (no {SETTINGS_FILE}). If it is on a network drive, "
                              f"check that the drive is mounted; to make a new share there: loraspool init {root}")
+        raw = path.read_bytes()
         try:
-            settings = ShareSettings.model_validate_json(path.read_bytes())
+            settings = ShareSettings.model_validate_json(raw)
         except ValidationError as e:
             raise ShareError(f"{path} has bad settings: {e}; fix the file or rerun loraspool init") from e
+        if unknown := sorted(set(json.loads(raw)) - set(ShareSettings.model_fields)):
+            log.warning("%s: settings %s are unknown to this loraspool and ignored (a newer release wrote them, "
+                        "or they are misspelt)", path, ", ".join(unknown))
         return cls(root, settings)
 
     # Folders. Each is one state or one kind of record; share-layout.md explains them.
@@ -146,8 +153,9 @@ def init_share(root: Path | str, **overrides: float | int | str) -> Share:
         raise ShareError(f"bad share settings: {validation_problems(e.errors())} (from the flags, or {path})") from e
     root.mkdir(parents=True, exist_ok=True)  # after the settings are known good: a refused init leaves nothing
     share = Share(root, settings)
-    if read_model(path, ShareSettings) != settings:
-        share.write_json(path, settings)
+    unknown = {k: v for k, v in current.items() if k not in ShareSettings.model_fields}
+    if read_model(path, ShareSettings) != settings:  # a newer release's settings stay in the file
+        share.write_json(path, {**unknown, **settings.model_dump(mode="json")})
     for name in FOLDERS:
         share.makedirs(root / name)
     return share

@@ -32,6 +32,32 @@ def test_init_is_idempotent_and_keeps_settings(tmp_path: Path) -> None:
     assert refused.returncode == 2 and not (tmp_path / "new").exists()  # a refused init leaves no folder
 
 
+def test_a_setting_from_a_newer_release_is_kept_and_does_not_stop_this_one(tmp_path: Path) -> None:
+    """Every machine reads loraspool.json; one still on an older release must go on working after a newer one
+    added a setting (it warns), and its init must not drop that setting when it rewrites the file."""
+    root = tmp_path / "s"
+    assert run("init", str(root)).returncode == 0
+    raw = json.loads((root / "loraspool.json").read_text())
+    (root / "loraspool.json").write_text(json.dumps({**raw, "from_the_future": {"x": 1}}))
+    out = run("status", "--share", str(root), "--no-wait")
+    assert out.returncode == 0 and "from_the_future are unknown to this loraspool and ignored" in out.stderr
+    assert run("init", str(root), "--max-attempts", "5").returncode == 0
+    kept = json.loads((root / "loraspool.json").read_text())
+    assert kept["from_the_future"] == {"x": 1} and kept["max_attempts"] == 5
+
+
+def test_a_share_set_to_submit_fallback_never_keeps_jobs_for_the_worker(tmp_path: Path) -> None:
+    """A planned stop of the GPU worker: submits that do not say --fallback leave their jobs in the spool."""
+    root = tmp_path / "s"
+    assert run("init", str(root), "--submit-fallback", "never").returncode == 0
+    job = tmp_path / "later.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    out = run("submit", str(job), "--share", str(root))
+    assert out.returncode == 0 and out.stdout == "later\n", out.stderr
+    assert "submit_fallback = never" in out.stderr and (root / "inbox" / "later.json").exists()
+    assert not (root / "results" / "later").exists()
+
+
 def test_commands_explain_a_missing_share(tmp_path: Path) -> None:
     out = run("status", "--share", str(tmp_path / "nope"))
     assert out.returncode == 2 and "loraspool init" in out.stderr
