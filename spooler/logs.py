@@ -56,6 +56,9 @@ def ids_in(message: str) -> dict[str, str]:
     return ids
 
 
+QUIET_LIBRARIES = ("watchdog", "filelock", "urllib3", "fsspec")
+
+
 def setup_logging(verbose: bool = False, log_file: Path | None = None, max_bytes: int = 10 * 1024 * 1024,
                   backups: int = 5) -> str | None:
     """(Re)configure the root logger: stderr always, ``log_file`` when given. Safe to call twice: the second
@@ -69,6 +72,8 @@ def setup_logging(verbose: bool = False, log_file: Path | None = None, max_bytes
         root.removeHandler(handler)
         handler.close()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for chatty in QUIET_LIBRARIES:  # their DEBUG is one line per file event: -v is for loraspool's own lines
+        logging.getLogger(chatty).setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(TEXT_FORMAT))
     _add(root, console)

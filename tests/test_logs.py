@@ -59,6 +59,15 @@ def test_json_file_and_readable_stderr(tmp_path: Path, root_logger: logging.Logg
     assert "INFO job support-v3 claimed, attempt 1 [worker gpu-desk]" in err and not err.lstrip().startswith("{")
 
 
+def test_verbose_shows_loraspools_debug_lines_not_watchdogs(tmp_path: Path, root_logger: logging.Logger) -> None:
+    """-v flooded the log with one watchdog line per file event (operator user test)."""
+    log_file = tmp_path / "w.log"
+    setup_logging(True, log_file)
+    logging.getLogger("worker.daemon").debug("ours")
+    logging.getLogger("watchdog.observers.inotify_buffer").debug("in-event <InotifyEvent: src_path=b'x'>")
+    assert [r["message"] for r in lines(log_file)] == ["ours"]
+
+
 def test_ids_only_from_the_daemons_wording() -> None:
     assert ids_in("no worker answered in 60s") == {}
     assert ids_in("another worker with id 'x' is running") == {}

@@ -159,6 +159,20 @@ def test_sigterm_checkpoints_and_the_next_worker_resumes_there(train_share: Shar
     assert r.resumed_from_step == stopped_at
 
 
+def test_a_second_ctrl_c_exits_at_once(train_share: Share, procs: Procs) -> None:
+    """The first Ctrl-C is the graceful stop (a checkpoint, which can take a while on a big model); a second one
+    means the person wants out now. The orphaned training child then ends by itself (tested above)."""
+    share = train_share
+    w1 = procs.worker(share, "w1")
+    drop(share, "impatient.json", train_job("impatient", steps=LONG, batch_size=2, max_length=32))
+    wait_for(lambda: progress_step(share, "impatient") >= 2, 180, "training to run", explain=procs.tails)
+    w1.send_signal(signal.SIGINT)
+    wait_for(lambda: "got SIGINT" in log_of(w1), 10, "the first Ctrl-C to be taken")  # two at once are one signal
+    w1.send_signal(signal.SIGINT)
+    assert w1.wait(60) == 130, log_of(w1)[-2000:]
+    assert "second SIGINT: exiting now" in log_of(w1)
+
+
 def test_cancel_running_job(train_share: Share, procs: Procs) -> None:
     share = train_share
     w = procs.worker(share, "w1")

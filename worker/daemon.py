@@ -517,8 +517,16 @@ def install_signal_handlers(request_stop: Callable[[str], None]) -> None:
     """SIGTERM (systemd), Ctrl-C and SIGHUP (the terminal or SSH session of a foreground worker closed) all mean
     the graceful stop; without it a hang-up killed the worker mid-step, and the job lost its attempt. Windows has
     neither SIGTERM nor SIGHUP (its service stop calls ``request_stop`` itself)."""
+    asked: list[str] = []
+
     def handler(signum: int, _frame: object) -> None:
-        request_stop(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if asked and signum == signal.SIGINT:  # a person pressed Ctrl-C again: they want out now
+            log.warning("second %s: exiting now. The training process, left alone, checkpoints at its next step and "
+                        "ends; the job goes back to the queue when this worker (or a reaper) next looks", name)
+            os._exit(130)
+        asked.append(name)
+        request_stop(name)
 
     signal.signal(signal.SIGINT, handler)
     for name in ("SIGTERM", "SIGHUP"):
