@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import BaseModel
 
@@ -117,6 +117,13 @@ def _writable(value: Any) -> Any:
 def dir_mode_for(file_mode: int) -> int:
     """The folder mode that matches a file mode: whoever may read a file may list its folder (0664 -> 0775)."""
     return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def open_append(path: Path) -> IO[str]:
+    """Open a log for appending, never through a link (O_NOFOLLOW where the OS has it): a link planted in its
+    place would have the worker append to, and later move, a file of someone else's."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    return open(os.open(path, flags, 0o666), "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - the caller's
 
 
 def makedirs(path: Path, mode: int) -> Path:

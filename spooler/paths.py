@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from spooler.errors import Rejected
@@ -42,6 +43,38 @@ def outside_share(root: Path, path: Path) -> str | None:
     too: ``realpath`` resolves the part that exists, so check before ``makedirs`` follows a link out."""
     real_root, real = os.path.realpath(root), os.path.realpath(path)
     return None if real == real_root or real.startswith(real_root + os.sep) else real
+
+
+def link_below(root: Path, path: Path) -> Path | None:
+    """The first part of ``path`` below ``root`` (``path`` itself included) that is a symbolic link or a Windows
+    junction, or None. ``results/<id>/`` is writable by anyone with the share: a link planted there would have
+    the worker write, append, move and remove through it, into a teammate's folder or out of the share, with
+    the worker's own rights. Parts that do not exist yet end the walk (nothing below them can be a link)."""
+    current = Path(root)
+    for part in Path(path).relative_to(root).parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode) or getattr(st, "st_file_attributes", 0) & _REPARSE_POINT:
+            return current
+    return None
+
+
+_REPARSE_POINT = 0x400  # FILE_ATTRIBUTE_REPARSE_POINT: junctions and symlinks on Windows
+
+
+def refuse_links(root: Path, path: Path) -> None:
+    """Raise ``PlantedLink`` when ``link_below`` finds one; the job fails, naming it, and nothing is touched."""
+    if (link := link_below(root, path)) is not None:
+        raise PlantedLink(f"{link} is a link (to {os.path.realpath(link)}); a worker never writes, moves or removes "
+                          "through links under the spool's folders. Someone put it there: remove it, then submit the "
+                          "job again under a new id")
+
+
+class PlantedLink(RuntimeError):
+    """A link where the worker writes (see ``link_below``)."""
 
 
 def canonical(value: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import time
@@ -28,7 +29,10 @@ from pathlib import Path
 from schemas.result import Result, Terminal
 from spooler import atomic
 from spooler.errors import ClaimLost
+from spooler.paths import link_below
 from spooler.share import Share
+
+log = logging.getLogger(__name__)
 
 
 class JobState(str, Enum):
@@ -241,6 +245,10 @@ def _finalize(share: Share, folder: Path, pending: Path) -> None:
     if record.get("worker"):
         attempt = attempt_dir(share, folder.name, int(record.get("attempts") or 0), record["worker"])
         for name in OUTPUTS if record.get("adapter") else OUTPUTS[1:]:
+            if link := link_below(share.root, attempt / name) or link_below(share.root, folder / name):
+                log.warning("job %s: %s not moved: %s is a link, which the spool never moves through", folder.name,
+                            name, link)
+                continue
             _move_output(attempt / name, folder / name)
     final = folder / "result.json"
     if final.exists():

@@ -202,6 +202,27 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
                 assert json.loads((share.result_dir(job_id) / "result.json").read_text())["worker"] == "w2"
 
 
+def test_conclude_moves_no_output_through_a_planted_link(share: Share, tmp_path: Path) -> None:
+    """The attempt's folder replaced by a link to a teammate's run: concluding would have moved her train.log
+    and metrics into this job's results. The result is written; her files stay where they are."""
+    from schemas.result import Result, Terminal
+
+    victim = tmp_path / "alice-run"
+    victim.mkdir()
+    (victim / "train.log").write_text("alice's notes\n")
+    (victim / "metrics.jsonl").write_text("{}\n")
+    share.makedirs(share.running("w1"))
+    running = share.running("w1") / states.QueueKey(0, "20260101000000000", "planted", 1).name
+    running.write_text('{"kind": "probe"}')
+    attempts = share.result_dir("planted") / "attempts"
+    attempts.mkdir(parents=True)
+    (attempts / "a1-w1").symlink_to(victim, target_is_directory=True)
+    states.conclude(share, running, Result(id="planted", status=Terminal.failed, worker="w1", attempts=1))
+    assert json.loads((share.result_dir("planted") / "result.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in victim.iterdir()) == ["metrics.jsonl", "train.log"]
+    assert not (share.result_dir("planted") / "train.log").exists()
+
+
 def test_worker_restart_requeues_what_it_held(share: Share, procs: Procs, tmp_path: Path) -> None:
     share.makedirs(share.running("w1"))
     key = states.QueueKey(0, "20260101000000000", "orphan", 1)

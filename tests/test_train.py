@@ -20,6 +20,7 @@ from schemas.heartbeat import Progress
 from schemas.job import JobSpec
 from spooler.atomic import dir_mode_for
 from spooler.errors import Cancelled, Rejected
+from spooler.paths import PlantedLink
 from worker import data
 from worker.modelguard import check_dataset_file, check_model_dir
 from worker.outputs import read_metrics
@@ -648,3 +649,53 @@ def test_guard_and_outcome_modules_never_import_torch() -> None:
     code = ("import sys, worker.modelguard, worker.train, worker.verify; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ── links planted where the worker writes ────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize("planted", ["attempts", "attempts/a1-w", "attempts/a1-w/adapter"])
+def test_a_link_planted_under_results_is_never_written_through(share_root: Path, tmp_path: Path,
+                                                               planted: str) -> None:
+    """results/<id>/ is writable by anyone with the share. A link there (to a teammate's folder, or out of the
+    share) would have had the worker rmtree, overwrite, append to and then move that folder's files with its own
+    rights (seen by an adversarial review: a teammate's adapter deleted, her train.log moved into the job's
+    results). The job fails, naming the link, and the folder it leads to is untouched."""
+    job = make_job(f"plant-{planted.count('/')}", max_steps=2)
+    victim = tmp_path / "alice" / "run1"
+    (victim / "adapter").mkdir(parents=True)
+    (victim / "adapter" / "ALICE.txt").write_text("alice's only copy")
+    (victim / "train.log").write_text("alice's notes\n")
+    link = share_root / "results" / str(job.id) / planted
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(victim if planted != "attempts" else victim.parent, target_is_directory=True)
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    with pytest.raises(PlantedLink, match="is a link"):
+        train(share_root, job)
+    after = {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before
+
+
+def test_logs_are_never_appended_through_a_link(tmp_path: Path) -> None:
+    from worker.outputs import MetricsLog, TrainLog
+
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_text("not yours\n")
+    (tmp_path / "train.log").symlink_to(theirs)
+    (tmp_path / "metrics.jsonl").symlink_to(theirs)
+    with pytest.raises(OSError), TrainLog(tmp_path):
+        pass
+    with pytest.raises(OSError), MetricsLog(tmp_path / "metrics.jsonl") as m:
+        m.train(1, 0.5)
+    assert theirs.read_text() == "not yours\n"
+
+
+def test_a_token_cache_folder_that_leads_out_of_the_share_is_not_used(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """datasets/.tokens as a link out of the share: the worker would write there with its own rights (and read
+    rows someone else made). It trains without the cache, and writes nothing there."""
+    root = tmp_path / "share"
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny")
+    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=32)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "datasets" / ".tokens").symlink_to(outside, target_is_directory=True)
+    outcome = train(root, make_job("no-cache", max_steps=2))
+    assert outcome.data.tokens_cached == 0 and list(outside.iterdir()) == []

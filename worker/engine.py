@@ -29,6 +29,7 @@ from schemas.job import JobSpec, Quantization, TrainingSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
 from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree, makedirs
 from spooler.errors import Cancelled, DeviceUnavailable, Rejected
+from spooler.paths import refuse_links
 from worker import checkpoint, data, tokencache
 from worker.batching import Batcher
 from worker.fused import lean_activations
@@ -74,7 +75,9 @@ def train_adapter(req: TrainRequest, report: Callable[[Progress], None], should_
     """Everything after the folder checks. Returns None on DDP ranks other than 0, which write nothing."""
     dist = dist or Dist()
     plan, tokenizer, splits = prepare(req, report, dist.main)
+    refuse_links(req.share_root, req.out_dir)  # before makedirs, which would follow one
     makedirs(req.out_dir, dir_mode_for(req.file_mode))  # the attempt's folder, kept even if it dies
+    refuse_links(req.share_root, req.out_dir)
     fp = _with_parent(checkpoint.fingerprint(req.job, splits.report.sha256, dist.world), req.job.parent)
     found = checkpoint.latest(req.out_dir.parent.parent, fp)
     _stop_if(should_stop)
@@ -134,7 +137,8 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
         step_module = _ddp(step_module, plan)
     total = t.max_steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
     settings = LoopSettings(plan.device, plan.dtype, t.learning_rate, total, t.checkpoint_every_steps,
-                            t.checkpoint_every_minutes, req.file_mode, req.job.id or "job", fp, t.compile)
+                            t.checkpoint_every_minutes, req.file_mode, req.job.id or "job", fp, t.compile,
+                            req.share_root)
     metrics_log = MetricsLog(req.out_dir / "metrics.jsonl", req.file_mode) if dist.main else _NoMetrics()
     loop = Loop(model, step_module, batcher, settings, req.out_dir, metrics_log, report, should_stop, dist)
     if plan.device == "cuda":
@@ -453,6 +457,7 @@ def save_adapter(model: torch.nn.Module, req: TrainRequest, job_id: str,
     """Write the adapter (safetensors + adapter_config.json) to ``out_dir/adapter``, readable by the share."""
     report(Progress(job=job_id, phase="saving"))
     adapter_dir = req.out_dir / "adapter"
+    refuse_links(req.share_root, adapter_dir)  # the rmtree below, and the save, go nowhere else
     if adapter_dir.exists():  # left by an earlier try of this very attempt: never mix two adapters' files
         shutil.rmtree(adapter_dir)
     # The vocabulary is never resized, so no full embedding copies: and "auto" would look the base up on the hub.

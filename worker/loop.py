@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 from schemas.checkpoint import CheckpointState
 from schemas.heartbeat import Progress
 from spooler.errors import Cancelled
+from spooler.paths import refuse_links
 from worker import checkpoint
 from worker.batching import Batch, Batcher, collate_eval
 from worker.data import IGNORE, Example
@@ -212,6 +213,7 @@ class LoopSettings:
     job_id: str
     fingerprint: str
     compile: bool = False
+    share_root: Path | None = None  # checkpoints are written only where no link leads (spooler.paths.link_below)
 
 
 class Loop:
@@ -268,6 +270,8 @@ class Loop:
                                 written_by=self.out_dir.name)
         optim = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        if self.s.share_root is not None:  # a link planted mid-run would take this write, and the pruning, elsewhere
+            refuse_links(self.s.share_root, self.out_dir / "checkpoints")
         folder = checkpoint.save(self.out_dir / "checkpoints", state, dict(self._trainable()), optim,
                                  self.s.file_mode)
         self.metrics.sync()

@@ -20,7 +20,7 @@ from typing import IO
 from pydantic import ValidationError
 
 from schemas.checkpoint import MetricsLine
-from spooler.atomic import fsync_dir, write_bytes
+from spooler.atomic import fsync_dir, open_append, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class MetricsLog:
     def _open(self) -> IO[str]:
         if self._file is None:
             new = not self.path.exists()
-            self._file = open(self.path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed in close()
+            self._file = open_append(self.path)  # closed in close()
             if new:
                 with contextlib.suppress(OSError):
                     os.chmod(self.path, self.file_mode)
@@ -197,6 +197,13 @@ class _OneLineFormatter(logging.Formatter):
         return super().format(record).replace("\r\n", "\n").replace("\n", " | ")
 
 
+class _NoFollowFileHandler(logging.FileHandler):
+    """train.log is opened never through a link: see ``spooler.atomic.open_append``."""
+
+    def _open(self) -> IO[str]:
+        return open_append(Path(self.baseFilename))
+
+
 class TrainLog:
     """While training runs, every log record also goes to ``<folder>/train.log``, kept with the attempt."""
 
@@ -208,7 +215,7 @@ class TrainLog:
         self._root_level: int | None = None
 
     def __enter__(self) -> TrainLog:
-        handler = logging.FileHandler(self.path, encoding="utf-8")
+        handler = _NoFollowFileHandler(self.path, encoding="utf-8")
         handler.setLevel(self.level)
         handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         if self.file_mode is not None:
