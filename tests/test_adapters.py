@@ -935,3 +935,33 @@ def test_merge_on_the_command_line_names_its_flags_in_errors(share: Share) -> No
     assert out.returncode != 0 and "--name" in out.stderr and "register_as" not in out.stderr, out.stderr
     out = _cli("merge", "support/v1", "--into", "base", "--out", "/abs", "--share", str(share.root))
     assert out.returncode != 0 and "--out" in out.stderr and "merge.output" not in out.stderr, out.stderr
+
+
+def test_adapter_folders_with_a_fifo_or_a_link_out_of_the_share_are_refused(share: Share, trained: dict,
+                                                                            tmp_path: Path) -> None:
+    """Adapter folders come from anyone with the share (an adversarial review ran these). A FIFO named
+    adapter_config.json held a verify job in its open for good; weights linked out of the share trained as a
+    parent and were merged into a new base. Each is now rejected before anything reads it."""
+    folder = share.root / "incoming" / "fifo-cfg"
+    shutil.copytree(version(share, "billing/v1"), folder)
+    (folder / "adapter_config.json").unlink()
+    os.mkfifo(folder / "adapter_config.json")
+    with pytest.raises(Rejected, match="neither a file nor a folder") as seen:
+        run(share, JobSpec(id="v-fifo", kind="verify", verify={"adapter": "incoming/fifo-cfg"}))
+    assert seen.value.field == "verify.adapter"
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _register_copies(share, trained, "linkout", [[]])
+    weights = version(share, "linkout/v1") / "adapter_model.safetensors"
+    shutil.copyfile(weights, outside / "w.safetensors")
+    weights.unlink()
+    weights.symlink_to(outside / "w.safetensors")
+    cases = {"parent": _job("l-child", parent="linkout/v1"),
+             "merge.adapters": JobSpec(id="l-merge", kind="merge", base_model="models/tiny",
+                                       merge={"adapters": ["linkout/v1", "billing/v1"], "into": "adapter"}),
+             "verify.adapter": JobSpec(id="l-verify", kind="verify", verify={"adapter": "linkout/v1"})}
+    for field, job in cases.items():
+        with pytest.raises(Rejected, match="outside the share") as seen:
+            run(share, job)
+        assert seen.value.field == field

@@ -21,6 +21,7 @@ from schemas.result import Result, Terminal
 from schemas.verify import ChainReport, CheckStatus, VerifyReport
 from spooler.errors import Cancelled, Rejected
 from spooler.paths import outside_share
+from worker.modelguard import check_adapter_dir
 
 if TYPE_CHECKING:
     from spooler.share import Share
@@ -108,10 +109,13 @@ def target_for(share: Share, job: JobSpec, base: Path | None, datasets: list[Pat
     assert spec is not None and spec.adapter is not None
     options = {"base": base, "dataset": datasets, "tolerance": spec.eval_tolerance, "rehash": spec.rehash_base}
     if ADAPTER_REF.match(spec.adapter):
-        return registered_target(share, spec.adapter, "verify.adapter", **options)
+        target = registered_target(share, spec.adapter, "verify.adapter", **options)
+        check_adapter_dir(target.folder, share.root, "verify.adapter")
+        return target
     folder = resolve_in_share(share.root, spec.adapter, "verify.adapter")
     if not folder.is_dir():
         raise Rejected("verify.adapter", f"{spec.adapter!r} is not a folder; name a PEFT adapter folder")
+    check_adapter_dir(folder, share.root, "verify.adapter")
     return folder_target(folder, spec.adapter, share, **options)
 
 
@@ -123,6 +127,7 @@ def inputs_of(share: Share, refs: list[str]) -> list[Input]:
     found = []
     for text in refs:
         ref, folder = registry.loadable(share, text, "merge.adapters")
+        check_adapter_dir(folder, share.root, "merge.adapters")
         found.append(Input(str(ref), folder, registry.read_manifest(share, ref)))
     return found
 

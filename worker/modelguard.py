@@ -61,8 +61,16 @@ def _inside(target: Path, root: Path) -> bool:
     return target == root or root in target.parents
 
 
-def _check_links(folder: Path, share_root: Path) -> None:
-    """Every symlink in ``folder`` (files and subfolders, recursively) must lead to an existing path in the share.
+def check_adapter_dir(folder: Path, share_root: Path, field: str) -> None:
+    """An adapter folder from the share (a parent, a merge input, one to verify): every link stays in the share,
+    and every entry is a folder or a regular file. A FIFO named adapter_config.json blocks the open that reads
+    it, for good; a link out of the share would load, or leak into a merge, files from anywhere."""
+    _check_links(Path(folder), share_root, field, "adapter")
+
+
+def _check_links(folder: Path, share_root: Path, field: str = "base_model", what: str = "model") -> None:
+    """Every symlink in ``folder`` (files and subfolders, recursively) must lead to an existing path in the share,
+    and every entry must be a folder or a regular file (a FIFO or a device would block, or never end, a read).
 
     Linked subfolders are followed (a Hugging Face cache links snapshots to blobs), each real folder once.
     """
@@ -73,27 +81,30 @@ def _check_links(folder: Path, share_root: Path) -> None:
         current = pending.pop()
         real = Path(os.path.realpath(current))
         if not _inside(real, root):
-            raise Rejected("base_model", f"{_rel(current, folder)!r} resolves to {real}, outside the share; "
-                                         "copy the model into the share instead of linking to it")
+            raise Rejected(field, f"{_rel(current, folder)!r} resolves to {real}, outside the share; "
+                                  f"copy the {what} into the share instead of linking to it")
         if real in seen:
             continue
         seen.add(real)
         for entry in os.scandir(current):
             if entry.is_symlink():
-                _check_link(Path(entry.path), folder, root)
+                _check_link(Path(entry.path), folder, root, field, what)
             if entry.is_dir(follow_symlinks=True):
                 pending.append(Path(entry.path))
+            elif not entry.is_file(follow_symlinks=True):
+                raise Rejected(field, f"{_rel(Path(entry.path), folder)!r} is neither a file nor a folder (a FIFO, "
+                                      f"socket or device), which a read would wait on for good; remove it from the "
+                                      f"{what} folder")
 
 
-def _check_link(link: Path, folder: Path, root: Path) -> None:
+def _check_link(link: Path, folder: Path, root: Path, field: str, what: str) -> None:
     target = Path(os.path.realpath(link))
     name = _rel(link, folder)
     if not _inside(target, root):
-        raise Rejected("base_model", f"{name!r} is a symlink to {target}, outside the share; copy the file into "
-                                     "the model folder instead of linking to it")
+        raise Rejected(field, f"{name!r} is a symlink to {target}, outside the share; copy the file into the {what} "
+                              "folder instead of linking to it")
     if not target.exists():
-        raise Rejected("base_model", f"{name!r} is a broken symlink (to {target}); copy the file into the model "
-                                     "folder")
+        raise Rejected(field, f"{name!r} is a broken symlink (to {target}); copy the file into the {what} folder")
 
 
 def _rel(path: Path, folder: Path) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
-from worker.modelguard import check_dataset_file, check_model_dir
+from worker.modelguard import check_adapter_dir, check_dataset_file, check_model_dir
 from worker.verify import hash_folder
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ def check_parent(req: TrainRequest) -> Path:
         raise Rejected("parent", f"{req.share_root} is not a loraspool share, so it has no adapter registry")
     assert req.job.parent and req.job.base_model
     ref, folder = registry.loadable(share, req.job.parent, "parent")
+    check_adapter_dir(folder, share.root, "parent")
     manifest = registry.read_manifest(share, ref)
     assert manifest is not None  # resolve checked it is there
     base = registry.base_identity_of(share, req.job.base_model)
