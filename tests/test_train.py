@@ -606,7 +606,9 @@ def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
 
 def test_pre_quantized_weights_are_not_counted_against_the_config(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A GPTQ, AQLM or bitsandbytes checkpoint packs 2 to 16 values per stored number by its own scheme: with a
-    quantization_config the count is left to its loader, so a real 2-bit model is not refused."""
+    quantization_config the count is bounded by bits (one parameter per bit of the files), so a real 2-bit model
+    is not refused, and one that claims a thousand times its files is (that passed unchecked, found by an
+    adversarial review: a 0.6 MB folder describing a 215 GB model ended in the OOM killer)."""
     from worker.engine import check_parameters
 
     folder = tmp_path / "share" / "models" / "q"
@@ -616,6 +618,9 @@ def test_pre_quantized_weights_are_not_counted_against_the_config(tmp_path: Path
         check_parameters(folder)
     _config_with(intermediate_size=4096, quantization_config={"quant_method": "gptq", "bits": 2})(folder, tmp_path)
     check_parameters(folder)
+    _config_with(intermediate_size=140_000, quantization_config={"quant_method": "fp8"})(folder, tmp_path)
+    with pytest.raises(Rejected, match="config.json describes a model of"):
+        check_parameters(folder)
 
 
 def test_links_inside_the_share_are_fine(tmp_path: Path, tiny_model_dir: Path) -> None:

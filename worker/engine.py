@@ -339,11 +339,13 @@ def check_parameters(model_dir: Path) -> None:
     bounds them one by one) while together they do not, a thousand experts where the files hold eight, say.
     transformers would fill the missing parameters with random numbers, or be killed trying to allocate them.
     Built on the meta device, the model counts its parameters in a fraction of a second."""
-    if "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")):
-        return  # pre-quantized weights pack 2 to 16 values per stored number, by a scheme only its loader knows
-    held = stored_weights(model_dir).parameters
-    if not held:
+    stored = stored_weights(model_dir)
+    if not stored.parameters:
         return  # shards without an index: nothing is known, and the loader says what is wrong
+    # Pre-quantized weights pack 2 to 16 values per stored number, by a scheme only their loader knows: they are
+    # bounded by bits instead, one parameter per bit of the files at most (a 1-bit scheme), never left unbounded.
+    quantized = "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    held = stored.size_bytes * 8 if quantized else stored.parameters
     wanted = sum(p.numel() for p in meta_model(model_dir).parameters())  # tied weights count once
     if wanted > held * 1.01 + 2**20:
         raise Rejected("base_model", f"config.json describes a model of {wanted:,} parameters, but the weight files "

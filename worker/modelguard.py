@@ -135,6 +135,7 @@ class Stored:
     numbers: int  # elements, all tensors together
     tensors: int
     parameters: int  # the most parameters they can fill: a packed integer tensor holds several 4-bit ones
+    size_bytes: int = 0  # the files' sizes: a pre-quantized model holds at most one parameter per bit of them
 
 
 # 4-bit weights packed into integers (bitsandbytes' U8, GPTQ's I32): how many one element can hold, at most.
@@ -164,17 +165,18 @@ def stored_weights(folder: Path) -> Stored:
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} names {len(missing)} missing shard(s) "
                                      f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
     loaded = shards or [n for n in safe if n == "model.safetensors"]  # what from_pretrained reads
-    numbers = tensors = parameters = 0
+    numbers = tensors = parameters = size_bytes = 0
     for name in loaded:  # the header only: a truncated copy or a hostile header fails here, not in a loader
         try:
             header = read_header(folder / name)
         except (OSError, ValueError) as e:
             raise Rejected("base_model", f"{name}: {e}; the file is broken or was cut short: copy it again") from None
+        size_bytes += (folder / name).stat().st_size
         for info in header.values():
             count = math.prod(info["shape"])
             numbers, tensors = numbers + count, tensors + 1
             parameters += count * PACKED.get(info["dtype"], 1)
-    return Stored(numbers, tensors, parameters)
+    return Stored(numbers, tensors, parameters, size_bytes)
 
 
 # Sizes that shape the model's tensors: each a positive whole number, or a list of them (per layer, in some models).
