@@ -273,6 +273,25 @@ def test_skip_bad_rows_counts_them_and_goes_on(tmp_path: Path, tok: Any) -> None
                             "the first: a.jsonl line 4: not UTF-8 text (invalid start byte at byte 0)"]
 
 
+def test_a_line_over_the_limit_is_a_bad_row_read_past_not_kept(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file with no line end (a 30 GB sparse file, a binary) was read as one line into memory until the OOM
+    killer came (adversarial review). A line over MAX_LINE_BYTES is a bad row, named by its number; the rest
+    of it is read past in chunks, and the file's sha256 is still that of all its bytes."""
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 200)
+    good = [json.dumps({"text": f"row {i}"}) for i in range(3)]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(f"{good[0]}\n".encode() + b"\0" * 5000 + f"\n{good[1]}\n".encode() + b"x" * 3000)
+    reading = data.read_dataset([path], skip_bad_rows=True)
+    assert [r.data["text"] for r in reading.rows] == ["row 0", "row 1"]
+    assert reading.bad == ["line 2: longer than 200 bytes; one row per line, each a JSON object (is this a JSONL "
+                           "file?)", "line 4: longer than 200 bytes; one row per line, each a JSON object (is this "
+                           "a JSONL file?)"]
+    assert reading.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and reading.lines == 4
+    with pytest.raises(Rejected, match="line 2: longer than 200 bytes"):
+        data.read_dataset([path])
+
+
 def test_skip_bad_rows_with_no_good_row_left_is_refused(tmp_path: Path, tok: Any) -> None:
     path = write_jsonl(tmp_path / "junk.jsonl", ["{not json", '{"question": "a"}', "", "3"])
     with pytest.raises(Rejected) as e:

@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,13 +138,19 @@ def where(label: str, line: int) -> str:
     return f"{label} line {line}" if label else f"line {line}"
 
 
+# One dataset line, at most. Lines are read into memory whole; a file with no line end (a 30 GB sparse file, a
+# binary) would be read as one line until the OOM killer came. A real row is kilobytes.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
 def _read_file(path: Path, label: str, skip_bad_rows: bool, reading: Reading, digest: Any) -> None:
     reading.sizes.append(0)
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            digest.update(raw)
-            reading.sizes[-1] += len(raw)
+        for number, raw in enumerate(_bounded_lines(f, digest, reading), start=1):
             try:
+                if raw is None:
+                    raise Rejected("dataset", f"{where(label, number)}: longer than {MAX_LINE_BYTES:,} bytes; "
+                                              "one row per line, each a JSON object (is this a JSONL file?)")
                 row = _parse_raw(raw, number, label)
             except Rejected as e:
                 if not skip_bad_rows:
@@ -153,6 +159,22 @@ def _read_file(path: Path, label: str, skip_bad_rows: bool, reading: Reading, di
                 continue
             if row is not None:
                 reading.rows.append(row)
+
+
+def _bounded_lines(f: Any, digest: Any, reading: Reading) -> Iterator[bytes | None]:
+    """The file's lines, each hashed and counted; None for one longer than MAX_LINE_BYTES, whose rest is
+    read past (hashed, never kept)."""
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        digest.update(raw)
+        reading.sizes[-1] += len(raw)
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw
+            continue
+        tail = raw
+        while not tail.endswith(b"\n") and (tail := f.readline(2**20)):
+            digest.update(tail)
+            reading.sizes[-1] += len(tail)
+        yield None
 
 
 def _parse_raw(raw: bytes, number: int, label: str) -> Row | None:
