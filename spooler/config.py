@@ -84,7 +84,8 @@ class WorkerSettings(BaseModel):
     stall_minutes: float = Field(
         60.0, ge=0, description="A job whose training process reports no progress for this long while copying, "
                                 "preparing, evaluating or training (a chat template that never finishes, a hung "
-                                "driver) is ended and fails; 0: never.")
+                                "driver), or for 4 times as long while loading, saving, verifying or merging, is "
+                                "ended and fails; 0: never.")
     fallback: bool = Field(False, description="Run by a submitter because no worker was live.")
     only_job: str | None = Field(None, description="Claim only this job, and exit once it has a result.")
 

@@ -965,3 +965,28 @@ def test_adapter_folders_with_a_fifo_or_a_link_out_of_the_share_are_refused(shar
         with pytest.raises(Rejected, match="outside the share") as seen:
             run(share, job)
         assert seen.value.field == field
+
+
+def test_a_verify_job_silent_for_too_long_is_ended(share: Share, trained: dict, tmp_path: Path) -> None:
+    """Phases that do not report as they go (verifying here) get SILENT_FACTOR x stall_seconds, not forever: a
+    verify job whose base's chat template loops 10^10 times sat in "verifying" for good (adversarial review)."""
+    from worker import horse
+
+    loop_base = share.root / "models" / "tiny-loop"
+    shutil.copytree(share.root / "models" / "tiny", loop_base)
+    (loop_base / "chat_template.jinja").write_text(
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")
+    from worker.tinymodel import write_dataset
+
+    write_dataset(share.root / "datasets" / "loop-chat.jsonl", "chat", rows=8)
+    folder = share.root / "incoming" / "plain"
+    shutil.copytree(version(share, "billing/v1"), folder, ignore=shutil.ignore_patterns(registry.MANIFEST))
+    job = JobSpec(id="v-loop", kind="verify", base_model="models/tiny-loop", dataset="datasets/loop-chat.jsonl",
+                  verify={"adapter": "incoming/plain"})
+    out: list[horse.HorseResult] = []
+    runner = threading.Thread(target=lambda: out.append(horse.run(vars(_request(share, job)), lambda _p: None,
+                                                                  lambda: None, stall_seconds=1.0)))
+    runner.start()
+    runner.join(180)
+    assert not runner.is_alive(), "the silent verify job was never ended"
+    assert out[0].kind == "failed" and "(phase 'verifying')" in (out[0].error or ""), out[0]

@@ -6,7 +6,8 @@ the child and fails that job; the daemon keeps heartbeating and goes on. Cancel 
 ``STOP_GRACE`` seconds (stuck in a load, say) is terminated, then killed.
 
 A child that reports nothing for ``stall_seconds`` in a phase that reports as it goes (``TICKING``: each 8 MB of
-the base copied, each row tokenized, each step, each evaluation batch) is ended too, and its job fails. Job files
+the base copied, each row tokenized, each step, each evaluation batch), or for ``SILENT_FACTOR`` times that in a
+phase that does not (loading, saving, verifying, merging), is ended too, and its job fails. Job files
 and model folders come from anyone: a chat template can loop for days in one row, and a hung driver never returns
 from a step. Either would hold the GPU desktop, and every job queued behind it, for good.
 
@@ -39,6 +40,9 @@ POLL = 0.5
 # only in these is silence a stall. Loading weights, saving, hashing a base for the registry, verifying and
 # merging report once and may then run for many minutes on a big model over the network.
 TICKING = frozenset({"copying", "preparing", "eval-before", "training", "eval-after"})
+# The others get SILENT_FACTOR times as long: long enough for a big base over the network, but not forever (a
+# verify job's chat template or an adapter's target_modules regex can loop there too, on anyone's input).
+SILENT_FACTOR = 4
 
 
 @dataclass
@@ -157,12 +161,13 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
             if time.monotonic() < next_poll:
                 continue
             next_poll = time.monotonic() + POLL
-            if stop_reason is None and stall_seconds and phase in TICKING and time.monotonic() - heard > stall_seconds:
+            limit = (stall_seconds or 0) * (1 if phase in TICKING else SILENT_FACTOR)
+            if stop_reason is None and limit and time.monotonic() - heard > limit:
                 log.warning("job %s: the training process reported nothing for %gs in phase %s: killing it",
-                            _job_id(request), stall_seconds, phase)
+                            _job_id(request), limit, phase)
                 proc.kill()  # it is stuck: a "stop" would never be read, and SIGTERM is ignored by design
                 proc.join(10)
-                return HorseResult("failed", error=_stalled(phase, stall_seconds))
+                return HorseResult("failed", error=_stalled(phase, limit))
             if stop_reason is None and (stop_reason := poll()) is not None:
                 log.info("job %s: stopping the training process: %s", _job_id(request), stop_reason)
                 _send(parent, "stop")
