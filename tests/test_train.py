@@ -704,3 +704,46 @@ def test_a_token_cache_folder_that_leads_out_of_the_share_is_not_used(tmp_path: 
     (root / "datasets" / ".tokens").symlink_to(outside, target_is_directory=True)
     outcome = train(root, make_job("no-cache", max_steps=2))
     assert outcome.data.tokens_cached == 0 and list(outside.iterdir()) == []
+
+
+def test_a_stuck_training_process_does_not_outlive_its_killed_worker(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A child stuck where it never looks for its parent (here a chat template that loops 10^10 times while
+    tokenizing) would outlive a kill -9 of its worker for good, holding the CPU or GPU. It is ended
+    ORPHAN_GRACE after (1 s here) the worker is gone."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    root = tmp_path / "share"
+    shutil.copytree(tiny_model_dir, root / "models" / "loop")
+    (root / "models" / "loop" / "chat_template.jinja").write_text(
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")
+    write_dataset(root / "datasets" / "chat.jsonl", "chat", rows=8)
+    job = make_job("stuck", model="models/loop", dataset="datasets/chat.jsonl")
+    driver = (f"import json, pathlib\nfrom schemas.job import JobSpec\nfrom worker import horse\n"
+              f"root = pathlib.Path({str(root)!r})\njob = JobSpec.model_validate_json({job.model_dump_json()!r})\n"
+              "req = dict(job=job, model_dir=root / 'models/loop', datasets=[root / 'datasets/chat.jsonl'], "
+              "share_root=root, out_dir=root / 'results/stuck/attempts/a1-w', device='cpu', file_mode=0o664)\n"
+              "horse.run(req, lambda p: print(json.dumps(p.phase), flush=True), lambda: None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "LORASPOOL_ORPHAN_GRACE": "1"}, cwd=Path(__file__).resolve().parents[1])
+    children: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None
+        while json.loads(proc.stdout.readline()) != "preparing":  # the last report before the loop: stuck in it
+            pass
+        children = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(children) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, "the stuck training process outlived its worker"
+    finally:
+        for p in [*children, *psutil.Process().children(recursive=True)]:  # the orphan is no child of ours
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()

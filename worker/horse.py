@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -43,6 +44,9 @@ TICKING = frozenset({"copying", "preparing", "eval-before", "training", "eval-af
 # The others get SILENT_FACTOR times as long: long enough for a big base over the network, but not forever (a
 # verify job's chat template or an adapter's target_modules regex can loop there too, on anyone's input).
 SILENT_FACTOR = 4
+# A child whose daemon was killed checkpoints at its next step and ends (``_Link``). One stuck where it never
+# looks (a looping template, a hung load) would outlive it for good, holding the GPU: it is ended this long after.
+ORPHAN_GRACE = float(os.environ.get("LORASPOOL_ORPHAN_GRACE", "600"))
 
 
 @dataclass
@@ -66,6 +70,7 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     link = _Link(conn)
+    threading.Thread(target=_end_if_orphaned, args=(link,), name="orphan-watch", daemon=True).start()
     from spooler.errors import Cancelled, DeviceUnavailable, Rejected
     from worker.ddp import RankFailed, RanksDied
 
@@ -86,6 +91,15 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
         link.send(("failed", str(e), e.remote_traceback))
     except BaseException as e:  # the child reports everything; the parent decides
         link.send(("failed", _describe(e), traceback.format_exc()))
+
+
+def _end_if_orphaned(link: _Link) -> None:
+    """In the child: once the daemon is gone, allow ORPHAN_GRACE for the checkpoint at the next step, then exit.
+    (POSIX: the parent's pid changes. On Windows it does not, and only the closed pipe, seen at a step, tells.)"""
+    while not link.gone():
+        time.sleep(2.0)
+    time.sleep(ORPHAN_GRACE)
+    os._exit(3)
 
 
 class _Link:
