@@ -604,6 +604,26 @@ def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
     assert e.value.field == "base_model" and "config.json describes a model of" in e.value.problem, e.value.problem
 
 
+@pytest.mark.parametrize(("entries", "data", "says"), [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "overlapping or gapped"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16, "end at byte 8 of the data, but the"),
+    ({"a": {"dtype": "F8_E9M9", "shape": [10**12], "data_offsets": [0, 8]}}, 8, "not one safetensors defines"),
+], ids=["overlap", "gap-at-end", "unknown-dtype"])
+def test_weights_whose_header_does_not_tile_the_data_are_refused_by_name(tmp_path: Path, tiny_model_dir: Path,
+                                                                        entries: dict, data: int, says: str) -> None:
+    """Overlapping offsets and an unknown dtype ended as "failed" (SafetensorError in the loader), and an unknown
+    dtype of shape 10^12 inflated the count the config check compares with (adversarial review)."""
+    root = tmp_path / "share"
+    folder = root / "models" / "odd"
+    shutil.copytree(tiny_model_dir, folder)
+    header = json.dumps(entries).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(data))
+    with pytest.raises(Rejected, match=says) as e:
+        check_model_dir(folder, root)
+    assert e.value.field == "base_model"
+
+
 def test_pre_quantized_weights_are_not_counted_against_the_config(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A GPTQ, AQLM or bitsandbytes checkpoint packs 2 to 16 values per stored number by its own scheme: with a
     quantization_config the count is bounded by bits (one parameter per bit of the files), so a real 2-bit model

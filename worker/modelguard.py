@@ -229,6 +229,9 @@ def _index_shards(folder: Path) -> list[str]:
 
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I16": 2,
                "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
+# Sub-byte and newer dtypes safetensors knows, in bits per element (packed: bytes = ceil(elements * bits / 8)).
+DTYPE_BITS = {**{k: 8 * v for k, v in DTYPE_BYTES.items()}, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+              "C64": 64}
 MAX_HEADER = 100 * 2**20  # safetensors' own limit: a header that claims more is corrupt or hostile
 
 
@@ -255,7 +258,23 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
             _check_entry(key, info, data_bytes)
         except TypeError:  # offsets or shape of the wrong JSON type: the file is hostile or broken
             raise ValueError(f"{key}: malformed header entry {str(info)[:200]}") from None
+    _check_layout(header, data_bytes)
     return header
+
+
+def _check_layout(header: dict[str, dict[str, Any]], data_bytes: int) -> None:
+    """The tensors tile the data exactly, as the safetensors library requires: in offset order, each starts where
+    the last ended, from 0 to the end of the file. Overlapping or gapped offsets are refused here, by name,
+    rather than by the loader as a "failed" job."""
+    at = 0
+    for key, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        start, end = info["data_offsets"]
+        if start != at:
+            raise ValueError(f"{key}: starts at byte {start} of the data, where the tensors before it end at {at} "
+                             "(overlapping or gapped offsets)")
+        at = end
+    if at != data_bytes:
+        raise ValueError(f"the tensors end at byte {at} of the data, but the file has {data_bytes}")
 
 
 def _check_entry(key: str, info: Any, data_bytes: int) -> None:
@@ -264,6 +283,10 @@ def _check_entry(key: str, info: Any, data_bytes: int) -> None:
     shape, (start, end) = info["shape"], info["data_offsets"]
     if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end <= data_bytes:
         raise ValueError(f"{key}: shape {shape} or offsets {[start, end]} do not fit the file")
-    width = DTYPE_BYTES.get(info["dtype"])
-    if width is not None and math.prod(shape) * width != end - start:
+    if not isinstance(info["dtype"], str):
+        raise TypeError("dtype")  # reported as a malformed entry, like offsets or a shape of the wrong type
+    bits = DTYPE_BITS.get(info["dtype"])
+    if bits is None:
+        raise ValueError(f"{key}: dtype {str(info['dtype'])[:40]!r} is not one safetensors defines")
+    if -(-math.prod(shape) * bits // 8) != end - start:
         raise ValueError(f"{key}: {end - start} bytes for shape {shape} of {info['dtype']}")
