@@ -21,10 +21,19 @@ def share_path_problem(value: str) -> str | None:
     parts = value.replace("\\", "/").split("/")
     if ".." in parts:
         return f"{value!r} has a '..' component; paths must stay inside the share"
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        return f"is {len(value)} characters long; a share path may have {MAX_PATH_BYTES} bytes at most"
     for part in parts:
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            return f"has a name of {len(part)} characters ({part[:20]!r}...); file systems allow {MAX_NAME_BYTES} bytes"
         if problem := _windows_problem(part):
             return f"{value!r}: {problem}"
     return None
+
+
+# What Linux and most file servers allow: longer failed as "File name too long" deep in a load, a failed job.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
 
 
 def _windows_problem(part: str) -> str | None:
@@ -91,6 +100,10 @@ def resolve_in_share(root: Path, value: str, field: str) -> Path:
     if real := outside_share(root, path):
         raise Rejected(field, f"{value!r} resolves to {real}, outside the share (a symlink leads out)")
     target = Path(os.path.realpath(path))
-    if not target.exists():
+    try:
+        exists = target.exists()
+    except OSError as e:  # a name the share's file system refuses: still the job's input, so a rejection
+        raise Rejected(field, f"{value!r} cannot be looked up on the share ({e.strerror or e})") from None
+    if not exists:
         raise Rejected(field, f"{value!r} does not exist on the share; copy it there or fix the path")
     return target
