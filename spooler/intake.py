@@ -51,7 +51,12 @@ class Intake:
         for entry in sorted(entries, key=lambda e: e.name):
             if limit is not None and taken >= limit:
                 return taken  # keep the settle records of the names not looked at this time
-            if looks_temporary(entry.name) or not entry.is_file(follow_symlinks=False):
+            if looks_temporary(entry.name):
+                continue
+            if not entry.is_file(follow_symlinks=False):  # never followed, never moved: say why it stays
+                if entry.name.endswith(".json"):
+                    self._once(entry.name, f"inbox/{entry.name} is {_not_a_file(entry)}, not a job file; it stays "
+                                           "where it is, untaken: copy the job file itself into the inbox")
                 continue
             names.add(entry.name)
             try:
@@ -157,3 +162,9 @@ def _fallback_id(source: str, grabbed: Path) -> str:
 
 def _stamp(wall: float) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime(wall)) + f"{int(wall * 1000) % 1000:03d}"
+
+
+def _not_a_file(entry: os.DirEntry) -> str:
+    if entry.is_symlink():
+        return "a symbolic link"
+    return "a folder" if entry.is_dir(follow_symlinks=False) else "not a regular file (a FIFO, socket or device)"

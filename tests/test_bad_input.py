@@ -84,6 +84,25 @@ def test_worker_rejects_every_bad_file_and_goes_on(share: Share, procs: Procs, t
     assert os.listdir(share.inbox) == []
 
 
+def test_a_link_folder_or_fifo_in_the_inbox_is_named_in_the_log_and_left_alone(share: Share, procs: Procs,
+                                                                                 tmp_path: Path) -> None:
+    """Never followed nor moved (a link could lead anywhere; a FIFO would block the read), but no longer skipped
+    without a word: the person who dropped it learns from the worker's log why no result comes."""
+    target = tmp_path / "job.json"
+    target.write_text(json.dumps({"kind": "probe"}))
+    (share.inbox / "lnk.json").symlink_to(target)
+    (share.inbox / "dir.json").mkdir()
+    os.mkfifo(share.inbox / "fifo.json")
+    w = procs.worker(share, "w1")
+    drop(share, "after.json", {"kind": "probe"})
+    assert wait_result(share, "after", 30).status.value == "succeeded"
+    text = log_of(w)
+    assert "inbox/lnk.json is a symbolic link, not a job file" in text
+    assert "inbox/dir.json is a folder, not a job file" in text
+    assert "inbox/fifo.json is not a regular file (a FIFO, socket or device), not a job file" in text
+    assert sorted(os.listdir(share.inbox)) == ["dir.json", "fifo.json", "lnk.json"] and target.exists()
+
+
 def test_rejected_id_stays_free_for_the_corrected_job(share: Share, procs: Procs) -> None:
     procs.worker(share, "w1")
     drop(share, "fixme.json", {"id": "fixme", "kind": "probe", "priorty": 1})
