@@ -498,7 +498,31 @@ def test_merge_into_base_equals_adapter_on_base(share: Share, trained: dict) -> 
     with pytest.raises(Rejected, match="'models/merged/support-v3' already exists; a merge never replaces") as e:
         run(share, JobSpec(id="m-base-2", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
     assert e.value.field == "merge.output"
+    again = run(share, JobSpec(id="m-base", kind="merge", merge={"adapters": ["support/v3"], "into": "base"}))
+    assert again.ok and again.merged_model == outcome.merged_model  # requeued after it merged: no second merge
+    _a_planted_manifest_is_no_earlier_merge(share, out, record)
     _merged_models_are_listed(share, record)
+
+
+def _a_planted_manifest_is_no_earlier_merge(share: Share, out: Path, record: MergedModel) -> None:
+    """A folder whose manifest.json names a job that has not run yet (anyone can write one) is not that job's
+    earlier merge: with weights added, or for another adapter, the job is refused, never 'succeeded' on them."""
+    planted = share.root / "models" / "planted"
+    for change in ("weights", "adapter"):
+        shutil.copytree(out, planted)
+        fake = record.model_copy(update={"job_id": "u-plant"})
+        if change == "weights":
+            (planted / "BACKDOOR.safetensors").write_bytes(b"x")
+        else:
+            fake.adapter = "billing/v1"
+        (planted / MANIFEST).write_text(fake.model_dump_json())
+        try:
+            with pytest.raises(Rejected, match="already exists and is not this job's earlier merge") as e:
+                run(share, JobSpec(id="u-plant", kind="merge", merge={"adapters": ["support/v3"], "into": "base",
+                                                                      "output": "models/planted"}))
+            assert e.value.field == "merge.output"
+        finally:
+            shutil.rmtree(planted)
 
 
 def _merged_models_are_listed(share: Share, record: MergedModel) -> None:

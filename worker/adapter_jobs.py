@@ -166,13 +166,29 @@ def _into_base(share: Share, req: TrainRequest, item: Input, base_dir: Path, bas
     out_dir = share.root / rel
     _check_inside(share, out_dir, "merge.output")  # before anything is read or made through it
     done = read_model(out_dir / MANIFEST, MergedModel)
-    if done is not None and req.job.id is not None and done.job_id == req.job.id:  # requeued after it merged
+    if done is not None and req.job.id is not None and done.job_id == req.job.id:  # requeued after it merged?
+        if problems := _not_our_merge(done, item, base, out_dir):
+            raise Rejected("merge.output", f"{rel} already exists and is not this job's earlier merge "
+                                           f"({problems[0]}); a merge never replaces a folder: name another output")
         return AdapterJobOutcome("merge", True, merged_model=rel, notes=done.notes)
     # Checked again just before the model is published: a merge for a job that was cancelled, or whose worker
     # was killed (another worker takes it over), must not appear under models/.
     record = into_base(item, base_dir, base, out_dir, req.device, share.file_mode, req.job.id,
                        before_publish=lambda: _stop_if(should_stop))
     return AdapterJobOutcome("merge", True, merged_model=rel, notes=record.notes)
+
+
+def _not_our_merge(done, item: Input, base, out_dir: Path) -> list[str]:  # noqa: ANN001 - MergedModel, BaseIdentity
+    """Why a folder whose manifest names this job is not what its earlier attempt published: anyone can write
+    a manifest.json (an adversarial review planted one, and the job 'succeeded' on the planted weights). The
+    merge it records must be of this adapter into this base, and the folder must hold exactly its files. (A
+    writer who forges all of that consistently is not caught: the share has no secret to sign with.)"""
+    from schemas.adapter import MANIFEST
+    from worker.verify import compare_files
+
+    if done.adapter != item.label or done.base.sha256 != base.sha256:
+        return [f"its manifest records {done.adapter} into a base of sha256 {done.base.sha256[:12]}"]
+    return compare_files(out_dir, done.files, skip=(MANIFEST,))
 
 
 def _check_inside(share: Share, out_dir: Path, field_name: str) -> None:
