@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, 
 # A job id becomes a folder name on SMB, NFS and NTFS alike: keep to the characters all three accept,
 # and refuse the names Windows reserves whatever their extension.
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would let a final newline through
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$", *(f"com{i}" for i in range(10)),
-                    *(f"lpt{i}" for i in range(10))}
+# Windows also reserves COM and LPT with a superscript 1, 2 or 3 (it reads them as the digits).
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$",
+                    *(f"{d}{i}" for d in ("com", "lpt") for i in (*range(10), "\u00b9", "\u00b2", "\u00b3"))}
 ID_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 

@@ -37,6 +37,8 @@ BAD_FILES = [
     ("missing.json", json.dumps({"kind": "train"}).encode(), "job", "needs base_model and dataset"),
     ("newline.json", json.dumps({**GOOD, "id": "abc\n"}).encode(), "id", "not a safe file name"),
     ("device.json", json.dumps({**GOOD, "dataset": "datasets/CON"}).encode(), "dataset", "Windows reserves"),
+    ("com1sup.json", json.dumps({**GOOD, "dataset": "datasets/COM\u00b9.jsonl"}).encode(), "dataset",
+     "Windows reserves"),
     ("longname.json", json.dumps({**GOOD, "dataset": "datasets/" + "a" * 300}).encode(), "dataset", "allow 255 bytes"),
     ("longpath.json", json.dumps({**GOOD, "dataset": "datasets/" + "a/" * 2100 + "x"}).encode(), "dataset",
      "1024 bytes at most"),
