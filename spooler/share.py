@@ -51,6 +51,9 @@ class Share:
             settings = ShareSettings.model_validate_json(raw)
         except ValidationError as e:
             raise ShareError(f"{path} has bad settings: {e}; fix the file or rerun loraspool init") from e
+        if settings.layout_version > LAYOUT_VERSION:  # its folders may mean other things: never guess
+            raise ShareError(f"{path} says layout_version {settings.layout_version}, newer than this loraspool "
+                             f"knows ({LAYOUT_VERSION}): upgrade loraspool on this machine")
         if unknown := sorted(set(json.loads(raw)) - set(ShareSettings.model_fields)):
             log.warning("%s: settings %s are unknown to this loraspool and ignored (a newer release wrote them, "
                         "or they are misspelt)", path, ", ".join(unknown))
@@ -138,6 +141,20 @@ def read_model(path: Path, model: type[M]) -> M | None:
         return None
 
 
+# Settings added after the first release: written only when a person set them (or they were in the file), so
+# that machines still on a release that refuses keys it does not know keep reading the file.
+WRITTEN_WHEN_SET = ("submit_fallback",)
+LAYOUT_VERSION = 1  # the share layout this release reads and writes (share-layout.md)
+
+
+def _as_written(settings: ShareSettings, current: dict) -> dict:
+    """The file's contents: a newer release's keys kept as they were, newer settings of ours only when set."""
+    unknown = {k: v for k, v in current.items() if k not in ShareSettings.model_fields}
+    ours = {k: v for k, v in settings.model_dump(mode="json").items()
+            if k not in WRITTEN_WHEN_SET or k in current}
+    return {**unknown, **ours}
+
+
 def init_share(root: Path | str, **overrides: float | int | str) -> Share:
     """Create the layout and write the settings. Idempotent: existing settings are kept unless overridden."""
     root = Path(root)
@@ -153,9 +170,8 @@ def init_share(root: Path | str, **overrides: float | int | str) -> Share:
         raise ShareError(f"bad share settings: {validation_problems(e.errors())} (from the flags, or {path})") from e
     root.mkdir(parents=True, exist_ok=True)  # after the settings are known good: a refused init leaves nothing
     share = Share(root, settings)
-    unknown = {k: v for k, v in current.items() if k not in ShareSettings.model_fields}
-    if read_model(path, ShareSettings) != settings:  # a newer release's settings stay in the file
-        share.write_json(path, {**unknown, **settings.model_dump(mode="json")})
+    if read_model(path, ShareSettings) != settings:
+        share.write_json(path, _as_written(settings, current))
     for name in FOLDERS:
         share.makedirs(root / name)
     return share

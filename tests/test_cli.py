@@ -44,6 +44,10 @@ def test_a_setting_from_a_newer_release_is_kept_and_does_not_stop_this_one(tmp_p
     assert run("init", str(root), "--max-attempts", "5").returncode == 0
     kept = json.loads((root / "loraspool.json").read_text())
     assert kept["from_the_future"] == {"x": 1} and kept["max_attempts"] == 5
+    assert "submit_fallback" not in kept  # a setting newer than the first release is written only once set
+    (root / "loraspool.json").write_text(json.dumps({**kept, "layout_version": 2}))
+    newer = run("status", "--share", str(root), "--no-wait")
+    assert newer.returncode == 2 and "layout_version 2, newer than this loraspool knows (1)" in newer.stderr
 
 
 def test_a_share_set_to_submit_fallback_never_keeps_jobs_for_the_worker(tmp_path: Path) -> None:
