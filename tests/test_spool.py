@@ -288,3 +288,14 @@ def test_a_worker_told_to_use_cuda_where_there_is_none_takes_no_job(share: Share
     assert out.returncode == 2, out.stderr
     assert "device cuda was asked for, but torch sees no CUDA GPU" in out.stderr and "--device cpu" in out.stderr
     assert (share.inbox / "waits.json").exists() and result_of(share, "waits") is None
+
+
+def test_a_worker_under_nohup_keeps_ignoring_sighup() -> None:
+    """SIGHUP is a graceful stop (a closed terminal), unless the worker was started to ignore it (nohup)."""
+    code = ("import signal\nfrom worker.daemon import install_signal_handlers\n"
+            "for ignored in (True, False):\n"
+            "    signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored else signal.SIG_DFL)\n"
+            "    install_signal_handlers(print)\n"
+            "    print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "False"], out.stderr

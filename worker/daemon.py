@@ -515,8 +515,9 @@ def run_worker(share: Share, cfg: WorkerSettings, clock: Clock | None = None) ->
 
 def install_signal_handlers(request_stop: Callable[[str], None]) -> None:
     """SIGTERM (systemd), Ctrl-C and SIGHUP (the terminal or SSH session of a foreground worker closed) all mean
-    the graceful stop; without it a hang-up killed the worker mid-step, and the job lost its attempt. Windows has
-    neither SIGTERM nor SIGHUP (its service stop calls ``request_stop`` itself)."""
+    the graceful stop; without it a hang-up killed the worker mid-step, and the job lost its attempt. A worker
+    started under nohup keeps ignoring SIGHUP. A Windows service is never sent these: its stop calls
+    ``request_stop`` itself."""
     asked: list[str] = []
 
     def handler(signum: int, _frame: object) -> None:
@@ -529,6 +530,7 @@ def install_signal_handlers(request_stop: Callable[[str], None]) -> None:
         request_stop(name)
 
     signal.signal(signal.SIGINT, handler)
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)  # not under nohup, which asked for the hang-up to be ignored
