@@ -33,6 +33,13 @@ from spooler.share import Share, read_model
 log = logging.getLogger(__name__)
 
 
+# What a network file system says while its server or session is away (and a bare mount point says ENOENT,
+# which Share.reachable tells apart).
+OUTAGE_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOTCONN", "EIO", "ESTALE", "ETIMEDOUT", "ECONNABORTED", "ECONNRESET", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN",
+    "ENETUNREACH", "EREMOTEIO") if hasattr(errno, name))
+
+
 class SubmitError(Exception):
     """The job was not submitted; the message says why and what to do."""
 
@@ -153,6 +160,8 @@ class Waiter:
                 try:
                     update = self._look()
                 except OSError as e:  # ENOTCONN, EIO...: the job goes on wherever it runs, so the wait does too
+                    if e.errno not in OUTAGE_ERRNOS and self.share.reachable():
+                        raise  # a folder of the share is not what it should be: waiting would not change that
                     update = (self._unreachable(e), None, None)
                 else:
                     self._reachable()

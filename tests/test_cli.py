@@ -75,6 +75,17 @@ def test_a_share_folder_that_cannot_be_read_is_a_sentence_not_a_traceback(share:
     assert "Not a directory" in out.stderr and "loraspool doctor" in out.stderr, out.stderr
 
 
+def test_submit_wait_on_a_broken_share_folder_stops_with_a_sentence(share: Share, tmp_path: Path) -> None:
+    """Not every OSError is an outage to wait out: running/ made a file fails the same way every round, and the
+    wait would spin forever saying "the share does not answer" (review)."""
+    (share.root / "running").rmdir()
+    (share.root / "running").write_text("a file where a folder belongs")
+    job = tmp_path / "p1.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    out = run("submit", str(job), "--share", str(share.root), "--wait", "--fallback", "never", timeout=60)
+    assert out.returncode == 1 and "Not a directory" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_output_into_a_closed_pipe_is_no_error(share: Share) -> None:
     """`loraspool status | head`: the reader left early. Not "Broken pipe; is the share mounted?", nor a traceback."""
     for i in range(40):
