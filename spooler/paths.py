@@ -64,7 +64,7 @@ def link_below(root: Path, path: Path) -> Path | None:
         current = current / part
         try:
             st = os.lstat(current)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing below a missing part or a file is a link
             return None
         if stat.S_ISLNK(st.st_mode) or getattr(st, "st_file_attributes", 0) & _REPARSE_POINT:
             return current

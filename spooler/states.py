@@ -245,11 +245,18 @@ def _finalize(share: Share, folder: Path, pending: Path) -> None:
     if record.get("worker"):
         attempt = attempt_dir(share, folder.name, int(record.get("attempts") or 0), record["worker"])
         for name in OUTPUTS if record.get("adapter") else OUTPUTS[1:]:
-            if link := link_below(share.root, attempt / name) or link_below(share.root, folder / name):
-                log.warning("job %s: %s not moved: %s is a link, which the spool never moves through", folder.name,
-                            name, link)
-                continue
-            _move_output(attempt / name, folder / name)
+            try:
+                if link := link_below(share.root, attempt / name) or link_below(share.root, folder / name):
+                    log.warning("job %s: %s not moved: %s is a link, which the spool never moves through",
+                                folder.name, name, link)
+                    continue
+                _move_output(attempt / name, folder / name)
+            except OSError as e:
+                if not share.reachable():
+                    raise  # the share went away: the whole step is tried again when it answers
+                # The job is committed: an odd output (a file where a folder was made) must not keep its result
+                # from ever being written, and every submitter waiting on it with it.
+                log.warning("job %s: %s not moved: %s: %s", folder.name, name, type(e).__name__, e)
     final = folder / "result.json"
     if final.exists():
         return

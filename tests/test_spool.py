@@ -223,6 +223,20 @@ def test_conclude_moves_no_output_through_a_planted_link(share: Share, tmp_path:
     assert not (share.result_dir("planted") / "train.log").exists()
 
 
+def test_an_odd_attempts_entry_does_not_keep_a_committed_job_from_its_result(share: Share) -> None:
+    """results/<id>/attempts as a file: the outputs cannot be found there, but the result is still written
+    (before, NotADirectoryError escaped after the commit, at every start, and the job never had a result)."""
+    from schemas.result import Result, Terminal
+
+    share.makedirs(share.running("w1"))
+    running = share.running("w1") / states.QueueKey(0, "20260101000000000", "oddfile", 1).name
+    running.write_text('{"kind": "probe"}')
+    share.result_dir("oddfile").mkdir(parents=True)
+    (share.result_dir("oddfile") / "attempts").write_text("not a folder")
+    states.conclude(share, running, Result(id="oddfile", status=Terminal.failed, worker="w1", attempts=1))
+    assert json.loads((share.result_dir("oddfile") / "result.json").read_text())["status"] == "failed"
+
+
 def test_worker_restart_requeues_what_it_held(share: Share, procs: Procs, tmp_path: Path) -> None:
     share.makedirs(share.running("w1"))
     key = states.QueueKey(0, "20260101000000000", "orphan", 1)
