@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import stat
 import typing
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,12 @@ def _nesting_depth(text: str) -> int:
 
 
 def read_limited(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, or Rejected("file") without reading a file over the limit."""
-    size = path.stat().st_size
+    """The file's bytes, or Rejected("file") without reading a file over the limit, or one that is not a regular
+    file: a FIFO named *.json in the inbox would block status, cancel and gc in its open for good."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise Rejected("file", "is not a regular file (a FIFO, socket, device or folder)")
+    size = st.st_size
     if size > max_bytes:
         raise Rejected("file", f"{size} bytes is over the {max_bytes}-byte limit for a job file")
     return path.read_bytes()

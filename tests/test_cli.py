@@ -86,6 +86,16 @@ def test_submit_wait_on_a_broken_share_folder_stops_with_a_sentence(share: Share
     assert out.returncode == 1 and "Not a directory" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_a_fifo_in_the_inbox_blocks_no_command(share: Share) -> None:
+    """status, cancel and gc read inbox files; a FIFO named *.json held each in its open for good (review)."""
+    import os
+
+    os.mkfifo(share.inbox / "fifo.json")
+    for args in (("status", "--no-wait"), ("cancel", "x"), ("gc",)):
+        out = run(*args, "--share", str(share.root), timeout=30)
+        assert out.returncode in (0, 1) and "Traceback" not in out.stderr, (args, out.stderr)
+
+
 def test_output_into_a_closed_pipe_is_no_error(share: Share) -> None:
     """`loraspool status | head`: the reader left early. Not "Broken pipe; is the share mounted?", nor a traceback."""
     for i in range(40):

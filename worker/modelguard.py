@@ -230,8 +230,8 @@ def _index_shards(folder: Path) -> list[str]:
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I16": 2,
                "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "BOOL": 1}
 # Sub-byte and newer dtypes safetensors knows, in bits per element (packed: bytes = ceil(elements * bits / 8)).
-DTYPE_BITS = {**{k: 8 * v for k, v in DTYPE_BYTES.items()}, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-              "C64": 64}
+DTYPE_BITS = {**{k: 8 * v for k, v in DTYPE_BYTES.items()}, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+              "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64}
 MAX_HEADER = 100 * 2**20  # safetensors' own limit: a header that claims more is corrupt or hostile
 
 
