@@ -292,7 +292,7 @@ def test_a_gpu_that_fails_under_a_running_worker_gives_the_job_back_and_stops_th
 
     from spooler import claim
     from spooler.config import WorkerSettings
-    from worker.daemon import Worker
+    from worker.daemon import Worker, WorkerError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a usable CUDA GPU")
@@ -308,3 +308,9 @@ def test_a_gpu_that_fails_under_a_running_worker_gives_the_job_back_and_stops_th
     queued = {key.job_id: key.attempt for key, _ in claim.queued(share)}
     assert queued == {"nogpu": 1, "next": 1} and result_of(share, "nogpu") is None
     assert w.unfit and w.stopping.is_set() and w._exit_code() == 1
+    # Restarted by its service manager with device auto, and the driver (NVML too) gone: it must not take the
+    # GPU jobs on its CPU. --device cpu says CPU training is meant.
+    with pytest.raises(WorkerError, match="its GPU failed under it"):
+        Worker(share, WorkerSettings(share=share.root, id="w1", device="auto", cache_dir=tmp_path / "cache"))
+    assert Worker(share, WorkerSettings(share=share.root, id="w1", device="cpu",
+                                        cache_dir=tmp_path / "cache")).device == "cpu"

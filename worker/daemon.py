@@ -10,6 +10,7 @@ Broad exceptions are caught only at the loop boundary, with the job id in the lo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from schemas.heartbeat import Heartbeat, Progress, WorkerState
 from schemas.result import AdapterInfo, Metrics, Result, Terminal
-from spooler import cancel, claim, states
+from spooler import atomic, cancel, claim, states
 from spooler.clock import Clock, SystemClock, iso
 from spooler.config import WorkerSettings, in_quiet_hours, model_allowed
 from spooler.errors import ClaimLost, Rejected
@@ -350,6 +351,8 @@ class Worker:
             log.error("worker %s stops: %s. Job %s goes back to the queue for another worker [worker %s]", self.id,
                       out.error, base.id, self.id)
             self.unfit = True
+            self._device_failed_mark().parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self._device_failed_mark(), {"at": iso(self.clock.wall()), "error": out.error})
             self.request_stop("its device failed")
             release(self.share, running_file, self.id, self.clock, f"its device failed: {out.error}",
                     count_attempt=False)
@@ -442,15 +445,28 @@ class Worker:
             self.share.write_json(path, last.model_copy(update=update))
 
     # ── helpers ─────────────────────────────────────────────────────────────────────────────────────
+    def _device_failed_mark(self) -> Path:
+        return self.cfg.cache_dir / f"device-failed-{self.cfg.id}.json"
+
     def _pick_device(self, wanted: str) -> str:
         """Checked once, at start: a worker that cannot train on its device must not claim jobs. It would fail
-        every queued job for good (an id is used once), as after a driver update that broke CUDA."""
-        if wanted == "cpu" or (wanted == "auto" and self.sampler.gpu_count() == 0):
+        every queued job for good (an id is used once), as after a driver update that broke CUDA. A GPU that
+        failed under this worker (the mark) is not silently replaced by the CPU on the restart either: a
+        driver update usually takes NVML with it, and "auto" would then see no GPU at all."""
+        if wanted == "cpu":
             return "cpu"
-        import torch  # only when a GPU is asked for or the NVIDIA driver shows one
+        mark = _read_mark(self._device_failed_mark())
+        if wanted == "auto" and self.sampler.gpu_count() == 0 and mark is None:
+            return "cpu"
+        import torch  # only when a GPU is asked for, the NVIDIA driver shows one, or one failed here
 
         if torch.cuda.is_available():
+            self._device_failed_mark().unlink(missing_ok=True)  # fixed: our own mark, nobody else's file
             return "cuda"
+        if mark is not None:
+            raise WorkerError(f"its GPU failed under it at {mark.get('at')} ({mark.get('error')}), and torch still "
+                              "sees no CUDA GPU; it takes no job on CPU instead. Fix the GPU (see nvidia-smi), or "
+                              "start it with --device cpu if CPU training is meant")
         why = ("this torch is a CPU-only build" if torch.version.cuda is None else
                "the NVIDIA driver is missing, not loaded, or not the one torch needs: see nvidia-smi")
         if wanted == "cuda":
@@ -534,3 +550,11 @@ def install_signal_handlers(request_stop: Callable[[str], None]) -> None:
         signal.signal(signal.SIGTERM, handler)
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, handler)  # not under nohup, which asked for the hang-up to be ignored
+
+
+def _read_mark(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
