@@ -28,6 +28,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -46,7 +47,14 @@ TICKING = frozenset({"copying", "preparing", "eval-before", "training", "eval-af
 SILENT_FACTOR = 4
 # A child whose daemon was killed checkpoints at its next step and ends (``_Link``). One stuck where it never
 # looks (a looping template, a hung load) would outlive it for good, holding the GPU: it is ended this long after.
-ORPHAN_GRACE = float(os.environ.get("LORASPOOL_ORPHAN_GRACE", "600"))
+def _orphan_grace() -> float:
+    try:
+        return float(os.environ.get("LORASPOOL_ORPHAN_GRACE", "600"))
+    except ValueError:
+        return 600.0
+
+
+ORPHAN_GRACE = _orphan_grace()
 
 
 @dataclass
@@ -95,9 +103,15 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
 
 def _end_if_orphaned(link: _Link) -> None:
     """In the child: once the daemon is gone, allow ORPHAN_GRACE for the checkpoint at the next step, then exit.
-    (POSIX: the parent's pid changes. On Windows it does not, and only the closed pipe, seen at a step, tells.)"""
-    while not link.gone():
-        time.sleep(2.0)
+    The parent's sentinel tells on POSIX and on Windows alike (where the parent's pid never changes), and marks
+    the link orphaned, so the main thread learns it at its next step without reading the pipe."""
+    parent = mp.parent_process()
+    if parent is not None:
+        mp_connection.wait([parent.sentinel])
+    else:
+        while not link.gone():
+            time.sleep(2.0)
+    link.orphaned = True
     time.sleep(ORPHAN_GRACE)
     os._exit(3)
 
