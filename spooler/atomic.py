@@ -122,7 +122,7 @@ def dir_mode_for(file_mode: int) -> int:
 def open_append(path: Path) -> IO[str]:
     """Open a log for appending, never through a link (O_NOFOLLOW where the OS has it): a link planted in its
     place would have the worker append to, and later move, a file of someone else's."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     return open(os.open(path, flags, 0o666), "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - the caller's
 
 

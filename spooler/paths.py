@@ -66,12 +66,14 @@ def link_below(root: Path, path: Path) -> Path | None:
             st = os.lstat(current)
         except (FileNotFoundError, NotADirectoryError):  # nothing below a missing part or a file is a link
             return None
-        if stat.S_ISLNK(st.st_mode) or getattr(st, "st_file_attributes", 0) & _REPARSE_POINT:
+        if stat.S_ISLNK(st.st_mode) or getattr(st, "st_reparse_tag", 0) in _LINK_TAGS:
             return current
     return None
 
 
-_REPARSE_POINT = 0x400  # FILE_ATTRIBUTE_REPARSE_POINT: junctions and symlinks on Windows
+# Windows symlinks and junctions; not every reparse point (deduplicated and OneDrive placeholder files are too).
+_LINK_TAGS = (getattr(stat, "IO_REPARSE_TAG_SYMLINK", 0xA000000C),
+              getattr(stat, "IO_REPARSE_TAG_MOUNT_POINT", 0xA0000003))
 
 
 def refuse_links(root: Path, path: Path) -> None:
