@@ -713,14 +713,15 @@ def test_logs_are_never_appended_through_a_link(tmp_path: Path) -> None:
     assert theirs.read_text() == "not yours\n"
 
 
-def test_a_token_cache_folder_that_leads_out_of_the_share_is_not_used(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """datasets/.tokens as a link out of the share: the worker would write there with its own rights (and read
-    rows someone else made). It trains without the cache, and writes nothing there."""
+@pytest.mark.parametrize("where", ["outside", "share/adapters/x/v1"])
+def test_a_token_cache_folder_that_is_a_link_is_not_used(tmp_path: Path, tiny_model_dir: Path, where: str) -> None:
+    """datasets/.tokens as a link, out of the share or into a write-once adapter version: the worker would write
+    there with its own rights (and read rows someone else made). It trains without the cache, writing nothing."""
     root = tmp_path / "share"
     shutil.copytree(tiny_model_dir, root / "models" / "tiny")
     write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=32)
-    outside = tmp_path / "outside"
-    outside.mkdir()
+    outside = tmp_path / where
+    outside.mkdir(parents=True)
     (root / "datasets" / ".tokens").symlink_to(outside, target_is_directory=True)
     outcome = train(root, make_job("no-cache", max_steps=2))
     assert outcome.data.tokens_cached == 0 and list(outside.iterdir()) == []

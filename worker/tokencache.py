@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from array import array
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spooler.atomic import dir_mode_for, makedirs, write_bytes
-from spooler.paths import outside_share
+from spooler.paths import link_below
 from spooler.share import TOKEN_CACHE
 from worker.data import IGNORE
 
@@ -180,11 +181,12 @@ def _read(path: Path, limits: tuple[int, int]) -> tuple[dict[str, torch.Tensor],
 def for_dataset(share_root: Path, file_labels: list[str], tokenizer: Any, file_mode: int,
                 write: bool = True) -> Callable[[Reading], TokenCache] | None:
     """The cache of a dataset, by what was read of it. ``write``: False on DDP ranks but the first, which read
-    the cache and leave writing it to that one. None when datasets/.tokens is, or is under, a link that leads
-    out of the share: the worker would write there with its own rights, and read rows someone else made."""
-    if real := outside_share(share_root, share_root / FOLDER):
-        log.warning("%s leads out of the share (to %s): tokenized rows are neither read from nor kept there",
-                    TOKEN_CACHE, real)
+    the cache and leave writing it to that one. None when datasets/.tokens is, or is under, a link: the worker
+    would write where it leads with its own rights (out of the share, or into a write-once adapter version), and
+    read rows someone else made."""
+    if link := link_below(share_root, share_root / FOLDER):
+        log.warning("%s is a link (to %s): tokenized rows are neither read from nor kept there", link,
+                    os.path.realpath(link))
         return None
     tokenizer_id = tokenizer_fingerprint(tokenizer)
 
