@@ -571,6 +571,27 @@ def test_weighted_merge_loads_and_runs(share: Share, trained: dict, combination:
         plain = base(input_ids=ids).logits
         mixed = PeftModel.from_pretrained(base, version(share, outcome.registered))(input_ids=ids).logits
     assert torch.isfinite(mixed).all() and not torch.allclose(plain, mixed)
+    if combination == "linear":
+        assert run(share, job).registered == outcome.registered  # requeued after it registered: no second version
+        _a_planted_version_is_no_earlier_merge(share, job, outcome.registered)
+
+
+def _a_planted_version_is_no_earlier_merge(share: Share, job: JobSpec, registered: str) -> None:
+    """A version whose manifest names a merge job that has not run yet, with a file added: the job is refused,
+    never 'succeeded' on it."""
+    planted = registry.root(share) / "mix-planted" / "v1"
+    shutil.copytree(version(share, registered), planted)
+    m = registry.read_manifest(share, registry.Ref.parse(registered))
+    assert m is not None
+    (planted / registry.MANIFEST).write_text(m.model_copy(update={"job_id": "u-mix", "name": "mix-planted"})
+                                              .model_dump_json())
+    (planted / "extra.safetensors").write_bytes(b"x")
+    try:
+        with pytest.raises(Rejected, match="names this job but is not its earlier merge") as e:
+            run(share, job.model_copy(update={"id": "u-mix", "register_as": "mix-planted"}))
+        assert e.value.field == "merge"
+    finally:
+        shutil.rmtree(planted.parent)
 
 
 def test_a_merge_of_incompatible_ranks_is_rejected(share: Share, trained: dict) -> None:
