@@ -650,7 +650,14 @@ def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], repor
                 _put_back(folder, asked[back], back, report)
             report.refused[text] = f"could not be moved aside ({type(e).__name__}: {e}); try again when no job uses it"
             return
-    late = decide()
+    try:
+        late = decide()
+    except Exception as e:  # the share failed mid-run: what was hidden goes back, or is reported where it is
+        for text, doomed in asked.items():
+            report.refused[text] = f"not removed: the jobs could not be read again ({type(e).__name__}: {e}); " \
+                                   "try again"
+            _put_back(hidden[text], doomed, text, report)
+        return
     for text, doomed in asked.items():
         if doomed.key in late:
             report.refused[text] = f"kept: {late[doomed.key]} (it came while gc ran)"

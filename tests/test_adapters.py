@@ -824,6 +824,27 @@ def test_gc_removes_none_when_one_cannot_be_moved_aside(share: Share, trained: d
     assert not [p for p in (registry.root(share) / "roll").iterdir() if p.name.startswith(".")]
 
 
+def test_gc_puts_back_what_it_hid_when_the_second_look_fails(share: Share, trained: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share fails between hiding and the second look at the jobs: nothing stays hidden unreported."""
+    _register_copies(share, trained, "blip", [[], []])
+    before = _tree_digest(version(share, "blip/v1"))
+    first_look = registry._named_by_jobs
+    looks: list[int] = []
+
+    def fail_second(s: Share, keys: list) -> dict[str, str]:
+        looks.append(1)
+        if len(looks) == 2:
+            raise OSError(5, "Input/output error")
+        return first_look(s, keys)
+
+    monkeypatch.setattr(registry, "_named_by_jobs", fail_second)
+    report = registry.gc(share, ["blip/v1"])
+    assert report.removed == [] and report.refused["blip/v1"].startswith("not removed: the jobs could not be read")
+    assert _tree_digest(version(share, "blip/v1")) == before
+    assert not [p for p in (registry.root(share) / "blip").iterdir() if p.name.startswith(".")]
+
+
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
