@@ -866,6 +866,7 @@ def test_share_makedirs_gives_every_folder_it_makes_the_shares_mode(share: Share
         os.umask(old)
     for folder in (made, made.parent, made.parent.parent):
         assert stat.S_IMODE(folder.stat().st_mode) == share.dir_mode == 0o775, folder
+    shutil.rmtree(made.parent)  # adapters/new: not a registered name, and the module's share is shared
 
 
 def test_gc_removes_the_token_cache_only_when_named(share: Share, trained: dict, tmp_path: Path) -> None:
@@ -1027,10 +1028,14 @@ def test_adapter_folders_with_a_fifo_or_a_link_out_of_the_share_are_refused(shar
              "merge.adapters": JobSpec(id="l-merge", kind="merge", base_model="models/tiny",
                                        merge={"adapters": ["linkout/v1", "billing/v1"], "into": "adapter"}),
              "verify.adapter": JobSpec(id="l-verify", kind="verify", verify={"adapter": "linkout/v1"})}
-    for field, job in cases.items():
-        with pytest.raises(Rejected, match="outside the share") as seen:
-            run(share, job)
-        assert seen.value.field == field
+    try:
+        for field, job in cases.items():
+            with pytest.raises(Rejected, match="outside the share") as seen:
+                run(share, job)
+            assert seen.value.field == field
+    finally:  # the module's share is used by later tests: no version linking out of it stays
+        shutil.rmtree(version(share, "linkout/v1").parent)
+        shutil.rmtree(folder)
 
 
 def test_a_verify_job_silent_for_too_long_is_ended(share: Share, trained: dict, tmp_path: Path) -> None:
@@ -1051,7 +1056,7 @@ def test_a_verify_job_silent_for_too_long_is_ended(share: Share, trained: dict, 
                   verify={"adapter": "incoming/plain"})
     out: list[horse.HorseResult] = []
     runner = threading.Thread(target=lambda: out.append(horse.run(vars(_request(share, job)), lambda _p: None,
-                                                                  lambda: None, stall_seconds=1.0)))
+                                                                  lambda: None, stall_seconds=4.0)))
     runner.start()
     runner.join(180)
     assert not runner.is_alive(), "the silent verify job was never ended"

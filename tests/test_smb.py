@@ -177,7 +177,7 @@ def test_submit_wait_outlives_its_mount_dropping(shares: tuple[Share, Share], pr
     wait_for(lambda: (served / "heartbeats" / "gpu-desk.json").exists(), 60, "the worker's heartbeat")
     job = tmp_path / "outage.json"
     job.write_text(json.dumps({"kind": "train", "base_model": "models/tiny", "dataset": "datasets/d.jsonl",
-                               "training": {"max_steps": 20, "batch_size": 4, "max_length": 48}}))
+                               "training": {"max_steps": 150, "batch_size": 4, "max_length": 48}}))
     submit = subprocess.Popen([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(b.root),
                                "--wait", "--fallback", "auto"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
