@@ -21,11 +21,11 @@ def share_path_problem(value: str) -> str | None:
     parts = value.replace("\\", "/").split("/")
     if ".." in parts:
         return f"{value!r} has a '..' component; paths must stay inside the share"
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
-        return f"is {len(value)} characters long; a share path may have {MAX_PATH_BYTES} bytes at most"
+    if (size := len(value.encode("utf-8", "surrogatepass"))) > MAX_PATH_BYTES:
+        return f"is {size} bytes long (UTF-8); a share path may have {MAX_PATH_BYTES} bytes at most"
     for part in parts:
-        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            return f"has a name of {len(part)} characters ({part[:20]!r}...); file systems allow {MAX_NAME_BYTES} bytes"
+        if (size := len(part.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+            return f"has a name of {size} bytes ({part[:20]!r}...); file systems allow {MAX_NAME_BYTES} bytes"
         if problem := _windows_problem(part):
             return f"{value!r}: {problem}"
     return None
