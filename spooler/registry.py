@@ -274,14 +274,33 @@ def registered_by(share: Share, name: str, job_id: str) -> Ref | None:
     return None
 
 
+def _not_registered_here(share: Share, ref: Ref, base_model: str) -> str | None:
+    """Why a version whose manifest names a train job is not what that job's earlier attempt registered: anyone
+    can write a manifest.json. It must record a training on this base, and hold exactly its files (a forgery
+    consistent in all of that goes unnoticed: the share has no secret to sign with)."""
+    from worker.verify import compare_files
+
+    manifest = read_manifest(share, ref)
+    if manifest is None or manifest.origin != "train":
+        return "its manifest records no training"
+    if manifest.base.sha256 != base_identity_of(share, base_model).sha256:
+        return f"its manifest records a base of sha256 {manifest.base.sha256[:12]}"
+    problems = compare_files(version_dir(share, ref), manifest.files, skip=(MANIFEST,))
+    return problems[0] if problems else None
+
+
 def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Metrics, data: DataReport | None,
                      quantization: str = "none", notes: list[str] | None = None,
                      expected: dict[str, str] | None = None) -> Ref:
     """Register a train job's adapter; idempotent per job id."""
     name = name_for(spec)
-    if (done := registered_by(share, name, str(spec.id))) is not None:
-        return done
     assert spec.base_model is not None
+    if (done := registered_by(share, name, str(spec.id))) is not None:
+        if (forged := _not_registered_here(share, done, spec.base_model)) is None:
+            return done
+        # Hours of training are not thrown away over someone else's folder: it gets a version of its own.
+        log.warning("adapter %s names job %s but is not its earlier registration (%s); registering anew", done,
+                    spec.id, forged)
     if spec.parent and read_manifest(share, Ref.parse(spec.parent)) is None:
         # Registered anyway, it could take the parent's own number and name itself as its parent (a share from
         # before the registry, or a parent removed by hand): refuse, and say in which order to register.

@@ -1061,3 +1061,21 @@ def test_a_verify_job_silent_for_too_long_is_ended(share: Share, trained: dict, 
     runner.join(180)
     assert not runner.is_alive(), "the silent verify job was never ended"
     assert out[0].kind == "failed" and "(phase 'verifying')" in (out[0].error or ""), out[0]
+
+
+def test_a_planted_version_naming_a_train_job_is_not_taken_for_its_registration(share: Share,
+                                                                                 trained: dict) -> None:
+    """A version whose manifest names a train job that has not run yet (anyone can write one), with a file
+    added: the job registers a version of its own, not the planted one, and keeps its training."""
+    planted = registry.root(share) / "plantedtrain" / "v1"
+    shutil.copytree(version(share, "billing/v1"), planted)
+    m = registry.read_manifest(share, registry.Ref("billing", 1))
+    assert m is not None
+    (planted / registry.MANIFEST).write_text(m.model_copy(update={"job_id": "t-plant", "name": "plantedtrain"})
+                                              .model_dump_json())
+    (planted / "extra.safetensors").write_bytes(b"x")
+    try:
+        outcome = run(share, _job("t-plant", register_as="plantedtrain"))
+        assert outcome.registered == "plantedtrain/v2"
+    finally:
+        shutil.rmtree(planted.parent)
