@@ -274,16 +274,18 @@ def registered_by(share: Share, name: str, job_id: str) -> Ref | None:
     return None
 
 
-def _not_registered_here(share: Share, ref: Ref, base_model: str) -> str | None:
-    """Why a version whose manifest names a train job is not what that job's earlier attempt registered: anyone
-    can write a manifest.json. It must record a training on this base, and hold exactly its files (a forgery
-    consistent in all of that goes unnoticed: the share has no secret to sign with)."""
+def not_made_by_job(share: Share, ref: Ref, origin: str, base_sha256: str,
+                    parents: list[str] | None = None) -> str | None:
+    """Why a version whose manifest names a job is not what that job's earlier attempt registered, or None.
+    Anyone can write a manifest.json: it must record this origin ("train" or "merge"), this base, these parents
+    (when given), and the folder must hold exactly its files. (A forgery consistent in all of that goes
+    unnoticed: the share has no secret to sign with.)"""
     from worker.verify import compare_files
 
     manifest = read_manifest(share, ref)
-    if manifest is None or manifest.origin != "train":
-        return "its manifest records no training"
-    if manifest.base.sha256 != base_identity_of(share, base_model).sha256:
+    if manifest is None or manifest.origin != origin or (parents is not None and manifest.parents != parents):
+        return f"its manifest records no {origin} of these inputs"
+    if manifest.base.sha256 != base_sha256:
         return f"its manifest records a base of sha256 {manifest.base.sha256[:12]}"
     problems = compare_files(version_dir(share, ref), manifest.files, skip=(MANIFEST,))
     return problems[0] if problems else None
@@ -296,7 +298,7 @@ def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Me
     name = name_for(spec)
     assert spec.base_model is not None
     if (done := registered_by(share, name, str(spec.id))) is not None:
-        if (forged := _not_registered_here(share, done, spec.base_model)) is None:
+        if (forged := not_made_by_job(share, done, "train", base_identity_of(share, spec.base_model).sha256)) is None:
             return done
         # Hours of training are not thrown away over someone else's folder: it gets a version of its own.
         log.warning("adapter %s names job %s but is not its earlier registration (%s); registering anew", done,

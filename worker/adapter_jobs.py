@@ -191,21 +191,6 @@ def _not_our_merge(done, item: Input, base, out_dir: Path) -> list[str]:  # noqa
     return compare_files(out_dir, done.files, skip=(MANIFEST,))
 
 
-def _not_our_registration(share: Share, ref, inputs: list[Input], base) -> str | None:  # noqa: ANN001
-    """Why a registered version whose manifest names this merge job is not what its earlier attempt registered
-    (see ``_not_our_merge``: anyone can write a manifest; only a consistent forgery goes unnoticed)."""
-    from spooler import registry
-    from worker.verify import compare_files
-
-    manifest = registry.read_manifest(share, ref)
-    if manifest is None or manifest.origin != "merge" or manifest.parents != [i.label for i in inputs]:
-        return "its manifest records another origin or other inputs"
-    if manifest.base.sha256 != base.sha256:
-        return f"its manifest records a base of sha256 {manifest.base.sha256[:12]}"
-    problems = compare_files(registry.version_dir(share, ref), manifest.files, skip=(registry.MANIFEST,))
-    return problems[0] if problems else None
-
-
 def _check_inside(share: Share, out_dir: Path, field_name: str) -> None:
     """The output must really be under the share's models/ (no symlinked folder leading out of it, to another
     disk or into the spool's own folders): checked before its parent is made, so that no folder is made out
@@ -227,7 +212,7 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
     assert spec is not None
     name = registry.name_for(req.job)
     if req.job.id and (done := registry.registered_by(share, name, req.job.id)) is not None:
-        if problem := _not_our_registration(share, done, inputs, base):
+        if problem := registry.not_made_by_job(share, done, "merge", base.sha256, [i.label for i in inputs]):
             raise Rejected("merge", f"{done} names this job but is not its earlier merge ({problem}); someone made "
                                     "it by hand: submit the merge again under a new id")
         return AdapterJobOutcome("merge", True, registered=str(done), notes=["registered by an earlier attempt"])
