@@ -624,6 +624,23 @@ def test_weights_whose_header_does_not_tile_the_data_are_refused_by_name(tmp_pat
     assert e.value.field == "base_model"
 
 
+def test_weights_in_every_dtype_safetensors_writes_pass_the_header_check(tmp_path: Path) -> None:
+    """Files written by the library itself, in every dtype this torch has (review: FP8 FNUZ was refused)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from worker.modelguard import read_header
+
+    names = ["float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
+             "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "uint16",
+             "uint32", "uint64"]
+    dtypes = [getattr(torch, n) for n in names if hasattr(torch, n)]
+    for dtype in dtypes:
+        save_file({"x": torch.zeros(2, 3).to(dtype), "y": torch.zeros(5).to(dtype)}, str(tmp_path / "w.safetensors"))
+        assert set(read_header(tmp_path / "w.safetensors")) == {"x", "y"}, dtype
+    assert torch.float8_e4m3fnuz in dtypes
+
+
 def test_pre_quantized_weights_are_not_counted_against_the_config(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A GPTQ, AQLM or bitsandbytes checkpoint packs 2 to 16 values per stored number by its own scheme: with a
     quantization_config the count is bounded by bits (one parameter per bit of the files), so a real 2-bit model
