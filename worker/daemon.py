@@ -351,8 +351,11 @@ class Worker:
             log.error("worker %s stops: %s. Job %s goes back to the queue for another worker [worker %s]", self.id,
                       out.error, base.id, self.id)
             self.unfit = True
-            self._device_failed_mark().parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_json(self._device_failed_mark(), {"at": iso(self.clock.wall()), "error": out.error})
+            try:  # the job goes back whatever happens to the mark: a cache folder that refuses it is no job's fault
+                self._device_failed_mark().parent.mkdir(parents=True, exist_ok=True)
+                atomic.write_json(self._device_failed_mark(), {"at": iso(self.clock.wall()), "error": out.error})
+            except OSError as e:
+                log.warning("worker %s: the device-failed mark was not written (%s) [worker %s]", self.id, e, self.id)
             self.request_stop("its device failed")
             release(self.share, running_file, self.id, self.clock, f"its device failed: {out.error}",
                     count_attempt=False)
