@@ -57,14 +57,15 @@ def test_claim_race_across_two_mounts(shares: tuple[Share, Share], procs: Procs,
     """40 jobs, dropped through both mounts, claimed by a worker on each: every one runs exactly once.
     (Each job costs about three confirm pauses of 0.3 s per worker, so 40 take ~30 s here; 80 timed out in CI.)"""
     a, b = shares
+    served = _served(pair, a)
     wa, wb = _two_workers(a, b, procs, pair)
     jobs = [f"r{i:03d}" for i in range(40)]
     for i, job_id in enumerate(jobs):  # dropped through both mounts, as from two machines
         _drop(pair, a if i % 2 else b, job_id)
-    wait_for(lambda: all(result_of(a, j) for j in jobs), 240, "40 results", every=0.5,
-             explain=lambda: _stuck(a, jobs, procs, pair))
+    wait_for(lambda: all(result_of(served, j) for j in jobs), 240, "40 results", every=0.5,
+             explain=lambda: _stuck(served, jobs, procs, pair))
     procs.stop_all()
-    _assert_each_ran_once(a, b, jobs, log_of(wa) + log_of(wb))
+    _assert_each_ran_once(served, jobs, log_of(wa) + log_of(wb))
     assert "polling observer" in log_of(wa) and "polling observer" in log_of(wb)
 
 
@@ -73,20 +74,21 @@ def test_a_mount_dropped_mid_race_loses_no_job_and_runs_none_twice(shares: tuple
     """Mount a's SMB client dies (kill -9 of its rclone) while both workers claim, and reconnects a moment later:
     worker on-a sees ENOTCONN mid-rename, mid-write and mid-poll. No job is lost, none runs twice."""
     a, b = shares
+    served = _served(pair, a)
     wa, wb = _two_workers(a, b, procs, pair)
     jobs = [f"k{i:03d}" for i in range(24)]
     for job_id in jobs:  # all through b, which stays up
         _drop(pair, b, job_id)
-    wait_for(lambda: sum(result_of(b, j) is not None for j in jobs) >= 6, 120, "6 results before the drop",
-             every=0.2, explain=lambda: _stuck(b, jobs, procs, pair))
+    wait_for(lambda: sum(result_of(served, j) is not None for j in jobs) >= 6, 120, "6 results before the drop",
+             every=0.2, explain=lambda: _stuck(served, jobs, procs, pair))
     pair.kill_mount("a")
-    before = {j for j in jobs if result_of(b, j) is not None}
-    wait_for(lambda: all(result_of(b, j) for j in jobs), 240, "24 results", every=0.5,
-             explain=lambda: _stuck(b, jobs, procs, pair))
+    before = {j for j in jobs if result_of(served, j) is not None}
+    wait_for(lambda: all(result_of(served, j) for j in jobs), 240, "24 results", every=0.5,
+             explain=lambda: _stuck(served, jobs, procs, pair))
     procs.stop_all()
     assert wa.returncode == 0 and wb.returncode == 0, procs.tails()
-    _assert_each_ran_once(a, b, jobs, log_of(wa) + log_of(wb))
-    after = collections.Counter(result_of(b, j).worker for j in jobs if j not in before)
+    _assert_each_ran_once(served, jobs, log_of(wa) + log_of(wb))
+    after = collections.Counter(result_of(served, j).worker for j in jobs if j not in before)
     assert after["on-a"] > 0, f"worker on-a took no job once its mount was back: {after}\n{log_of(wa)[-3000:]}"
 
 
@@ -94,6 +96,13 @@ def _two_workers(a: Share, b: Share, procs: Procs, pair: SmbPair) -> tuple[subpr
     wa, wb = procs.worker(a, "on-a"), procs.worker(b, "on-b")
     wait_for(lambda: pair.retried(lambda: len(list(a.heartbeats.glob("on-*.json")))) == 2, 60, "both heartbeats")
     return wa, wb
+
+
+def _served(pair: SmbPair, side: Share) -> Share:
+    """The same share as the server's disk holds it: where a job's result is looked for. Either rclone client
+    can serve a stale read of a file for minutes (tests/SMB_FINDINGS.md; seen in CI: one result.json of 40
+    unreadable through a for 240 s while listed there), and that is the client, not the spool."""
+    return Share(pair.backing / side.root.name, side.settings)
 
 
 def _drop(pair: SmbPair, side: Share, job_id: str) -> None:
@@ -104,7 +113,7 @@ def _drop(pair: SmbPair, side: Share, job_id: str) -> None:
     pair.retried(lambda: tmp.exists() and tmp.rename(side.inbox / f"{job_id}.json"))
 
 
-def _assert_each_ran_once(a: Share, b: Share, jobs: list[str], logs: str) -> None:
+def _assert_each_ran_once(served: Share, jobs: list[str], logs: str) -> None:
     """Exactly once per queue entry: (job, attempt) is claimed by one worker. A job may be claimed again only
     as a later attempt, after a reaper judged its worker stale (a loaded machine can stall an rclone mount
     for seconds), and then the earlier claimer's outcome must have been fenced off, not written.
@@ -123,8 +132,8 @@ def _assert_each_ran_once(a: Share, b: Share, jobs: list[str], logs: str) -> Non
     for job_id in again:
         assert re.search(rf"job {job_id} (outcome )?dropped", logs), f"{job_id} ran twice and was not fenced"
     for job_id, seen in attempts.items():  # the result on the share is the last claimer's, never a fenced one's
-        assert result_of(a, job_id).attempts == max(seen), (job_id, seen, result_of(a, job_id))
-    workers = collections.Counter(result_of(b, j).worker for j in jobs)
+        assert result_of(served, job_id).attempts == max(seen), (job_id, seen, result_of(served, job_id))
+    workers = collections.Counter(result_of(served, j).worker for j in jobs)
     assert set(workers) == {"on-a", "on-b"}, workers
 
 

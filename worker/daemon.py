@@ -76,6 +76,7 @@ class Worker:
         self._owns_watcher = watcher is None
         self.wake: threading.Event | None = None
         self.unfit = False  # its device failed under it: it stopped taking jobs
+        self._interrupted: set[str] = set()  # running files whose start a share outage cut short
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
     def work(self) -> int:
@@ -247,7 +248,10 @@ class Worker:
         self.hb.state, self.hb.job, self.hb.progress = WorkerState.busy, key.job_id, None
         started = self.clock.wall()
         source = states.read_origin(self.share, key.job_id).get("source_file")  # a file anyone could edit
-        log.info("job %s claimed, attempt %d [worker %s]", key.job_id, key.attempt, self.id)
+        again = running_file.name in self._interrupted  # held through a share outage: not a second claim
+        self._interrupted.discard(running_file.name)
+        log.info("job %s %s, attempt %d [worker %s]", key.job_id, "taken up again" if again else "claimed",
+                 key.attempt, self.id)
         base = Result(id=key.job_id, status=Terminal.failed, worker=self.id, host=socket.gethostname(),
                       device=self.device, fallback=self.cfg.fallback, attempts=key.attempt,
                       started_at=iso(started), source_file=source if isinstance(source, str) else None)
@@ -268,6 +272,7 @@ class Worker:
                 log.warning("job %s interrupted by the share: %s: %s; it stays claimed and runs again (from its last "
                             "checkpoint) when the share answers [worker %s]", key.job_id, type(e).__name__, e, self.id)
             self._start_trouble = kind
+            self._interrupted.add(running_file.name)
             self.stopping.wait(self.share.settings.heartbeat_interval)
             return
         except Exception as e:  # the loop boundary: a bug in one job must not stop the worker
