@@ -111,13 +111,13 @@ class Share:
         """The settings file is there. A network drive that dropped leaves a bare mount point (or an error) where
         the share was, and a spool that looks empty then must not be taken for one that is."""
         try:
-            return (self.root / SETTINGS_FILE).exists()
+            return (self.root / SETTINGS_FILE).is_file()
         except OSError:
             return False
 
     def makedirs(self, path: Path) -> Path:
         if not path.is_dir():
-            if not (self.root / SETTINGS_FILE).is_file():
+            if not self.reachable():
                 # An unmounted share leaves an empty mount point: never build a second share on the local disk.
                 raise ShareUnavailable(f"{self.root} is not reachable (no {SETTINGS_FILE}); is the share mounted?")
             atomic.makedirs(path, self.dir_mode)

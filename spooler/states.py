@@ -101,7 +101,7 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
     try:
         folder.mkdir()
     except FileExistsError:
-        origin = _read_json(folder / ORIGIN)
+        origin = read_json_object(folder / ORIGIN)
         return origin.get("token") == intake_file.name  # our own grab, resumed after a crash
     with contextlib.suppress(OSError):
         os.chmod(folder, share.dir_mode)
@@ -109,7 +109,7 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
                                        "accepted_by": worker})
     # rclone's SMB client reports "already exists" as success, so two racing mkdirs can both "win". The last
     # origin.json written is the reservation: look again after a pause, and yield if it is not ours.
-    return _confirmed(share, lambda: _read_json(folder / ORIGIN).get("token") == intake_file.name, folder)
+    return _confirmed(share, lambda: read_json_object(folder / ORIGIN).get("token") == intake_file.name, folder)
 
 
 def enqueue(share: Share, intake_file: Path, key: QueueKey) -> Path:
@@ -206,10 +206,10 @@ def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool
             return "result.json" in names
         if "result.json" in names:  # another attempt's result is out, and ours still pending: not ours
             return False
-        mine = (_attempts_of(pending), _read_json(pending).get("worker"))
+        mine = (_attempts_of(pending), read_json_object(pending).get("worker"))
         others = [p for p in folder.glob(f".result.*.json{PENDING_SUFFIX}") if p.name != pending.name]
         # Strictly the latest attempt; a tie counts only for our own worker's retry of one outcome.
-        return all(_attempts_of(o) < mine[0] or (_attempts_of(o), _read_json(o).get("worker")) == mine
+        return all(_attempts_of(o) < mine[0] or (_attempts_of(o), read_json_object(o).get("worker")) == mine
                    for o in others)
 
     return _confirmed(share, done, folder)
@@ -225,7 +225,7 @@ def _committed_pending(folder: Path) -> Path | None:
 
 
 def _attempts_of(pending: Path) -> int:
-    attempts = _read_json(pending).get("attempts")
+    attempts = read_json_object(pending).get("attempts")
     return attempts if isinstance(attempts, int) else 0
 
 
@@ -241,7 +241,7 @@ def complete_pending(share: Share, job_id: str) -> bool:
 
 def _finalize(share: Share, folder: Path, pending: Path) -> None:
     """Step (3) of ``conclude``: outputs into place, then the pending result. Never replaces a result."""
-    record = _read_json(pending)
+    record = read_json_object(pending)
     if record.get("worker"):
         attempt = attempt_dir(share, folder.name, int(record.get("attempts") or 0), record["worker"])
         for name in OUTPUTS if record.get("adapter") else OUTPUTS[1:]:
@@ -276,10 +276,11 @@ def _move_output(src: Path, dest: Path) -> None:
 
 
 def read_origin(share: Share, job_id: str) -> dict:
-    return _read_json(share.result_dir(job_id) / ORIGIN)
+    return read_json_object(share.result_dir(job_id) / ORIGIN)
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; {} when it is missing, unreadable or not an object (anyone can write it)."""
     try:
         value = json.loads(path.read_bytes())
     except (OSError, ValueError):

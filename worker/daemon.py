@@ -10,7 +10,6 @@ Broad exceptions are caught only at the loop boundary, with the job id in the lo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -463,7 +462,7 @@ class Worker:
         driver update usually takes NVML with it, and "auto" would then see no GPU at all."""
         if wanted == "cpu":
             return "cpu"
-        mark = _read_mark(self._device_failed_mark())
+        mark = states.read_json_object(self._device_failed_mark()) or None
         if wanted == "auto" and self.sampler.gpu_count() == 0 and mark is None:
             return "cpu"
         import torch  # only when a GPU is asked for, the NVIDIA driver shows one, or one failed here
@@ -559,10 +558,3 @@ def install_signal_handlers(request_stop: Callable[[str], None]) -> None:
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, handler)  # not under nohup, which asked for the hang-up to be ignored
 
-
-def _read_mark(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
