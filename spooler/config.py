@@ -36,7 +36,7 @@ ENV = {"share": "LORASPOOL_SHARE", "id": "LORASPOOL_WORKER_ID", "device": "LORAS
        "cache_dir": "LORASPOOL_CACHE_DIR", "cache_models": "LORASPOOL_CACHE_MODELS",
        "log_file": "LORASPOOL_LOG_FILE", "log_max_bytes": "LORASPOOL_LOG_MAX_BYTES",
        "log_backups": "LORASPOOL_LOG_BACKUPS", "quiet_hours": "LORASPOOL_QUIET_HOURS",
-       "stall_minutes": "LORASPOOL_STALL_MINUTES"}
+       "stall_minutes": "LORASPOOL_STALL_MINUTES", "cpu_quantization": "LORASPOOL_CPU_QUANTIZATION"}
 CONFIG_ENV = "LORASPOOL_CONFIG"
 # Only for a worker that a submitter starts for one job; never a machine's standing setting.
 FLAG_ONLY = ("fallback", "only_job")
@@ -86,6 +86,11 @@ class WorkerSettings(BaseModel):
                                 "preparing, evaluating or training (a chat template that never finishes, a hung "
                                 "driver), or for 4 times as long while loading, saving, verifying or merging, is "
                                 "ended and fails; 0: never.")
+    cpu_quantization: Literal["plain", "bitsandbytes"] = Field(
+        "plain", description='What a CPU worker does with a 4bit or 8bit job. "plain": trains plain LoRA on the fp32 '
+                             'base (fastest on CPU; the result says so). "bitsandbytes": loads the base quantized, '
+                             "with bitsandbytes' CPU kernels, as the job asked: a quarter of the memory for 4bit, "
+                             "slower; for a machine whose memory cannot hold the fp32 base.")
     fallback: bool = Field(False, description="Run by a submitter because no worker was live.")
     only_job: str | None = Field(None, description="Claim only this job, and exit once it has a result.")
 

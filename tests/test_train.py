@@ -4,6 +4,7 @@ refuses bad models, bad datasets and bad module names by field before loading an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -345,6 +346,31 @@ def test_4bit_on_cpu_trains_as_plain_lora_and_says_so(share_root: Path) -> None:
     assert len(outcome.notes) == 1
     assert "4bit" in outcome.notes[0] and "CPU" in outcome.notes[0] and "plain LoRA" in outcome.notes[0]
     assert (outcome.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_a_quantized_job_on_cpu_keeps_its_quantization_when_the_worker_is_set_to(
+        share_root: Path, quantization: str, caplog: pytest.LogCaptureFixture) -> None:
+    """bitsandbytes' CPU kernels run the QLoRA path the GPU runs (quantized load, k-bit preparation, training,
+    saving and the load test) on this machine, so it is tested without a GPU."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+    job = make_job(f"cpu-{quantization}", quantization=quantization, max_steps=4)
+    req = dataclasses.replace(request(share_root, job), cpu_quantization="bitsandbytes")
+    outcome = run_training(req, [].append, lambda: False)
+    assert outcome.quantization == quantization
+    assert outcome.notes == [f"quantization {quantization} on CPU, with bitsandbytes' CPU kernels"]
+    assert outcome.metrics.steps == 4 and math.isfinite(outcome.metrics.train_loss)
+    chatter = [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")]
+    assert not chatter, f"bitsandbytes logs per matmul, flooding the worker log: {chatter[:2]}"
+    config = json.loads((outcome.adapter_dir / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    from worker.engine import load_model, plan_for
+
+    plan = plan_for(job.quantization, "cpu", "bitsandbytes")
+    layer = load_model(share_root / "models" / "tiny", plan).model.layers[0].self_attn.q_proj
+    assert isinstance(layer, Linear4bit if quantization == "4bit" else Linear8bitLt)
 
 
 def test_should_stop_cancels_mid_training(share_root: Path) -> None:

@@ -60,6 +60,17 @@ def test_train_job_end_to_end(train_share: Share, procs: Procs) -> None:
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_a_cpu_worker_set_to_bitsandbytes_trains_a_4bit_job_quantized(train_share: Share, procs: Procs) -> None:
+    """The setting reaches the training process from the environment, and the result says what was run."""
+    pytest.importorskip("bitsandbytes")
+    share = train_share
+    drop(share, "q4.json", {**train_job("q4", steps=6), "quantization": "4bit"})
+    procs.worker(share, "wq", env={"LORASPOOL_CPU_QUANTIZATION": "bitsandbytes"})
+    r = wait_result(share, "q4", 180)
+    assert r.status.value == "succeeded", r.error
+    assert r.notes == ["quantization 4bit on CPU, with bitsandbytes' CPU kernels"], r.notes
+
+
 def _train_losses(path: Path) -> dict[int, float]:
     from worker.outputs import read_metrics
 

@@ -259,7 +259,7 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     quiet_libraries()
     t = req.job.training
     _seed_everything(t.seed)
-    plan = plan_for(req.job.quantization, req.device)
+    plan = plan_for(req.job.quantization, req.device, req.cpu_quantization)
     tokenizer = load_tokenizer(req.model_dir)
     cache = tokencache.for_dataset(req.share_root, data.file_labels(req.datasets), tokenizer, req.file_mode,
                                    write=main)
@@ -278,11 +278,13 @@ def _stop_if(should_stop: Callable[[], bool]) -> None:
 
 def quiet_libraries() -> None:
     """Keep the worker log for things a person must act on: progress goes to the heartbeat, not tqdm bars;
-    bitsandbytes' CPU-kernel notice and peft's use of a deprecated transformers name are not actionable."""
+    bitsandbytes' CPU-kernel notice, its 8-bit matmul's "inputs will be cast to float16" (one line per layer per
+    step, the design of LLM.int8()) and peft's use of a deprecated transformers name are not actionable."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for chatty in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
@@ -294,20 +296,41 @@ def _seed_everything(seed: int) -> None:
 
 
 # ── what to load, and how ────────────────────────────────────────────────────────────────────────────────
-def plan_for(quantization: Quantization, device: str) -> Plan:
+def plan_for(quantization: Quantization, device: str, cpu_quantization: str = "plain") -> Plan:
     """fp32 on CPU; bf16 on a GPU that has it, else fp16 (LoRA weights stay fp32 either way).
-    bitsandbytes quantization needs CUDA: on CPU the job still trains, as plain LoRA, and says so."""
+    On CPU a 4bit/8bit job trains as plain LoRA, and says so, unless the worker was set to keep the quantization
+    (``cpu_quantization = "bitsandbytes"``) and this bitsandbytes has CPU kernels."""
     if device != "cuda":
         notes = []
         if quantization is not Quantization.none:
+            problem = _cpu_bitsandbytes_problem(quantization) if cpu_quantization == "bitsandbytes" else None
+            if cpu_quantization == "bitsandbytes" and problem is None:
+                return Plan("cpu", torch.float32, quantization,
+                            [f"quantization {quantization.value} on CPU, with bitsandbytes' CPU kernels"])
             notes.append(f"quantization {quantization.value} asked for, but this worker runs on CPU: "
-                         "trained as plain LoRA in fp32")
+                         "trained as plain LoRA in fp32" + (f" ({problem})" if problem else ""))
         return Plan("cpu", torch.float32, Quantization.none, notes)
     if not torch.cuda.is_available():
         raise DeviceUnavailable("this worker was told to use cuda, but torch sees no CUDA GPU (driver, or a CPU-only "
                                 "torch build); start the worker with --device cpu or fix the GPU setup")
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return Plan("cuda", dtype, quantization, [])
+
+
+def _cpu_bitsandbytes_problem(quantization: Quantization) -> str | None:
+    """Why bitsandbytes cannot quantize on this CPU, or None. Older releases had CUDA kernels only: try the very
+    operation a load would do, on a few numbers, rather than trust a version number."""
+    try:
+        import bitsandbytes.functional as bnb_f
+
+        sample = torch.randn(64, 64)
+        if quantization is Quantization.bit4:
+            bnb_f.quantize_4bit(sample, quant_type="nf4")
+        else:
+            bnb_f.int8_vectorwise_quant(sample.half())
+    except Exception as e:  # noqa: BLE001 - any failure means: no CPU kernels here; the job still trains
+        return f"bitsandbytes cannot quantize on this CPU: {type(e).__name__}: {str(e)[:200]}"
+    return None
 
 
 def load_tokenizer(model_dir: Path) -> Any:

@@ -41,6 +41,7 @@ class TrainRequest:
     file_mode: int  # chmod for every file written (safetensors writes 0600; other share users must read them)
     parent_dir: Path | None = None  # the registered adapter job.parent names; set by check_inputs
     cache_dir: Path | None = None  # this machine's model cache; None: read the base from the share
+    cpu_quantization: str = "plain"  # on CPU, a 4bit/8bit job: "plain" LoRA, or "bitsandbytes" as asked
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainOutcome:
     data: DataReport | None = None
     resumed_from_step: int | None = None
     probes: list[ProbeOutput] = field(default_factory=list)
-    quantization: str = "none"  # what the base was really loaded as (a CPU worker trains 4bit jobs plain)
+    quantization: str = "none"  # what the base was really loaded as (a CPU worker may train 4bit jobs plain)
     registered: str | None = None  # NAME/VERSION under adapters/, once registered
 
 
