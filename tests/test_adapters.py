@@ -504,6 +504,28 @@ def test_merge_into_base_equals_adapter_on_base(share: Share, trained: dict) -> 
     _merged_models_are_listed(share, record)
 
 
+def test_a_qlora_adapter_verifies_and_merges_on_the_unquantized_base(share: Share) -> None:
+    """Trained on an nf4 base (bitsandbytes' CPU kernels stand in for the GPU's), checked and merged on the full
+    base, as a team does with a QLoRA adapter: the eval check must allow for the quantization it was trained on."""
+    import dataclasses
+
+    pytest.importorskip("bitsandbytes")
+    from worker.adapter_verify import registered_target, verify
+
+    job = _job("q1", register_as="qlora", quantization="4bit")
+    outcome = run_training(dataclasses.replace(_request(share, job), cpu_quantization="bitsandbytes"),
+                           lambda _p: None, lambda: False)
+    assert outcome.registered == "qlora/v1" and outcome.quantization == "4bit"
+    manifest = registry.read_manifest(share, registry.Ref("qlora", 1))
+    assert manifest is not None and manifest.lora.quantization == "4bit"
+    report = verify(registered_target(share, "qlora/v1", dataset=[share.root / "datasets" / "alpaca.jsonl"]))
+    assert report.ok, report
+    assert "trained and measured on a 4bit base" in check(report, "eval").reason
+    merged = run(share, JobSpec(id="m-qlora", kind="merge", merge={"adapters": ["qlora/v1"], "into": "base"}))
+    assert merged.ok and merged.merged_model == "models/merged/qlora-v1"
+    assert any("4bit-quantized base (QLoRA)" in n for n in merged.notes), merged.notes
+
+
 def _a_planted_manifest_is_no_earlier_merge(share: Share, out: Path, record: MergedModel) -> None:
     """A folder whose manifest.json names a job that has not run yet (anyone can write one) is not that job's
     earlier merge: with weights added, or for another adapter, the job is refused, never 'succeeded' on them."""
