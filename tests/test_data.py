@@ -193,6 +193,22 @@ def test_no_response_on_either_side_is_refused_with_counts(tmp_path: Path, tok: 
         data.load_splits([path], tok, spec(max_length=40))
 
 
+def test_an_eval_side_emptied_by_the_cut_is_drawn_again_from_the_rows_left(tmp_path: Path, tok: Any) -> None:
+    """The seeded split lands on the one row whose prompt fills max_length: the job still has 5 rows with
+    responses to split, so it trains, and says why its eval rows are not the first split's."""
+    rows: list[dict[str, Any]] = [{"prompt": f"Question {i}: ", "completion": f"Answer number {i}."} for i in range(6)]
+    t = spec(max_length=40, eval_fraction=0.1)
+    _, first_eval = data.split_rows(list(range(6)), t.eval_fraction, t.seed)
+    rows[first_eval[0]] = {"prompt": LONG, "completion": "ok"}
+    splits = data.load_splits([write_jsonl(tmp_path / "one-long.jsonl", rows)], tok, t)
+    assert (len(splits.train), len(splits.eval), splits.report.no_response) == (4, 1, 1)
+    assert (splits.report.train_rows, splits.report.eval_rows) == (4, 1)
+    assert splits.notes[-1] == ("every evaluation row of the seeded split lost its response at "
+                                "training.max_length=40; the 5 rows left were split again")
+    again = data.load_splits([tmp_path / "one-long.jsonl"], tok, t)  # verify and resume see the same split
+    assert [e.input_ids for e in again.eval] == [e.input_ids for e in splits.eval]
+
+
 # ── several files ────────────────────────────────────────────────────────────────────────────────────────
 def test_two_files_are_combined_and_hashed_in_order(tmp_path: Path, tok: Any) -> None:
     a = write_dataset(tmp_path / "a.jsonl", "alpaca", rows=8)

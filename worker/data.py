@@ -28,7 +28,8 @@ both sides of it, and each step is counted in a ``DataReport``:
    ``training.max_chars`` characters;
 5. the seeded split (``training.eval_fraction``, at least one row a side);
 6. ``truncated``: rows cut to ``training.max_length`` tokens, kept; ``no_response``: rows whose response the
-   cut removed entirely, dropped, since they have nothing to learn.
+   cut removed entirely, dropped, since they have nothing to learn. If that empties one side of the split,
+   the rows left are split again, with the same seed, and a note says so.
 
 So ``rows_read`` = ``bad_rows`` + every dropped count + ``train_rows`` + ``eval_rows``. Rows are tokenized in
 segments (prompt text, response text) so that the prompt/response boundary is exact whatever the tokenizer.
@@ -43,7 +44,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 IGNORE = -100  # the label torch's cross entropy skips
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -333,7 +335,7 @@ def removed_summary(report: DataReport, bad: list[str], t: TrainingSpec) -> str:
 
 
 # ── splitting ────────────────────────────────────────────────────────────────────────────────────────────
-def split_rows(rows: list[Row], eval_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+def split_rows(rows: list[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """A seeded split: the same file and seed always give the same eval rows. At least one row on each side."""
     if len(rows) < 2:
         raise Rejected("dataset", f"has {len(rows)} row(s); at least 2 are needed (one to train, one to evaluate)")
@@ -474,13 +476,21 @@ def load_splits(paths: list[Path], tokenizer: Any, t: TrainingSpec, tick: Callab
     if tokens is not None:
         tokens.save()
         report.tokens_cached = tokens.hits
+    notes = _notes(report, reading.bad, t)
+    if (not train or not evals) and len(train) + len(evals) >= 2:
+        # Every row of one side lost its response to the cut, while enough are left to learn from: split those
+        # again, with the same seed. A dataset that split well keeps its split (verify and resume rely on it).
+        lost = "evaluation" if not evals else "training"
+        train, evals = split_rows(train + evals, t.eval_fraction, t.seed)
+        notes.append(f"every {lost} row of the seeded split lost its response at training.max_length="
+                     f"{t.max_length}; the {len(train) + len(evals)} rows left were split again")
     report.train_rows, report.eval_rows = len(train), len(evals)
     if not train or not evals:
         raise Rejected("dataset", f"after cutting rows to training.max_length={t.max_length} tokens, "
                                   f"{len(train)} training and {len(evals)} evaluation rows have any "
                                   "response left; raise max_length or shorten the prompts "
                                   f"({removed_summary(report, reading.bad, t)})")
-    return Splits(train, evals, report.no_response, _notes(report, reading.bad, t), report)
+    return Splits(train, evals, report.no_response, notes, report)
 
 
 def _check_enough(reading: Reading, rows: list[Row], report: DataReport, t: TrainingSpec) -> None:
