@@ -203,7 +203,7 @@ def run_worker(args: argparse.Namespace) -> Row:
         model, dataset = make_share(root, model_dir, rows, args.shape)
         req = TrainRequest(job=worker_job(args), model_dir=model, datasets=[dataset], share_root=root,
                            out_dir=root / "results" / "bench" / "attempts" / "a1", device=args.device,
-                           file_mode=0o664)
+                           file_mode=0o664, cpu_quantization="bitsandbytes")  # on CPU, as --quantization says
         outcome = run_training(req, clock.report, should_stop=lambda: False)
     notes = list(outcome.notes)
     if clock.estimated:
@@ -487,7 +487,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (at least 1)")
     ap.add_argument("--batch", type=int, default=16, help="rows per step for the worker and tuned recipes")
-    ap.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"], help="worker recipe only")
+    ap.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
+                    help="worker recipe only (on CPU too, with bitsandbytes' CPU kernels)")
     ap.add_argument("--compile", action="store_true", help="worker recipe: training.compile (cuda)")
     ap.add_argument("--packing", default="auto", type=lambda v: v if v == "auto" else v == "true",
                     help="worker recipe: training.packing (auto|true|false)")
