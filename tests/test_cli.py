@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,15 @@ def test_status_shows_a_running_jobs_speed_and_eta() -> None:
             "confidence": "observed"}
     shown = render({**doc, "workers": [dead]})  # its ETA is its last word, not a promise
     assert "ETA" not in shown and "j1" in shown and "its worker is stale: the job goes back to the queue" in shown
+
+
+def test_the_demo_runs_the_main_path_and_says_nothing_alarming(tmp_path: Path) -> None:
+    """README's first command. A job submitted before the demo's worker wrote its first heartbeat made the
+    waiter warn that no worker was live, which reads as a failure on a person's first run."""
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "demo", "--keep", str(tmp_path / "demo"), "--steps",
+                          "4"], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})  # its worker's model cache
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "demo-1 succeeded on cpu: eval loss" in out.stderr, out.stderr[-3000:]
+    assert "WARNING" not in out.stderr and "no worker's heartbeat is fresh" not in out.stderr, out.stderr
+    assert json.loads(out.stdout)["status"] == "succeeded"

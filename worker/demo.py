@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from spooler import submit
 from spooler.clock import SystemClock
-from spooler.share import init_share
+from spooler.share import Share, init_share
 
 
 def run_demo(keep: Path | None, steps: int) -> int:
@@ -36,6 +37,8 @@ def run_demo(keep: Path | None, steps: int) -> int:
                                    "--id", "demo-worker", "--device", "cpu"], stderr=log)
     print(f"worker started (pid {worker.pid}); its log: {log_path}", file=sys.stderr)
     try:
+        if not _first_heartbeat(share, worker, log_path):
+            return 1
         job_id = f"demo-{len(list(share.results.glob('demo-*'))) + 1}"
         job = {"id": job_id, "kind": "train", "base_model": "models/tiny", "dataset": "datasets/demo.jsonl",
                "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
@@ -56,3 +59,17 @@ def run_demo(keep: Path | None, steps: int) -> int:
     if keep is None:
         print(f"the demo share stays in {share.root} for you to look at; delete it when done", file=sys.stderr)
     return submit.exit_code(result)
+
+
+def _first_heartbeat(share: Share, worker: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> bool:
+    """Submit once the worker is up, as a person would see it in ``loraspool status``: a job dropped before its
+    first heartbeat makes the waiter say that no worker is live, which reads as a failure on a first run."""
+    deadline = time.monotonic() + timeout
+    while not share.heartbeat_file("demo-worker").exists():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
+            print(f"the demo worker {'exited' if worker.poll() is not None else 'wrote no heartbeat'}; the end "
+                  f"of its log ({log_path}):\n{tail}", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    return True
