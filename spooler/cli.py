@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int,
                    help="attempts before a job whose worker or training process died each time fails (default 3)")
     p.add_argument("--file-mode", help='octal mode for files the system writes, e.g. "0664"')
+    p.add_argument("--dir-mode", help='octal mode for folders the system makes, e.g. "0775"')
     p.add_argument("--submit-fallback", choices=["auto", "never"],
                    help="what submit does when no worker is live, unless its --fallback says: auto runs the job on "
                         "the submitting machine's CPU (the default), never leaves it queued (for a planned stop of "
@@ -126,7 +127,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from spooler.share import init_share
 
     share = init_share(args.share, heartbeat_interval=args.heartbeat_interval, stale_after=args.stale_after,
-                       max_attempts=args.max_attempts, file_mode=args.file_mode,
+                       max_attempts=args.max_attempts, file_mode=args.file_mode, dir_mode=args.dir_mode,
                        submit_fallback=args.submit_fallback)
     print(f"share ready at {share.root}: {share.settings.model_dump_json()}")
     return 0

@@ -31,6 +31,10 @@ def test_init_is_idempotent_and_keeps_settings(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "at least twice heartbeat_interval" in bad.stderr
     refused = run("init", str(tmp_path / "new"), "--stale-after", "1")
     assert refused.returncode == 2 and not (tmp_path / "new").exists()  # a refused init leaves no folder
+    modes = tmp_path / "modes"
+    assert run("init", str(modes), "--file-mode", "0660", "--dir-mode", "0770").returncode == 0
+    assert (read_model(modes / "loraspool.json", ShareSettings).file_mode, (modes / "queue").stat().st_mode & 0o777) \
+        == ("0660", 0o770)
 
 
 def test_a_setting_from_a_newer_release_is_kept_and_does_not_stop_this_one(tmp_path: Path) -> None:
