@@ -373,6 +373,33 @@ def test_a_quantized_job_on_cpu_keeps_its_quantization_when_the_worker_is_set_to
     assert isinstance(layer, Linear4bit if quantization == "4bit" else Linear8bitLt)
 
 
+def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eval batches (a 1-row last one) and probe generation (a KV cache growing per token) each gave the compiled
+    body another shape to compile for; past dynamo's recompile limit (8) the training step itself then ran eager
+    for the whole job, with compile_seconds still reported. The cuda-only setting is compiled here with dynamo's
+    cheapest backend, so what gets traced can be counted on CPU."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from worker import engine
+
+    def compile_on_cpu(step_module: Any, model: Any, plan: Any) -> None:
+        (step_module._body if step_module.chunked else model.get_base_model()).compile(backend="eager")
+
+    monkeypatch.setattr(engine, "_compile", compile_on_cpu)
+    torch._dynamo.reset()
+    counters.clear()
+    job = make_job("compiled", compile=True, max_steps=3, batch_size=4, eval_fraction=0.15)
+    job.probes = ["What color is the sky?", "What does the cow say?", "Name a fruit."]
+    try:
+        outcome = train(share_root, job)
+    finally:
+        torch._dynamo.reset()
+    assert outcome.metrics.steps == 3
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the training step's, at most twice
+
+
 def test_should_stop_cancels_mid_training(share_root: Path) -> None:
     reports: list[Progress] = []
     job = make_job("cancel-me")

@@ -33,7 +33,7 @@ from spooler.paths import refuse_links
 from worker import checkpoint, data, tokencache
 from worker.batching import Batcher
 from worker.fused import lean_activations
-from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings
+from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings, uncompiled
 from worker.modelguard import stored_weights
 from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
 from worker.packprobe import packing_problem
@@ -189,7 +189,7 @@ def _perplexity(loss: float) -> float:
 def _answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], plan: Plan, dist: Dist) -> list[str]:
     if not prompts or not dist.main:
         return []
-    with _autocast(plan):
+    with _autocast(plan), uncompiled():
         return generate_answers(model, tokenizer, prompts, plan.device)
 
 
@@ -503,7 +503,7 @@ def _exact(plan: Plan) -> bool:
 
 def _logits(model: torch.nn.Module, sample: torch.Tensor, plan: Plan) -> torch.Tensor:
     model.eval()
-    with torch.no_grad(), _autocast(plan):
+    with torch.no_grad(), _autocast(plan), uncompiled():
         return model(input_ids=sample.to(plan.device)).logits.float().cpu()
 
 

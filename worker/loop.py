@@ -49,6 +49,14 @@ LOSS_CHUNK = 4096  # labelled positions per LM-head chunk: 4096 x 152k fp32 logi
 MAX_SKIPPED = 25  # fp16 steps in a row whose gradients overflowed before the job is failed
 
 
+def uncompiled() -> Any:
+    """Run a compiled body eagerly, for everything but the training step. Evaluation (its last batch shorter),
+    probe generation (a KV cache that grows per token) and the load test each give it new shapes; every one is
+    a recompile, and past dynamo's recompile_limit (8) the training step itself runs eager for the rest of the
+    job. Without compile this does nothing."""
+    return torch.compiler.set_stance("force_eager")
+
+
 @dataclass
 class Dist:
     """This process's place in a DDP job; world 1 is a plain single-process run."""
@@ -283,7 +291,7 @@ class Loop:
         """Mean loss per labelled token over ``examples``, with dropout off and no gradients."""
         self.step_module.eval()
         loss_sum, count = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), uncompiled():
             for start in range(0, len(examples), batch_size):
                 self._stop_if_asked(save=False)
                 self.report(Progress(job=self.s.job_id, step=self.pos.step, phase=phase))  # alive, for horse.py
