@@ -373,7 +373,21 @@ def test_a_quantized_job_on_cpu_keeps_its_quantization_when_the_worker_is_set_to
     assert isinstance(layer, Linear4bit if quantization == "4bit" else Linear8bitLt)
 
 
-def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: Path,
+def test_gradient_checkpointing_changes_memory_not_the_losses(share_root: Path) -> None:
+    """Recomputing activations (non-reentrant, with the input-embedding grad hooks removed) gives the very
+    gradients of a plain run: the loss at every step is the same."""
+    losses = {}
+    for recompute in (False, True):
+        job = make_job(f"recompute-{recompute}", max_steps=6, gradient_checkpointing=recompute)
+        outcome = train(share_root, job)
+        lines = read_metrics(outcome.adapter_dir.parent / "metrics.jsonl")
+        losses[recompute] = [m.loss for m in lines if m.kind == "train"]
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: Path, recompute: bool,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Eval batches (a 1-row last one) and probe generation (a KV cache growing per token) each gave the compiled
     body another shape to compile for; past dynamo's recompile limit (8) the training step itself then ran eager
@@ -390,7 +404,8 @@ def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: P
     monkeypatch.setattr(engine, "_compile", compile_on_cpu)
     torch._dynamo.reset()
     counters.clear()
-    job = make_job("compiled", compile=True, max_steps=3, batch_size=4, eval_fraction=0.15)
+    job = make_job(f"compiled-{recompute}", compile=True, max_steps=3, batch_size=4, eval_fraction=0.15,
+                   gradient_checkpointing=recompute)
     job.probes = ["What color is the sky?", "What does the cow say?", "Name a fruit."]
     try:
         outcome = train(share_root, job)
@@ -398,6 +413,8 @@ def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: P
         torch._dynamo.reset()
     assert outcome.metrics.steps == 3
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # the training step's, at most twice
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["unimplemented"], dict(counters["unimplemented"])
 
 
 def test_should_stop_cancels_mid_training(share_root: Path) -> None:

@@ -459,12 +459,25 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
                             target_modules=lora.target_modules, use_dora=lora.use_dora,
                             modules_to_save=lora.modules_to_save, bias="none")
         model = get_peft_model(model, config)
+    if recompute:
+        _drop_input_grad_hooks(model)
     # An absolute path on this worker's mount means nothing elsewhere: record the share-relative one.
     model.peft_config["default"].base_model_name_or_path = job.base_model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s r=%d on %s: %d trainable parameters", "DoRA" if lora.use_dora else "LoRA", lora.r,
              lora.target_modules, trainable)
     return model
+
+
+def _drop_input_grad_hooks(model: torch.nn.Module) -> None:
+    """transformers' checkpointing and peft each hook the input embeddings to make their output require grad,
+    which only reentrant checkpointing needs; ours is not (the gradients are the same without). Under
+    torch.compile that requires_grad_() on an intermediate makes dynamo give up the whole body: the job would
+    train eager while reporting a compile. The hooks are plain forward hooks, found by their functions' names."""
+    embeddings = model.get_input_embeddings()
+    for key, hook in list(embeddings._forward_hooks.items()):
+        if getattr(hook, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad"):
+            del embeddings._forward_hooks[key]
 
 
 def _note_parent_shape(config: Any, job: JobSpec, plan: Plan) -> None:
