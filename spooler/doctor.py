@@ -43,7 +43,7 @@ try:
     out["cuda_build"] = torch.version.cuda
     out["cuda"] = torch.cuda.is_available()
     out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if out["cuda"] else []
-    out["bf16"] = bool(out["cuda"] and torch.cuda.is_bf16_supported())
+    out["bf16"] = bool(out["cuda"] and torch.cuda.is_bf16_supported(including_emulation=False))
 except Exception as e:
     out["torch_error"] = f"{type(e).__name__}: {e}"
 try:

@@ -417,6 +417,25 @@ def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: P
     assert not counters["unimplemented"], dict(counters["unimplemented"])
 
 
+@pytest.mark.parametrize(("major", "dtype"), [(7, "float16"), (8, "bfloat16")])
+def test_a_gpu_without_bf16_tensor_cores_trains_fp16(monkeypatch: pytest.MonkeyPatch, major: int, dtype: str) -> None:
+    """torch calls bf16 supported on any GPU that can hold a bf16 tensor (emulation); on a Turing card (an
+    11 GB RTX 2080 Ti, the team's kind of card) that is slow. The device's compute capability is simulated."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from schemas.job import Quantization
+    from worker.engine import plan_for
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda _d: True)  # emulation would work
+    assert plan_for(Quantization.none, "cuda").dtype == getattr(torch, dtype)
+
+
 def test_should_stop_cancels_mid_training(share_root: Path) -> None:
     reports: list[Progress] = []
     job = make_job("cancel-me")

@@ -313,7 +313,9 @@ def plan_for(quantization: Quantization, device: str, cpu_quantization: str = "p
     if not torch.cuda.is_available():
         raise DeviceUnavailable("this worker was told to use cuda, but torch sees no CUDA GPU (driver, or a CPU-only "
                                 "torch build); start the worker with --device cpu or fix the GPU setup")
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Not the emulated kind: torch "supports" bf16 on any GPU that can hold the dtype, and on a Turing or Volta
+    # card (an RTX 2080 Ti, a T4) it has no tensor cores and no fused attention; fp16 with a GradScaler has both.
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return Plan("cuda", dtype, quantization, [])
 
 
