@@ -436,6 +436,41 @@ def test_a_gpu_without_bf16_tensor_cores_trains_fp16(monkeypatch: pytest.MonkeyP
     assert plan_for(Quantization.none, "cuda").dtype == getattr(torch, dtype)
 
 
+def test_every_trainable_weight_is_fp32_on_a_half_precision_base(share_root: Path) -> None:
+    """A bf16 base (as on a GPU): the LoRA weights and the full copies of modules_to_save train in fp32, where an
+    update smaller than a bf16 step is not lost and fp16's GradScaler can unscale the gradients."""
+    import torch
+
+    from schemas.job import Quantization
+    from worker.engine import Plan, add_lora, load_model
+
+    plan = Plan("cpu", torch.bfloat16, Quantization.none, [])
+    job = make_job("half")
+    job.lora.modules_to_save = ["lm_head", "embed_tokens"]
+    model = add_lora(load_model(share_root / "models" / "tiny", plan), job, plan, recompute=False)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}, trainable
+    assert next(p for n, p in model.named_parameters() if "q_proj.base_layer" in n).dtype == torch.bfloat16
+
+
+def test_a_bf16_job_with_modules_to_save_trains_them_in_fp32(share_root: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole job on a bf16 plan, as on a GPU (CPU autocast stands in for CUDA's): the chunked-loss check,
+    training and saving meet fp32 copies of lm_head and embed_tokens beside bf16 activations."""
+    import torch
+
+    from schemas.job import Quantization
+    from worker import engine
+
+    monkeypatch.setattr(engine, "plan_for", lambda *_a: engine.Plan("cpu", torch.bfloat16, Quantization.none, []))
+    job = make_job("bf16-mts", max_steps=4)
+    job.lora.modules_to_save = ["lm_head", "embed_tokens"]
+    outcome = train(share_root, job)
+    assert outcome.metrics.steps == 4 and math.isfinite(outcome.metrics.train_loss)
+    assert not any("transforms its logits" in n for n in outcome.notes), outcome.notes
+
+
 def test_should_stop_cancels_mid_training(share_root: Path) -> None:
     reports: list[Progress] = []
     job = make_job("cancel-me")

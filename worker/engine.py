@@ -129,8 +129,9 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     step_module = CausalLMLoss(model, chunked=True)
     tokens = [tok for e in splits.train[:8] for tok in e.input_ids][:32]  # a real text, long enough to compare
     sample = torch.tensor([tokens], dtype=torch.long, device=plan.device)
-    if problem := step_module.check_chunking(sample):
-        plan.notes.append(problem)
+    with _autocast(plan):  # the fp32 copies of modules_to_save meet bf16 activations only under autocast
+        if problem := step_module.check_chunking(sample):
+            plan.notes.append(problem)
     if t.compile:
         _compile(step_module, model, plan)
     if dist.world > 1:
@@ -461,6 +462,7 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
                             target_modules=lora.target_modules, use_dora=lora.use_dora,
                             modules_to_save=lora.modules_to_save, bias="none")
         model = get_peft_model(model, config)
+    _trainable_in_fp32(model)
     if recompute:
         _drop_input_grad_hooks(model)
     # An absolute path on this worker's mount means nothing elsewhere: record the share-relative one.
@@ -469,6 +471,15 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
     log.info("%s r=%d on %s: %d trainable parameters", "DoRA" if lora.use_dora else "LoRA", lora.r,
              lora.target_modules, trainable)
     return model
+
+
+def _trainable_in_fp32(model: torch.nn.Module) -> None:
+    """peft keeps LoRA weights in fp32, but the full copies of ``lora.modules_to_save`` in the base's dtype: in
+    bf16 an AdamW update smaller than half a bf16 step is lost (most of them, at a LoRA learning rate), and in
+    fp16 the GradScaler refuses to unscale fp16 gradients. Autocast casts them for the forward pass."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _drop_input_grad_hooks(model: torch.nn.Module) -> None:
@@ -508,7 +519,7 @@ def save_adapter(model: torch.nn.Module, req: TrainRequest, job_id: str,
 
 
 def _autocast(plan: Plan) -> Any:
-    return torch.autocast("cuda", dtype=plan.dtype, enabled=plan.device == "cuda")
+    return torch.autocast(plan.device, dtype=plan.dtype, enabled=plan.dtype != torch.float32)
 
 
 def _exact(plan: Plan) -> bool:

@@ -121,7 +121,8 @@ class CausalLMLoss(torch.nn.Module):
         gap = abs(float(chunked) - float(full)) / max(abs(float(full)), 1e-12)
         assert self._head is not None
         # fp32: the same arithmetic, to rounding. bf16/fp16: a head run on fewer rows may round differently.
-        if gap <= (1e-5 if self._head.weight.dtype == torch.float32 else 1e-2):
+        exact = self._head.weight.dtype == torch.float32 and not torch.is_autocast_enabled(ids.device.type)
+        if gap <= (1e-5 if exact else 1e-2):
             self.chunked = True
             return None
         return (f"the loss from lm_head(hidden) differs from {type(self.model.get_base_model()).__name__}'s own by "
@@ -137,8 +138,8 @@ class MixedPrecision:
     gradients measured bit-identical), but it costs two casts per layer, and each LoRA layer then saves its own
     copy of its input for backward instead of the one tensor q, k and v share: a qwen3-0.6b layer keeps 60.6
     instead of 70.6 KiB per token (benchmarks/saved_activations.py, saved-tensor hooks under CPU autocast).
-    Outside this context (the checks before training run without autocast) peft casts as usual. DoRA layers are
-    left alone: their extra arithmetic is not all under autocast."""
+    Outside this context (the chunked-loss check before training runs under plain autocast) peft casts as usual.
+    DoRA layers are left alone: their extra arithmetic is not all under autocast."""
 
     def __init__(self, model: torch.nn.Module, device: str, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
@@ -237,7 +238,7 @@ class Loop:
         self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, weight_decay=0.0,
                                            fused=s.device == "cuda")
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_decay(s.total_steps))
-        self.precision = MixedPrecision(model, s.device, s.dtype if s.device == "cuda" else torch.float32)
+        self.precision = MixedPrecision(model, s.device, s.dtype)  # a CPU plan is fp32: no autocast there
         self.scaler = torch.amp.GradScaler("cuda", enabled=s.device == "cuda" and s.dtype == torch.float16)
         self.pos = Position()
         self.compile_seconds: float | None = None
