@@ -471,6 +471,30 @@ def test_a_bf16_job_with_modules_to_save_trains_them_in_fp32(share_root: Path,
     assert not any("transforms its logits" in n for n in outcome.notes), outcome.notes
 
 
+def test_a_4bit_base_keeps_its_unquantized_weights_in_the_compute_dtype(share_root: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's prepare_model_for_kbit_training casts every weight bitsandbytes left unquantized (embeddings,
+    lm_head, norms) to fp32: about 2 GB more for an 8B model's embedding and head, and a residual stream in fp32
+    (twice the activation memory), against a 12 GiB budget. They stay in the compute dtype (bf16 here, as on a
+    GPU), frozen; only the LoRA weights are fp32, and the whole job trains."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from schemas.job import Quantization
+    from worker import engine
+
+    plan = engine.Plan("cpu", torch.bfloat16, Quantization.bit4, [])
+    model = engine.add_lora(engine.load_model(share_root / "models" / "tiny", plan), make_job("kbit"), plan, False)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert dtypes and set(dtypes.values()) == {torch.float32} and all("lora_" in n for n in dtypes), dtypes
+    kept = {n: p.dtype for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n or "norm" in n}
+    assert kept and set(kept.values()) == {torch.bfloat16}, kept
+
+    monkeypatch.setattr(engine, "plan_for", lambda *_a: engine.Plan("cpu", torch.bfloat16, Quantization.bit4, []))
+    outcome = train(share_root, make_job("kbit-job", quantization="4bit", max_steps=4))
+    assert outcome.quantization == "4bit" and math.isfinite(outcome.metrics.train_loss)
+
+
 def test_should_stop_cancels_mid_training(share_root: Path) -> None:
     reports: list[Progress] = []
     job = make_job("cancel-me")

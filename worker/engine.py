@@ -445,13 +445,13 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
              parent_dir: Path | None = None) -> torch.nn.Module:
     """Wrap ``model`` with trainable LoRA (or DoRA) layers, kept in fp32 by peft's autocast_adapter_dtype; with
     ``parent_dir``, the parent adapter's own layers and weights, trainable, so training continues from it."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    # Not peft's prepare_model_for_kbit_training on a quantized base: it casts every weight bitsandbytes left
+    # unquantized (embeddings, lm_head, norms) to fp32, ~2 GB more on an 8B model and a residual stream in fp32.
+    # Frozen weights need no fp32 (the norms compute in fp32 inside), and peft freezes the base itself.
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing needs inputs that require grad; LoRA has none
-    if plan.quantization is not Quantization.none:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recompute,
-                                                gradient_checkpointing_kwargs=ckpt_kwargs)
-    elif recompute:
+    if recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     lora = job.lora
     if parent_dir is not None:
