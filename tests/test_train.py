@@ -495,6 +495,33 @@ def test_a_4bit_base_keeps_its_unquantized_weights_in_the_compute_dtype(share_ro
     assert outcome.quantization == "4bit" and math.isfinite(outcome.metrics.train_loss)
 
 
+def test_a_checkpoint_saved_with_two_gpus_visible_resumes_on_a_worker_with_one(monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    """Earlier checkpoints hold one CUDA RNG state per visible GPU; setting a second one on a 1-GPU machine
+    raises IndexError in torch (its default_generators tuple), which failed the resume. The GPU is simulated the
+    way torch fails."""
+    import torch
+    import torch.cuda.random
+
+    from worker import checkpoint
+
+    seen: list[Any] = []
+
+    def set_rng_state(new_state: Any, device: Any = "cuda") -> None:
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if index >= 1:
+            raise IndexError("tuple index out of range")
+        seen.append(new_state)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    saved = {"python": checkpoint._python_rng(), "torch": torch.get_rng_state(),
+             "cuda": [torch.ones(3), torch.zeros(3)]}
+    checkpoint.restore_rng(saved)
+    assert len(seen) == 1 and torch.equal(seen[0], torch.ones(3))
+
+
 def test_should_stop_cancels_mid_training(share_root: Path) -> None:
     reports: list[Progress] = []
     job = make_job("cancel-me")

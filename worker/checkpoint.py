@@ -91,7 +91,7 @@ def latest(result_dir: Path, fp: str) -> Found | None:
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": _python_rng(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [torch.cuda.get_rng_state()]  # this process's GPU: a job runs on one per process
     return state
 
 
@@ -108,9 +108,11 @@ def _set_python_rng(flat: list[int]) -> None:
 def restore_rng(state: dict[str, Any]) -> None:
     _set_python_rng(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):  # another GPU count: the data order does not depend on it
-            torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():
+        # The first state is this process's GPU (older checkpoints held one per visible GPU, in order): setting
+        # all of them failed with IndexError on a worker that sees fewer GPUs than the one that saved them.
+        with contextlib.suppress(RuntimeError, IndexError):  # the data order does not depend on it
+            torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def save(checkpoints: Path, state: CheckpointState, weights: dict[str, torch.Tensor], optim: dict[str, Any],
