@@ -245,7 +245,7 @@ def seed_recipe(args: argparse.Namespace, path: Path) -> Recipe:
     note = f"r=8 on {','.join(targets)}"
     if args.device == "cuda":
         model = AutoModelForCausalLM.from_pretrained(
-            path, device_map="auto", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+            path, device_map={"": 0}, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
         model = prepare_model_for_kbit_training(model)
         return Recipe("seed", _lora(model, 8, targets, 0.05),
                       dict(per_device_train_batch_size=4, gradient_accumulation_steps=8, fp16=True), 512, False, note)
@@ -276,7 +276,7 @@ def qlora_recipe(args: argparse.Namespace, path: Path) -> Recipe:
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                                bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=torch.bfloat16,
+    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0}, dtype=torch.bfloat16,
                                                  quantization_config=quant)
     model = prepare_model_for_kbit_training(model)
     targs = dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, bf16=True)
