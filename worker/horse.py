@@ -98,7 +98,7 @@ def _child(request: dict[str, Any], conn: Connection) -> None:
     except RankFailed as e:  # already described by the rank that raised
         link.send(("failed", str(e), e.remote_traceback))
     except BaseException as e:  # the child reports everything; the parent decides
-        link.send(("failed", _describe(e), traceback.format_exc()))
+        link.send(_report_of(e, traceback.format_exc()))
 
 
 def _end_if_orphaned(link: _Link) -> None:
@@ -150,6 +150,17 @@ class _Link:
         if progress.phase != "training" and self.gone():
             raise SystemExit(3)
         self.send(("progress", progress))
+
+
+def _report_of(e: BaseException, trace: str) -> tuple:
+    """A CUDA error other than out-of-memory (an illegal address, a launch failure, a GPU off the bus) is the
+    device's or the driver's, not the job's verdict, and its CUDA context dies with this process: reported as
+    a crash, so the attempt counts and the next resumes from its checkpoint; the last fails, naming it."""
+    text = str(e)
+    if (type(e).__name__ == "AcceleratorError" or text.startswith("CUDA error")) and \
+            "out of memory" not in text.lower():
+        return ("died", f"the GPU failed: {_describe(e)}")
+    return ("failed", _describe(e), trace)
 
 
 def _describe(e: BaseException) -> str:
@@ -238,7 +249,7 @@ def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
         return HorseResult("cancelled", error=stop_reason)
     if kind == "unfit":  # the worker's GPU is gone: the daemon gives the job back and stops
         return HorseResult("unfit", error=msg[1])
-    if kind == "died":  # DDP ranks killed or crashed
+    if kind == "died":  # DDP ranks killed or crashed, or a CUDA fault
         return HorseResult("died", error=msg[1], stop_reason=stop_reason, killed=True)
     log.debug("training process traceback:\n%s", msg[2])
     return HorseResult("failed", error=msg[1])
