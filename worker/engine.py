@@ -245,8 +245,8 @@ def wants_checkpointing(setting: bool | str, plan: Plan, model: torch.nn.Module,
 
 
 def _free_bytes(plan: Plan) -> float:
-    if plan.device == "cuda":
-        return float(torch.cuda.mem_get_info()[0])
+    if plan.device == "cuda":  # the driver's free memory, plus what torch's allocator holds but does not use
+        return float(torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
     import psutil
 
     return float(psutil.virtual_memory().available)
