@@ -454,17 +454,20 @@ def test_every_trainable_weight_is_fp32_on_a_half_precision_base(share_root: Pat
     assert next(p for n, p in model.named_parameters() if "q_proj.base_layer" in n).dtype == torch.bfloat16
 
 
-def test_a_bf16_job_with_modules_to_save_trains_them_in_fp32(share_root: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole job on a bf16 plan, as on a GPU (CPU autocast stands in for CUDA's): the chunked-loss check,
-    training and saving meet fp32 copies of lm_head and embed_tokens beside bf16 activations."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_job_with_modules_to_save_trains_them_in_fp32(share_root: Path, dtype: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole job on a bf16 or fp16 plan, as on a GPU (CPU autocast and CPU GradScaler stand in for CUDA's):
+    the chunked-loss check, training (fp16: scaled, unscaled, stepped) and saving meet fp32 copies of lm_head
+    and embed_tokens beside half-precision activations."""
     import torch
 
     from schemas.job import Quantization
     from worker import engine
 
-    monkeypatch.setattr(engine, "plan_for", lambda *_a: engine.Plan("cpu", torch.bfloat16, Quantization.none, []))
-    job = make_job("bf16-mts", max_steps=4)
+    half = getattr(torch, dtype)
+    monkeypatch.setattr(engine, "plan_for", lambda *_a: engine.Plan("cpu", half, Quantization.none, []))
+    job = make_job(f"{dtype}-mts", max_steps=4)
     job.lora.modules_to_save = ["lm_head", "embed_tokens"]
     outcome = train(share_root, job)
     assert outcome.metrics.steps == 4 and math.isfinite(outcome.metrics.train_loss)

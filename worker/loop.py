@@ -239,7 +239,7 @@ class Loop:
                                            fused=s.device == "cuda")
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_decay(s.total_steps))
         self.precision = MixedPrecision(model, s.device, s.dtype)  # a CPU plan is fp32: no autocast there
-        self.scaler = torch.amp.GradScaler("cuda", enabled=s.device == "cuda" and s.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(s.device, enabled=s.dtype == torch.float16)  # CPU plans are fp32
         self.pos = Position()
         self.compile_seconds: float | None = None
         self._skipped = 0
