@@ -33,6 +33,7 @@ class Reaper:
         self.liveness = Liveness(share, clock)
         self._lock = threading.Lock()
         self._last = -1e9
+        self._swept: set[str] = set()  # dead workers whose committed results were looked for
 
     def due(self, me: str) -> None:
         """Reap now if no slot has in the last interval; a slot that finds another reaping goes on at once."""
@@ -43,7 +44,7 @@ class Reaper:
             if now - self._last < self.share.settings.heartbeat_interval:
                 return
             self._last = now
-            reap(self.share, self.liveness, me, self.clock)
+            reap(self.share, self.liveness, me, self.clock, swept=self._swept)
         finally:
             self._lock.release()
 
@@ -55,10 +56,13 @@ def worker_dirs(share: Share, sub: str) -> set[str]:
         return set()
 
 
-def reap(share: Share, liveness: Liveness, me: str, clock: Clock, adopt: bool = True) -> dict[str, WorkerView]:
+def reap(share: Share, liveness: Liveness, me: str, clock: Clock, adopt: bool = True,
+         swept: set[str] | None = None) -> dict[str, WorkerView]:
     """Requeue (or fail, past max_attempts) the jobs of stale workers; a worker (``adopt``) also takes over
-    their half-done intake. Submitters and cancel do not: their own intake folder has no heartbeat."""
+    their half-done intake. Submitters and cancel do not: their own intake folder has no heartbeat.
+    With ``swept`` (a worker's), each worker found dead, once per life, gets its half-written results finished."""
     views = liveness.observe(worker_dirs(share, "running") | worker_dirs(share, "intake"))
+    sweep = False
     for wid, view in views.items():
         if wid == me or not view.stale:
             continue
@@ -66,7 +70,29 @@ def reap(share: Share, liveness: Liveness, me: str, clock: Clock, adopt: bool = 
             release(share, path, me, clock, view.reason, count_attempt=True)
         if adopt:
             _adopt_intake(share, wid, me, clock)
+        life = f"{wid}@{view.heartbeat.seq if view.heartbeat else '-'}"
+        if swept is not None and life not in swept:
+            swept.add(life)
+            sweep = True
+    if sweep:
+        finish_conclusions(share, me)
     return views
+
+
+def finish_conclusions(share: Share, me: str) -> None:
+    """Finish every result whose concluder died between the commit and the final rename (``states.conclude``).
+    Run by a worker at start-up and when it finds a worker dead: without it, a job whose worker died in that
+    moment has no result for as long as the other workers run, and its submitter waits. Harmless beside a
+    live concluder: both finish the same step, with the same pending file."""
+    for folder in share.results.glob("*"):
+        try:
+            if not any(folder.glob(f".result.*{states.PENDING_SUFFIX}")) or (folder / "result.json").exists():
+                continue
+            if states.complete_pending(share, folder.name):
+                log.warning("job %s: its result, committed by a worker that stopped before writing it, is written "
+                            "[worker %s]", folder.name, me)
+        except OSError as e:  # one folder must not stop the rest; the next start-up or death looks again
+            log.warning("results of %s not finished: %s: %s [worker %s]", folder.name, type(e).__name__, e, me)
 
 
 def release(share: Share, running_file: Path, me: str, clock: Clock, why: str, count_attempt: bool) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from schemas.heartbeat import Progress, WorkerState
 from schemas.job import JobSpec
 from schemas.result import Result, Terminal
-from spooler import atomic, claim
+from spooler import atomic, claim, states
 from spooler.clock import Clock
 from spooler.errors import Rejected
 from spooler.heartbeat import Liveness, WorkerView, snapshot, watch_briefly
@@ -174,11 +174,20 @@ class Waiter:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=30)
 
+    def _finish_committed(self) -> Result | None:
+        """The job is committed (its job.json is in results/) but its worker stopped before writing result.json;
+        the live workers finish that when they find it dead, but this waiter need not wait for them. Safe beside
+        a concluder still at work: both finish the same step with the same pending file."""
+        if (self.share.result_dir(self.job_id) / "job.json").exists() and states.complete_pending(self.share,
+                                                                                                    self.job_id):
+            return find_result(self.share, self.job_id)
+        return None
+
     def _look(self) -> tuple[str, Progress | None, Result | None]:
         """One round: the result if it exists, else reap, fall back if no worker is live, and say where the job is."""
         if not self.share.reachable():  # a dropped mount shows an empty spool: no worker, no job, no result
             raise OSError(errno.ENOENT, "no settings file there; is the network drive mounted?", str(self.share.root))
-        result = find_result(self.share, self.job_id)
+        result = find_result(self.share, self.job_id) or self._finish_committed()
         if result is not None:
             return "done", None, result
         views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)

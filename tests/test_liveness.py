@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from schemas.heartbeat import Heartbeat, WorkerState
+from schemas.result import Result, Terminal
 from spooler import states
 from spooler.clock import SkewedClock, SystemClock, iso, parse_iso
 from spooler.heartbeat import Liveness, snapshot
@@ -280,3 +282,33 @@ def test_worker_outlives_the_share_going_away_and_coming_back(share: Share, proc
     log = log_of(w)
     assert log.count("heartbeat cannot be written") == 1, "one line per state change, not one per beat"
     assert log.count("could not take jobs") == 1 and "taking jobs again" in log
+
+
+def _committed_by_a_dead_worker(share: Share, wid: str, job_id: str) -> None:
+    """What a worker that lost power between the commit and the final rename leaves (``states.conclude`` steps 1
+    and 2): the job file in results/<id>/job.json, the result still a pending file, nothing in running/."""
+    running = fake_dead_worker(share, wid, job_id)
+    result = Result(id=job_id, status=Terminal.succeeded, worker=wid, attempts=1, kind="probe")
+    share.write_json(share.result_dir(job_id) / f".result.0123456789ab.json{states.PENDING_SUFFIX}", result)
+    os.rename(running, share.result_dir(job_id) / "job.json")
+
+
+def test_a_live_worker_writes_the_result_a_dead_worker_committed(share: Share, procs: Procs) -> None:
+    """Found by kill -9 inside conclude: only a worker's start-up finished such a result, so with the other
+    workers running the job had none, its cancel never ended and its submitter waited for good."""
+    w = procs.worker(share, "w2")
+    wait_for(lambda: share.heartbeat_file("w2").exists(), 30, "w2's heartbeat")
+    _committed_by_a_dead_worker(share, "gone", "half-done")
+    r = wait_result(share, "half-done", 30)
+    assert (r.status.value, r.worker) == ("succeeded", "gone")
+    assert "job half-done: its result, committed by a worker that stopped before writing it, is written" in log_of(w)
+
+
+def test_a_waiting_submitter_writes_its_jobs_committed_result(share: Share) -> None:
+    """No live worker to find the dead one: the submitter waiting on the job finishes the step itself."""
+    from spooler.submit import Waiter
+
+    _committed_by_a_dead_worker(share, "gone", "mine")
+    state, _, r = Waiter(share, "mine", SystemClock(), fallback=False)._look()  # one round of its wait
+    assert state == "done" and r is not None and (r.status.value, r.worker) == ("succeeded", "gone")
+    assert result_of(share, "mine") == r

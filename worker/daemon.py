@@ -30,7 +30,7 @@ from spooler.heartbeat import HeartbeatWriter
 from spooler.intake import Intake
 from spooler.jobfile import parse_spec
 from spooler.paths import resolve_in_share
-from spooler.reaper import Reaper, release
+from spooler.reaper import Reaper, finish_conclusions, release
 from spooler.share import Share, read_model
 from spooler.submit import find_result
 from spooler.watch import FolderWatcher
@@ -171,9 +171,7 @@ class Worker:
                                                   count_attempt=True))
         for path in sorted(self.share.intake(self.id).glob(f"*{states.TOKEN_SEP}*")):
             self._guarded(path, self.intake.process)
-        for folder in self.share.results.glob("*"):
-            if any(folder.glob(f".result.*{states.PENDING_SUFFIX}")):
-                self._guarded(folder, lambda f: states.complete_pending(self.share, f.name))
+        finish_conclusions(self.share, self.id)
 
     def _refuse_twin(self) -> None:
         """Two live workers with one id would requeue each other's jobs at start-up. A heartbeat of our id that
