@@ -312,3 +312,11 @@ def test_a_waiting_submitter_writes_its_jobs_committed_result(share: Share) -> N
     state, _, r = Waiter(share, "mine", SystemClock(), fallback=False)._look()  # one round of its wait
     assert state == "done" and r is not None and (r.status.value, r.worker) == ("succeeded", "gone")
     assert result_of(share, "mine") == r
+
+
+def test_cancelling_a_job_its_dead_worker_committed_says_how_it_ended(share: Share) -> None:
+    from spooler.cancel import request_cancel
+
+    _committed_by_a_dead_worker(share, "gone", "ended")
+    assert request_cancel(share, "ended", SystemClock()) == "job ended already ended: succeeded"
+    assert not share.cancel_file("ended").exists()
