@@ -102,7 +102,10 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
         folder.mkdir()
     except FileExistsError:
         origin = read_json_object(folder / ORIGIN)
-        return origin.get("token") == intake_file.name  # our own grab, resumed after a crash
+        if origin or not unfinished_reservation(folder):
+            return origin.get("token") == intake_file.name  # our own grab, resumed after a crash
+        # Empty: a reserver died between mkdir and origin.json (or is between them now, which the confirmation
+        # below settles as it does two mkdirs that both "won"). Left alone, the id would be lost for good.
     with contextlib.suppress(OSError):
         os.chmod(folder, share.dir_mode)
     share.write_json(folder / ORIGIN, {"token": intake_file.name, "source_file": source_name(intake_file),
@@ -110,6 +113,11 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
     # rclone's SMB client reports "already exists" as success, so two racing mkdirs can both "win". The last
     # origin.json written is the reservation: look again after a pause, and yield if it is not ours.
     return _confirmed(share, lambda: read_json_object(folder / ORIGIN).get("token") == intake_file.name, folder)
+
+
+def unfinished_reservation(folder: Path) -> bool:
+    """A results folder holding nothing but temp leftovers: a reservation nobody finished."""
+    return all(e.name.startswith(".") and e.name.endswith(".tmp") for e in os.scandir(folder))
 
 
 def enqueue(share: Share, intake_file: Path, key: QueueKey) -> Path:

@@ -52,7 +52,7 @@ def drop(share: Share, job_file: Path, check_inputs: bool = True) -> str:
     if check_inputs and (problems := input_problems(share, spec)):
         raise SubmitError(f"{'; '.join(problems)}. Nothing was submitted, so the id {spec.id!r} is still free; fix the "
                           "path, or pass --no-check if it is still being copied to the share or a queued job makes it")
-    if share.result_dir(spec.id).exists():
+    if share.result_dir(spec.id).exists() and not states.unfinished_reservation(share.result_dir(spec.id)):
         raise SubmitError(f"id {spec.id!r} is already used (results/{spec.id}/ exists); ids are never reused, "
                           "so set a new \"id\" in the job file")
     if share.cancel_file(spec.id).exists():  # the worker would cancel it before it starts

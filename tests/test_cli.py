@@ -144,7 +144,7 @@ def test_submit_refuses_a_bad_job_locally(share: Share, tmp_path: Path) -> None:
 
 
 def test_submit_refuses_a_used_id(share: Share, tmp_path: Path) -> None:
-    share.makedirs(share.result_dir("taken"))
+    share.write_json(share.makedirs(share.result_dir("taken")) / "origin.json", {"token": "x"})
     job = tmp_path / "taken.json"
     job.write_text(json.dumps({"kind": "probe"}))
     out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")

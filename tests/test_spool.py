@@ -89,6 +89,25 @@ def test_duplicate_id_is_rejected_and_the_first_is_kept(share: Share, procs: Pro
     assert result_of(share, "same") == first
 
 
+def test_an_id_whose_reserver_died_before_writing_origin_is_not_lost(share: Share, procs: Procs,
+                                                                     tmp_path: Path) -> None:
+    """Found by kill -9 inside the reservation: results/<id>/ made, origin.json not yet written. On restart the
+    worker's own grab was rejected as "already used by another job", and the id was lost for good (submit
+    refused it too). An empty folder (temp leftovers aside) is a reservation nobody finished."""
+    for job_id in ("dropped", "submitted"):
+        share.makedirs(share.result_dir(job_id))
+        (share.result_dir(job_id) / ".origin.json.0a1b2c.tmp").write_text('{"tok')  # died mid-write
+    drop(share, "dropped.json", {"kind": "probe"})  # the worker's own retry takes this path
+    job = tmp_path / "submitted.json"
+    job.write_text(json.dumps({"kind": "probe"}))
+    out = subprocess.run([sys.executable, "-m", "spooler.cli", "submit", str(job), "--share", str(share.root),
+                          "--fallback", "never"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    procs.worker(share, "w1")
+    assert wait_result(share, "dropped", 20).status.value == "succeeded"
+    assert wait_result(share, "submitted", 20).status.value == "succeeded"
+
+
 def test_priority_orders_the_queue(share: Share, procs: Procs) -> None:
     for i, pri in enumerate([0, 5, -3, 9, 0]):
         drop(share, f"q{i}.json", {"kind": "probe", "priority": pri})
