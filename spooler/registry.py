@@ -58,6 +58,7 @@ ADAPTERS = "adapters"
 HASH_CACHE = ".base-hashes"  # per-share: hashed once by whichever machine first needs it, reused by all
 VERSION = re.compile(r"^v([1-9][0-9]*)\Z")
 GB = 10**9
+GC_HIDDEN = re.compile(r"^\.gc-(?P<name>.+)-[0-9a-f]{8}(?P<deleting>\.deleting)?\.tmp$")
 MERGED_DEPTH = 2  # models/merged/NAME/manifest.json: the folders below models/ that adapters looks into
 MAX_TRIES = 1000
 ARRIVING = (JobState.incoming.value, JobState.accepting.value)  # job files that may still be copies in pieces
@@ -594,11 +595,13 @@ def gc(share: Share, remove: list[str] | None = None) -> GcReport:
     """Report what could be removed; with ``remove`` (NAME/VERSION or a merged model's folder, as a person typed
     them), remove those no rule keeps. Never the newest version of a name, never what a job that has not
     finished names (it would fail when it loads it), never an ancestor of a version that stays."""
+    report = GcReport(kept={}, removable=[])
+    _finish_earlier_runs(share, report)
     found, _ = manifests(share)
     all_refs = refs(share)
     by_ref = {str(r): m for r, m in found.items()}
     merged = {m.path: m for m in merged_models(share)}
-    report = GcReport(kept={}, removable=[], token_cache_bytes=_tree_bytes(share.root / TOKEN_CACHE))
+    report.token_cache_bytes = _tree_bytes(share.root / TOKEN_CACHE)
     asked = _asked(share, remove or [], all_refs, by_ref, merged, report)
     everything = [str(r) for r in all_refs] + list(merged) + ([TOKEN_CACHE] if report.token_cache_bytes else [])
     keep = set(everything) - {d.key for d in asked.values()} if remove is not None else set()
@@ -684,9 +687,16 @@ def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], repor
             report.refused[text] = f"kept: {late[doomed.key]} (it came while gc ran)"
             _put_back(hidden[text], doomed, text, report)
             continue
-        shutil.rmtree(hidden[text], ignore_errors=True)
+        # Decided: renamed first, so a gc stopped mid-removal leaves what the next gc finishes, not puts back.
+        deleting = hidden[text].with_name(hidden[text].name.removesuffix(".tmp") + ".deleting.tmp")
+        try:
+            os.rename(hidden[text], deleting)
+        except FileNotFoundError:
+            report.refused[text] = "not removed: another gc run put it back meanwhile; run gc again"
+            continue
+        shutil.rmtree(deleting, ignore_errors=True)
         with contextlib.suppress(OSError):
-            fsync_dir(hidden[text].parent)
+            fsync_dir(deleting.parent)
         log.info("%s %s removed by gc --apply (%d bytes freed)", doomed.kind, text, doomed.size)
         report.freed_bytes += doomed.size
         report.removed.append(text)
@@ -698,9 +708,57 @@ def _put_back(hidden: Path, doomed: Doomed, text: str, report: GcReport) -> None
     try:
         os.rename(hidden, doomed.folder)
     except OSError as e:
+        if isinstance(e, FileNotFoundError) and doomed.folder.exists():
+            return  # another gc run put it back already
         log.error("%s %s stays moved aside at %s: %s", doomed.kind, text, hidden, e)
         report.refused[text] += (f"; it could not be put back ({type(e).__name__}: {e}) and is at {hidden}: "
                                  f"rename that folder to {doomed.folder.name} to restore it")
+
+
+def _finish_earlier_runs(share: Share, report: GcReport) -> None:
+    """What a gc stopped between hiding a folder and deciding (kill -9, a closed laptop) left hidden: put back
+    under its name, or the registry would lose a version no one removed, for good and without a word. A removal
+    it had decided (``.deleting``) is finished. A gc running now may lose the folder it just hid to this; it then
+    refuses to remove it, and nothing is lost either way."""
+    for path in _gc_hidden(share):
+        m = GC_HIDDEN.match(path.name)
+        assert m is not None
+        shown = path.relative_to(share.root).as_posix()
+        if m["deleting"]:
+            shutil.rmtree(path, ignore_errors=True)
+            report.finished.append(shown)
+            log.info("%s: the removal an earlier gc decided is finished", shown)
+            continue
+        original = path.with_name(m["name"])
+        try:
+            os.rename(path, original)  # refused if the name was taken since: then it stays, and is named
+        except OSError as e:
+            report.refused[shown] = (f"hidden by a gc that did not finish, and not put back ({type(e).__name__}: "
+                                     f"{e}); rename it to {original.name} to restore it, or delete it")
+            continue
+        report.restored.append(original.relative_to(share.root).as_posix())
+        log.warning("%s put back: an earlier gc hid it and stopped before it decided", original)
+
+
+def _gc_hidden(share: Share) -> Iterator[Path]:
+    """Folders gc hid (``_hide``), where it hides them: beside adapter versions, merged models and the token
+    cache. Links are not followed."""
+    def hidden_in(folder: Path, depth: int) -> Iterator[Path]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if GC_HIDDEN.match(entry.name):
+                yield Path(entry.path)
+            elif depth > 0 and not entry.name.startswith("."):
+                yield from hidden_in(Path(entry.path), depth - 1)
+
+    yield from hidden_in(share.root / "adapters", 1)
+    yield from hidden_in(share.root / "models", MERGED_DEPTH)
+    yield from hidden_in((share.root / TOKEN_CACHE).parent, 0)
 
 
 def _tree_bytes(folder: Path) -> int:

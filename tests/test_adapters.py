@@ -867,6 +867,25 @@ def test_gc_puts_back_what_it_hid_when_the_second_look_fails(share: Share, train
     assert not [p for p in (registry.root(share) / "blip").iterdir() if p.name.startswith(".")]
 
 
+def test_a_version_an_interrupted_gc_hid_is_put_back_and_a_decided_removal_finished(share: Share, trained: dict,
+                                                                                        tmp_path: Path) -> None:
+    """Found by kill -9 of gc --apply between hiding a version and its second look: the version stayed hidden for
+    good, unregistered to every job (a job naming it was rejected) and unmentioned by gc or adapters. The next
+    gc, even a report, puts it back; one stopped after it decided (mid-removal) is finished instead."""
+    _register_copies(share, trained, "hid", [[], []])
+    before = _tree_digest(version(share, "hid/v1"))
+    hidden = registry._hide(registry.Doomed("hid/v1", version(share, "hid/v1"), 0, "adapter"))  # then killed
+    deciding = registry._hide(registry.Doomed("hid/v2", version(share, "hid/v2"), 0, "adapter"))
+    deleting = deciding.with_name(deciding.name.removesuffix(".tmp") + ".deleting.tmp")
+    os.rename(deciding, deleting)  # killed in the rmtree that follows
+    assert registry.Ref("hid", 1) not in registry.refs(share)
+    out = _cli("gc", "--share", str(share.root))
+    assert "put back adapters/hid/v1: an earlier gc hid it and stopped before it decided" in out.stdout, out.stdout
+    assert f"finished removing {deleting.relative_to(share.root).as_posix()}" in out.stdout, out.stdout
+    assert not hidden.exists() and not deleting.exists() and not version(share, "hid/v2").exists()
+    assert _tree_digest(version(share, "hid/v1")) == before
+
+
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
