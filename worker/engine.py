@@ -452,7 +452,10 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
     # Frozen weights need no fp32 (the norms compute in fp32 inside), and peft freezes the base itself.
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing needs inputs that require grad; LoRA has none
     if recompute:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     lora = job.lora
     if parent_dir is not None:
         model = PeftModel.from_pretrained(model, parent_dir, is_trainable=True)
