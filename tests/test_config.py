@@ -224,3 +224,14 @@ def test_the_example_in_deploy_readme_is_valid_and_complete(tmp_path: Path) -> N
     file_keys = {k for k in WorkerSettings.model_fields if k not in ("fallback", "only_job")}
     assert {k for k, v in src.items() if v == f"file {path}"} == file_keys
     assert cfg.quiet_hours == "22:00-07:00" and cfg.devices == [0, 1]
+
+
+def test_each_slot_gets_its_own_gpu_or_one_in_turn() -> None:
+    """With more slots than GPUs, each slot saw all of them and trained on the first: three jobs on GPU 0, GPU 1
+    idle. Found by a review of the multi-GPU paths."""
+    from worker.slots import slot_gpus
+
+    assert slot_gpus([0, 1], 2) == [[0], [1]]
+    assert slot_gpus([0, 1], 3) == [[0], [1], [0]]
+    assert slot_gpus([0, 1, 2, 3], 2) == [[0, 2], [1, 3]]
+    assert slot_gpus([], 2) == [None, None]

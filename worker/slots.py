@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 def slot_gpus(gpus: list[int], slots: int) -> list[list[int] | None]:
     """GPUs per slot: dealt out in turn while there are at least as many GPUs as slots; with more slots than
-    GPUs, every slot shares the allowed ones. None (no GPUs named): leave CUDA_VISIBLE_DEVICES as it is."""
+    GPUs, one each in turn, so two slots share a card. (Each slot seeing all of them put every job on the first:
+    a training process uses its first visible GPU.) None (no GPUs named): leave CUDA_VISIBLE_DEVICES as it is."""
     if not gpus:
         return [None] * slots
     if slots > len(gpus):
-        return [list(gpus)] * slots
+        return [[gpus[i % len(gpus)]] for i in range(slots)]
     return [gpus[i::slots] for i in range(slots)]
 
 
