@@ -123,3 +123,43 @@ def test_a_gpu_that_does_not_report_a_field_stays_in_the_list() -> None:
     assert [(g["index"], g["name"], g["temperature_c"]) for g in gpus] == [(0, "RTX 3060", None), (1, "RTX 4090", 61.0)]
     assert all(GpuInfo.model_validate(g).memory_free_bytes == 11 * GB for g in gpus)
     assert [c.status for c in doctor.gpu_memory(gpus)] == ["ok", "ok"]
+
+
+def test_an_nvml_call_that_hangs_does_not_stop_the_heartbeat() -> None:
+    """A hung driver can leave an NVML call blocked for good. The heartbeat read GPUs in its own thread and would
+    stop with it, and every observer would requeue the job this live worker runs. GPUs are now read in a
+    thread of their own; the heartbeat lists the last reading while it is fresh, and none after. The NVML here
+    is a stand-in with the real library's call signatures, one whose memory query blocks after three answers."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from worker.sysinfo import SystemSampler
+
+    answers, hang = [], threading.Event()
+
+    def memory(handle: int) -> SimpleNamespace:
+        answers.append(handle)
+        if len(answers) > 3:
+            hang.wait()  # never set: the call never returns
+        return SimpleNamespace(used=1 * GB, free=11 * GB, total=12 * GB)
+
+    nv = SimpleNamespace(
+        nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: i, NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetName=lambda h: "RTX 3090", nvmlDeviceGetMemoryInfo=memory,
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=50), nvmlDeviceGetTemperature=lambda h, s: 60)
+    sampler = SystemSampler(interval=0.05, nvml=nv)
+    samples: list[dict] = []
+
+    def beat() -> None:
+        for _ in range(40):
+            samples.append(sampler())
+            time.sleep(0.05)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    beating.join(timeout=60)
+    assert not beating.is_alive(), "the heartbeat's sampling blocked on NVML"
+    assert len(answers) == 4  # the reader asked a fourth time, and hangs there
+    listed = [bool(s["gpus"]) for s in samples]
+    assert True in listed and listed[-1] is False, listed  # the readings while NVML answered, then none

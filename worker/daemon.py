@@ -56,7 +56,7 @@ class Worker:
         self.share, self.cfg, self.id = share, cfg, cfg.id
         self.gpus = gpus  # this slot's GPUs (worker.slots); None: whatever the machine shows
         self.clock = clock or SystemClock()
-        self.sampler = SystemSampler()
+        self.sampler = SystemSampler(share.settings.heartbeat_interval)
         self.device = self._pick_device(cfg.device)
         self.hb = HeartbeatWriter(share, self.id, self.device, self.clock, cfg.fallback, self.sampler,
                                   local=None if cfg.fallback else cfg.cache_dir / f"heartbeat-{cfg.id}.json")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,17 +48,22 @@ def _query(call: Callable[..., Any], *args: Any) -> Any:
 
 
 class SystemSampler:
-    """Callable giving heartbeat fields. NVML is initialised once; without a driver the GPU list is empty."""
+    """Callable giving heartbeat fields. NVML is initialised once; without a driver the GPU list is empty.
 
-    def __init__(self) -> None:
-        self._nvml = None
-        try:
-            import pynvml
+    GPUs are read in a thread of their own, and the heartbeat takes the last reading: an NVML call that hangs (a
+    hung driver, a GPU falling off the bus) must not stop the heartbeat, or every observer would take this live
+    worker for dead and requeue the job it is running. A reading older than ``STALE_READINGS`` intervals is
+    dropped: the heartbeat then lists no GPUs rather than old numbers."""
 
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-        except Exception as e:  # no driver, no library, a container without /dev/nvidia*: all mean no GPUs
-            log.debug("NVML unavailable: %s", e)
+    STALE_READINGS = 3
+
+    def __init__(self, interval: float = 2.0, nvml: Any = None) -> None:
+        self._nvml = nvml if nvml is not None else _init_nvml()
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._gpus: list[dict] = []
+        self._read_at: float | None = None
+        self._started = False
         psutil.cpu_percent(None)  # the first call only starts the measurement
 
     def gpu_count(self) -> int:
@@ -68,9 +75,41 @@ class SystemSampler:
             return 0
 
     def gpus(self) -> list[dict]:
-        return read_gpus(self._nvml) if self._nvml is not None else []
+        if self._nvml is None:
+            return []
+        with self._lock:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._read_forever, name="nvml-reader", daemon=True).start()
+            fresh = self._read_at is not None and \
+                time.monotonic() - self._read_at < self.STALE_READINGS * self._interval
+            return list(self._gpus) if fresh else []
+
+    def _read_forever(self) -> None:
+        while True:
+            gpus = read_gpus(self._nvml)
+            with self._lock:
+                self._gpus, self._read_at = gpus, time.monotonic()
+            time.sleep(self._interval)
 
     def __call__(self) -> dict:
         vm = psutil.virtual_memory()
         return {"gpus": self.gpus(), "cpu_pct": psutil.cpu_percent(None), "ram_used_bytes": int(vm.used),
                 "ram_total_bytes": int(vm.total)}
+
+
+def _init_nvml() -> Any:
+    """pynvml, initialised, or None. No library (a machine without the NVIDIA driver) is normal; any other
+    failure (a driver and library of different versions after an update, a boot race) means a GPU this worker
+    will not see, so it is said once, loudly."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception as e:
+        quiet = type(e).__name__ in ("NVMLError_LibraryNotFound", "ImportError", "ModuleNotFoundError")
+        log.log(logging.DEBUG if quiet else logging.WARNING,
+                "NVML does not answer (%s: %s): GPUs are not listed in heartbeats and an auto worker trains on "
+                "CPU; run nvidia-smi to see why (a driver updated without a reboot, say)", type(e).__name__, e)
+        return None
