@@ -90,6 +90,7 @@ def test_processes_one_per_gpu_only_for_devices_all(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv(ENV_PROCS, "2")
     assert processes("all", "cpu") == 2
     assert processes("auto", "cpu") == 1  # the override is for "all" jobs only
+    assert processes("all", "cpu", platform="win32") == 1  # no NCCL in torch on Windows: one process
     monkeypatch.setenv(ENV_PROCS, "two")
     with pytest.raises(RuntimeError, match=f"{ENV_PROCS}='two'"):
         processes("all", "cpu")

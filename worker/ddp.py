@@ -73,12 +73,17 @@ class Ticket:
 
 
 # ── how many processes ───────────────────────────────────────────────────────────────────────────────────
-def processes(devices: str, device: str) -> int:
-    """DDP processes for a job: one per visible GPU for ``devices: "all"`` on cuda, else 1 (a plain run).
+NO_NCCL = ('devices "all" trained on one GPU: several GPUs need NCCL, which PyTorch does not build for Windows; '
+           "run the worker on Linux (or WSL) to use them together, or one job per GPU with max_concurrent_jobs")
+
+
+def processes(devices: str, device: str, platform: str = sys.platform) -> int:
+    """DDP processes for a job: one per visible GPU for ``devices: "all"`` on cuda, else 1 (a plain run). One on
+    Windows, where torch has no NCCL (and Python no AF_UNIX for torchrun): the job says so (``NO_NCCL``).
 
     ``LORASPOOL_DDP_PROCS`` (worker environment) sets the count for ``"all"`` jobs instead, on any device: that is
     how the tests run two gloo processes on a CPU, and how a worker leaves some of its GPUs alone."""
-    if devices != "all":
+    if devices != "all" or platform == "win32":
         return 1
     wanted = os.environ.get(ENV_PROCS, "").strip()
     count = _gpu_count() if device == "cuda" else 1
