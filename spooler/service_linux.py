@@ -38,6 +38,9 @@ Type=simple
 User={user}
 Group={group}
 Environment=PYTHONUNBUFFERED=1
+# training.compile's kernel caches: the service's home is read-only here (ProtectSystem=strict), and a cache that
+# outlives a restart saves the next compile minutes.
+Environment=TRITON_CACHE_DIR=/var/cache/loraspool/triton TORCHINDUCTOR_CACHE_DIR=/var/cache/loraspool/inductor
 {environment}ExecStart={exec_start}
 Restart=on-failure
 RestartSec=10
