@@ -11,6 +11,7 @@ interval, not once per slot.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from spooler.clock import Clock, SystemClock
@@ -48,6 +49,11 @@ class Slots:
         one_off = bool(cfg.only_job or cfg.fallback)  # a submitter's fallback runs its one job
         n = 1 if one_off else concurrency(cfg, gpu_count)
         gpus = gpu_indices(cfg, gpu_count) if cfg.devices is not None or n > 1 else []
+        if gpus and (hidden := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+            # NVML counts every GPU, and each slot sets the variable for its own training process.
+            log.warning("worker %s: CUDA_VISIBLE_DEVICES=%s in its environment is overridden: each job's GPUs are "
+                        "set per slot, numbered as nvidia-smi does; unset it and set devices in loraspool.toml",
+                        cfg.id, hidden)
         clock = clock or SystemClock()
         self.watcher = job_watcher(share, cfg) if n > 1 else None  # one for all slots: one poll of the share
         self.reaper = Reaper(share, clock)  # and one read of the heartbeats per interval
