@@ -12,6 +12,7 @@ import os
 import threading
 from pathlib import Path
 
+from schemas.heartbeat import WorkerState
 from schemas.result import Result, Terminal
 from spooler import claim, states
 from spooler.clock import Clock, iso
@@ -60,9 +61,8 @@ def reap(share: Share, liveness: Liveness, me: str, clock: Clock, adopt: bool = 
          swept: set[str] | None = None) -> dict[str, WorkerView]:
     """Requeue (or fail, past max_attempts) the jobs of stale workers; a worker (``adopt``) also takes over
     their half-done intake. Submitters and cancel do not: their own intake folder has no heartbeat.
-    With ``swept`` (a worker's), each worker found dead, once per life, gets its half-written results finished."""
+    With ``swept`` (a worker's), a worker found dead has the result of its last job finished if it died writing it."""
     views = liveness.observe(worker_dirs(share, "running") | worker_dirs(share, "intake"))
-    sweep = False
     for wid, view in views.items():
         if wid == me or not view.stale:
             continue
@@ -70,29 +70,31 @@ def reap(share: Share, liveness: Liveness, me: str, clock: Clock, adopt: bool = 
             release(share, path, me, clock, view.reason, count_attempt=True)
         if adopt:
             _adopt_intake(share, wid, me, clock)
-        life = f"{wid}@{view.heartbeat.seq if view.heartbeat else '-'}"
-        if swept is not None and life not in swept:
-            swept.add(life)
-            sweep = True
-    if sweep:
-        finish_conclusions(share, me)
+        hb = view.heartbeat
+        if swept is not None and hb is not None and hb.job and hb.state is not WorkerState.stopped:
+            # It may have died concluding the job its last heartbeat names: one folder looked at, once per life.
+            life = f"{wid}@{hb.host}:{hb.pid}:{hb.job}"
+            if life not in swept:
+                swept.add(life)
+                _finish_one(share, hb.job, me)
     return views
 
 
 def finish_conclusions(share: Share, me: str) -> None:
-    """Finish every result whose concluder died between the commit and the final rename (``states.conclude``).
-    Run by a worker at start-up and when it finds a worker dead: without it, a job whose worker died in that
-    moment has no result for as long as the other workers run, and its submitter waits. Harmless beside a
-    live concluder: both finish the same step, with the same pending file."""
+    """Finish every result whose concluder died between the commit and the final rename (``states.conclude``):
+    a worker's start-up pass over results/. A worker found dead has its last job looked at (``reap``)."""
     for folder in share.results.glob("*"):
-        try:
-            if not any(folder.glob(f".result.*{states.PENDING_SUFFIX}")) or (folder / "result.json").exists():
-                continue
-            if states.complete_pending(share, folder.name):
-                log.warning("job %s: its result, committed by a worker that stopped before writing it, is written "
-                            "[worker %s]", folder.name, me)
-        except OSError as e:  # one folder must not stop the rest; the next start-up or death looks again
-            log.warning("results of %s not finished: %s: %s [worker %s]", folder.name, type(e).__name__, e, me)
+        if any(folder.glob(f".result.*{states.PENDING_SUFFIX}")):
+            _finish_one(share, folder.name, me)
+
+
+def _finish_one(share: Share, job_id: str, me: str) -> None:
+    try:
+        if not (share.result_dir(job_id) / "result.json").exists() and states.complete_pending(share, job_id):
+            log.warning("job %s: its result, committed by a worker that stopped before writing it, is written "
+                        "[worker %s]", job_id, me)
+    except Exception as e:  # an odd folder must not stop the rest, nor a worker's start; the next look tries again
+        log.warning("results of %s not finished: %s: %s [worker %s]", job_id, type(e).__name__, e, me)
 
 
 def release(share: Share, running_file: Path, me: str, clock: Clock, why: str, count_attempt: bool) -> None:

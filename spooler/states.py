@@ -241,8 +241,13 @@ def complete_pending(share: Share, job_id: str) -> bool:
     """Finish step (3) of ``conclude`` for a job whose concluder died after its commit. Idempotent."""
     folder = share.result_dir(job_id)
     final = folder / "result.json"
+    # job.json first, then the pending files: a committing attempt writes its pending file before its commit, so
+    # once job.json is seen the committed pending file is in the listing (listed first, a dead attempt's older
+    # file could be all there was, and be published).
+    if final.exists() or not (folder / "job.json").exists():
+        return final.exists()
     pending = _committed_pending(folder)
-    if pending is not None and not final.exists() and (folder / "job.json").exists():
+    if pending is not None:
         _finalize(share, folder, pending)
     return final.exists()
 

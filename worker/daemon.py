@@ -286,7 +286,15 @@ class Worker:
 
     def deliver(self, running_file: Path, key: states.QueueKey, result: Result, retry: bool = False) -> None:
         """Write the outcome to the share. If the share is away, keep it locally: the job stays in our
-        running folder, and the loop delivers it from there when the share answers again."""
+        running folder, and the loop delivers it from there when the share answers again. The heartbeat names
+        the job meanwhile: a worker found dead has the result of its heartbeat's job finished (spooler.reaper)."""
+        self.hb.job = key.job_id
+        try:
+            self._deliver(running_file, key, result, retry)
+        finally:
+            self.hb.job = None
+
+    def _deliver(self, running_file: Path, key: states.QueueKey, result: Result, retry: bool) -> None:
         try:
             states.conclude(self.share, running_file, result)
         except ClaimLost as e:
