@@ -166,8 +166,6 @@ class GcReport(BaseModel):
     removed: list[str] = Field(default_factory=list)
     refused: dict[str, str] = Field(default_factory=dict, description="Asked for, not removed: why.")
     freed_bytes: int = 0
-    restored: list[str] = Field(default_factory=list, description="Folders an earlier gc hid and did not finish "
-                                                                  "deciding on, put back under their names.")
     finished: list[str] = Field(default_factory=list, description="Removals an earlier gc decided and did not "
                                                                   "finish (it was stopped), finished.")
     token_cache_bytes: int = Field(0, description="Bytes in datasets/.tokens (tokenized rows, only a cache), "

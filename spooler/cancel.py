@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
     """Cancel ``job_id``; returns a sentence for the person saying what happened."""
-    states.complete_pending(share, job_id)  # committed by a worker that died before writing its result
+    with contextlib.suppress(OSError):  # committed by a worker that died before writing its result
+        states.complete_pending(share, job_id)
     done = read_model(share.result_dir(job_id) / "result.json", Result)
     if done is not None:
         return f"job {job_id} already ended: {done.status.value}"

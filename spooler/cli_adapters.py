@@ -118,8 +118,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def _render_gc(report: Any, applying: bool) -> str:
     from spooler.registry import human
 
-    lines = [f"put back {r}: an earlier gc hid it and stopped before it decided" for r in report.restored]
-    lines += [f"finished removing {r}, which an earlier gc had decided" for r in report.finished]
+    lines = [f"finished removing {r}, which an earlier gc had decided" for r in report.finished]
     lines += [f"removed {r}" for r in report.removed]
     lines += [f"refused {r}: {why}" for r, why in sorted(report.refused.items())]
     if applying:

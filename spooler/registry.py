@@ -716,28 +716,24 @@ def _put_back(hidden: Path, doomed: Doomed, text: str, report: GcReport) -> None
 
 
 def _finish_earlier_runs(share: Share, report: GcReport) -> None:
-    """What a gc stopped between hiding a folder and deciding (kill -9, a closed laptop) left hidden: put back
-    under its name, or the registry would lose a version no one removed, for good and without a word. A removal
-    it had decided (``.deleting``) is finished. A gc running now may lose the folder it just hid to this; it then
-    refuses to remove it, and nothing is lost either way."""
+    """What a gc stopped midway (kill -9, a closed laptop) left. A removal it had decided (``.deleting``) is
+    finished: a person asked for it, and a gc running now would finish it the same way. A folder it hid and had
+    not decided on is named, with what to type, but not put back: a gc running now may be deciding on it, and
+    putting back part of its set would break its all-or-none rule (a child back, its parent gone)."""
     for path in _gc_hidden(share):
         m = GC_HIDDEN.match(path.name)
         assert m is not None
         shown = path.relative_to(share.root).as_posix()
         if m["deleting"]:
             shutil.rmtree(path, ignore_errors=True)
-            report.finished.append(shown)
-            log.info("%s: the removal an earlier gc decided is finished", shown)
+            if not path.exists():
+                report.finished.append(shown)
+                log.info("%s: the removal an earlier gc decided is finished", shown)
             continue
         original = path.with_name(m["name"])
-        try:
-            os.rename(path, original)  # refused if the name was taken since: then it stays, and is named
-        except OSError as e:
-            report.refused[shown] = (f"hidden by a gc that did not finish, and not put back ({type(e).__name__}: "
-                                     f"{e}); rename it to {original.name} to restore it, or delete it")
-            continue
-        report.restored.append(original.relative_to(share.root).as_posix())
-        log.warning("%s put back: an earlier gc hid it and stopped before it decided", original)
+        report.refused[shown] = (f"hidden by a gc that was stopped before it decided, so no job can use it; unless "
+                                 f"a gc is running now, rename it back to keep it (mv '{path}' '{original}'), or "
+                                 "delete it to finish the removal")
 
 
 def _gc_hidden(share: Share) -> Iterator[Path]:

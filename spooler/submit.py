@@ -139,6 +139,7 @@ class Waiter:
     def __init__(self, share: Share, job_id: str, clock: Clock, fallback: bool) -> None:
         self.share, self.job_id, self.clock, self.fallback = share, job_id, clock, fallback
         self.me = f"submit-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+        self.committed_seen: float | None = None  # when this waiter first saw job.json without a result
         self.liveness = Liveness(share, clock)
         self.proc: subprocess.Popen | None = None
         self.said_no_worker = False  # told the person that no worker is live (--fallback never)
@@ -175,12 +176,19 @@ class Waiter:
                     self.proc.wait(timeout=30)
 
     def _finish_committed(self) -> Result | None:
-        """The job is committed (its job.json is in results/) but its worker stopped before writing result.json;
-        the live workers finish that when they find it dead, but this waiter need not wait for them. Safe beside
-        a concluder still at work: both finish the same step with the same pending file."""
-        if (self.share.result_dir(self.job_id) / "job.json").exists() and states.complete_pending(self.share,
-                                                                                                    self.job_id):
-            return find_result(self.share, self.job_id)
+        """The job is committed (its job.json is in results/) and has had no result.json for stale_after on this
+        waiter's clock: its worker stopped between the two. The live workers finish that when they find it dead;
+        this waiter need not wait for them, or for none to come. Safe beside a concluder still at work (both finish
+        one step with one pending file); a waiter that may not write there just goes on waiting."""
+        if not (self.share.result_dir(self.job_id) / "job.json").exists():
+            return None
+        now = self.clock.monotonic()
+        self.committed_seen = self.committed_seen if self.committed_seen is not None else now
+        if now - self.committed_seen < self.share.settings.stale_after:
+            return None
+        with contextlib.suppress(OSError):
+            if states.complete_pending(self.share, self.job_id):
+                return find_result(self.share, self.job_id)
         return None
 
     def _look(self) -> tuple[str, Progress | None, Result | None]:

@@ -867,11 +867,12 @@ def test_gc_puts_back_what_it_hid_when_the_second_look_fails(share: Share, train
     assert not [p for p in (registry.root(share) / "blip").iterdir() if p.name.startswith(".")]
 
 
-def test_a_version_an_interrupted_gc_hid_is_put_back_and_a_decided_removal_finished(share: Share, trained: dict,
-                                                                                        tmp_path: Path) -> None:
+def test_a_version_an_interrupted_gc_hid_is_named_and_a_decided_removal_finished(share: Share, trained: dict,
+                                                                                     tmp_path: Path) -> None:
     """Found by kill -9 of gc --apply between hiding a version and its second look: the version stayed hidden for
     good, unregistered to every job (a job naming it was rejected) and unmentioned by gc or adapters. The next
-    gc, even a report, puts it back; one stopped after it decided (mid-removal) is finished instead."""
+    gc names it with the command that puts it back (not putting it back itself: a gc running now may be
+    deciding on it, all or none); one stopped after it decided (mid-removal) is finished."""
     _register_copies(share, trained, "hid", [[], []])
     before = _tree_digest(version(share, "hid/v1"))
     hidden = registry._hide(registry.Doomed("hid/v1", version(share, "hid/v1"), 0, "adapter"))  # then killed
@@ -880,9 +881,12 @@ def test_a_version_an_interrupted_gc_hid_is_put_back_and_a_decided_removal_finis
     os.rename(deciding, deleting)  # killed in the rmtree that follows
     assert registry.Ref("hid", 1) not in registry.refs(share)
     out = _cli("gc", "--share", str(share.root))
-    assert "put back adapters/hid/v1: an earlier gc hid it and stopped before it decided" in out.stdout, out.stdout
+    assert f"refused {hidden.relative_to(share.root).as_posix()}: hidden by a gc that was stopped before it " \
+           f"decided" in out.stdout, out.stdout
+    assert f"mv '{hidden}' '{version(share, 'hid/v1')}'" in out.stdout and out.returncode == 1
     assert f"finished removing {deleting.relative_to(share.root).as_posix()}" in out.stdout, out.stdout
-    assert not hidden.exists() and not deleting.exists() and not version(share, "hid/v2").exists()
+    assert not deleting.exists() and not version(share, "hid/v2").exists()
+    os.rename(hidden, version(share, "hid/v1"))  # what the message says to type
     assert _tree_digest(version(share, "hid/v1")) == before
 
 

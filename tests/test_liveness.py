@@ -309,7 +309,11 @@ def test_a_waiting_submitter_writes_its_jobs_committed_result(share: Share) -> N
     from spooler.submit import Waiter
 
     _committed_by_a_dead_worker(share, "gone", "mine")
-    state, _, r = Waiter(share, "mine", SystemClock(), fallback=False)._look()  # one round of its wait
+    clock = HandClock()
+    waiter = Waiter(share, "mine", clock, fallback=False)
+    assert waiter._look()[0] != "done"  # a concluder may be at work: not within stale_after of the first look
+    clock.now += share.settings.stale_after
+    state, _, r = waiter._look()
     assert state == "done" and r is not None and (r.status.value, r.worker) == ("succeeded", "gone")
     assert result_of(share, "mine") == r
 
