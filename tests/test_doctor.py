@@ -149,6 +149,7 @@ def test_an_nvml_call_that_hangs_does_not_stop_the_heartbeat() -> None:
         nvmlDeviceGetName=lambda h: "RTX 3090", nvmlDeviceGetMemoryInfo=memory,
         nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=50), nvmlDeviceGetTemperature=lambda h, s: 60)
     sampler = SystemSampler(interval=0.05, nvml=nv)
+    assert sampler()["gpus"][0]["name"] == "RTX 3090"  # the first heartbeat waits for the first reading
     samples: list[dict] = []
 
     def beat() -> None:

@@ -465,7 +465,8 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
                             target_modules=lora.target_modules, use_dora=lora.use_dora,
                             modules_to_save=lora.modules_to_save, bias="none")
         model = get_peft_model(model, config)
-    _trainable_in_fp32(model)
+    if plan.dtype == torch.float16:
+        _trainable_in_fp32(model)
     if recompute:
         _drop_input_grad_hooks(model)
     # An absolute path on this worker's mount means nothing elsewhere: record the share-relative one.
@@ -477,9 +478,10 @@ def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
 
 
 def _trainable_in_fp32(model: torch.nn.Module) -> None:
-    """peft keeps LoRA weights in fp32, but the full copies of ``lora.modules_to_save`` in the base's dtype: in
-    bf16 an AdamW update smaller than half a bf16 step is lost (most of them, at a LoRA learning rate), and in
-    fp16 the GradScaler refuses to unscale fp16 gradients. Autocast casts them for the forward pass."""
+    """peft keeps LoRA weights in fp32, but the full copies of ``lora.modules_to_save`` in the base's dtype, and
+    in fp16 the GradScaler refuses to unscale fp16 gradients. Autocast casts them for the forward pass. Only for
+    fp16: in bf16 they train (updates below half a bf16 step are lost), and fp32 copies of an 8B model's
+    lm_head and embeddings would cost 8 GB more memory and twice the adapter's size."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -157,8 +157,9 @@ def _report_of(e: BaseException, trace: str) -> tuple:
     device's or the driver's, not the job's verdict, and its CUDA context dies with this process: reported as
     a crash, so the attempt counts and the next resumes from its checkpoint; the last fails, naming it."""
     text = str(e)
+    # A device-side assert is the job's own (a token id past the embedding, a label out of range): not retried.
     if (type(e).__name__ == "AcceleratorError" or text.startswith("CUDA error")) and \
-            "out of memory" not in text.lower():
+            "out of memory" not in text.lower() and "device-side assert" not in text:
         return ("died", f"the GPU failed: {_describe(e)}")
     return ("failed", _describe(e), trace)
 

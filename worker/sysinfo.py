@@ -64,6 +64,7 @@ class SystemSampler:
         self._gpus: list[dict] = []
         self._read_at: float | None = None
         self._started = False
+        self._first = threading.Event()
         psutil.cpu_percent(None)  # the first call only starts the measurement
 
     def gpu_count(self) -> int:
@@ -78,9 +79,13 @@ class SystemSampler:
         if self._nvml is None:
             return []
         with self._lock:
-            if not self._started:
+            starting = not self._started
+            if starting:
                 self._started = True
                 threading.Thread(target=self._read_forever, name="nvml-reader", daemon=True).start()
+        if starting:  # the first heartbeat lists GPUs too, unless NVML is slow to answer
+            self._first.wait(self._interval)
+        with self._lock:
             fresh = self._read_at is not None and \
                 time.monotonic() - self._read_at < self.STALE_READINGS * self._interval
             return list(self._gpus) if fresh else []
@@ -90,6 +95,7 @@ class SystemSampler:
             gpus = read_gpus(self._nvml)
             with self._lock:
                 self._gpus, self._read_at = gpus, time.monotonic()
+            self._first.set()
             time.sleep(self._interval)
 
     def __call__(self) -> dict:
