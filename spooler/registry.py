@@ -692,7 +692,7 @@ def _apply(asked: dict[str, Doomed], decide: Callable[[], dict[str, str]], repor
         try:
             os.rename(hidden[text], deleting)
         except FileNotFoundError:
-            report.refused[text] = "not removed: another gc run put it back meanwhile; run gc again"
+            report.refused[text] = "not removed: it was put back meanwhile (by a person?); run gc again"
             continue
         shutil.rmtree(deleting, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -709,7 +709,7 @@ def _put_back(hidden: Path, doomed: Doomed, text: str, report: GcReport) -> None
         os.rename(hidden, doomed.folder)
     except OSError as e:
         if isinstance(e, FileNotFoundError) and doomed.folder.exists():
-            return  # another gc run put it back already
+            return  # put back meanwhile, as the message of a gc that was stopped says to
         log.error("%s %s stays moved aside at %s: %s", doomed.kind, text, hidden, e)
         report.refused[text] += (f"; it could not be put back ({type(e).__name__}: {e}) and is at {hidden}: "
                                  f"rename that folder to {doomed.folder.name} to restore it")
