@@ -101,15 +101,14 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
     try:
         folder.mkdir()
     except FileExistsError:
-        origin = read_json_object(folder / ORIGIN)
-        if origin or not unfinished_reservation(folder):
-            return origin.get("token") == intake_file.name  # our own grab, resumed after a crash
         # Empty: a reserver died between mkdir and origin.json, or is between them now. A live one writes within
         # moments: still empty after stale_after (on our own clock), it is abandoned, and the id would be lost for
         # good. Two takers left then are settled by the confirmation below, as two mkdirs that both "won".
-        time.sleep(share.settings.stale_after)
-        if read_json_object(folder / ORIGIN) or not unfinished_reservation(folder):
-            return read_json_object(folder / ORIGIN).get("token") == intake_file.name
+        for pause in (0.0, share.settings.stale_after):
+            time.sleep(pause)
+            origin = read_json_object(folder / ORIGIN)
+            if origin or not unfinished_reservation(folder):
+                return origin.get("token") == intake_file.name  # ours: our own grab, resumed after a crash
     with contextlib.suppress(OSError):
         os.chmod(folder, share.dir_mode)
     share.write_json(folder / ORIGIN, {"token": intake_file.name, "source_file": source_name(intake_file),

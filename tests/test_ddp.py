@@ -23,7 +23,7 @@ import pytest
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec
 from spooler.errors import Rejected
-from worker import horse
+from worker import ddp, horse
 from worker.ddp import ENV_PROCS, processes
 from worker.outputs import read_metrics
 from worker.tinymodel import write_dataset
@@ -91,6 +91,9 @@ def test_processes_one_per_gpu_only_for_devices_all(monkeypatch: pytest.MonkeyPa
     assert processes("all", "cpu") == 2
     assert processes("auto", "cpu") == 1  # the override is for "all" jobs only
     assert processes("all", "cpu", platform="win32") == 1  # no NCCL in torch on Windows: one process
+    monkeypatch.setattr(ddp, "_gpu_count", lambda: 2)
+    assert ddp.one_gpu_note("all", "cuda", platform="win32") == ddp.NO_NCCL  # and the job's notes say so
+    assert ddp.one_gpu_note("all", "cuda", platform="linux") is None
     monkeypatch.setenv(ENV_PROCS, "two")
     with pytest.raises(RuntimeError, match=f"{ENV_PROCS}='two'"):
         processes("all", "cpu")

@@ -96,6 +96,13 @@ def processes(devices: str, device: str, platform: str = sys.platform) -> int:
     return int(wanted)
 
 
+def one_gpu_note(devices: str, device: str, platform: str = sys.platform) -> str | None:
+    """``NO_NCCL`` when ``processes`` gave a devices "all" job one process only for want of NCCL (Windows)."""
+    if platform == "win32" and devices == "all" and device == "cuda" and _gpu_count() > 1:
+        return NO_NCCL
+    return None
+
+
 def _gpu_count() -> int:
     import torch
 

@@ -78,8 +78,8 @@ def run_training(req: TrainRequest, report: Callable[[Progress], None],
     outcome = (ddp.launch(req, world, report, should_stop) if world > 1
                else train_checked(req, report, should_stop))
     assert outcome is not None  # only DDP ranks other than 0 get None
-    if world == 1 and req.job.devices == "all" and req.device == "cuda" and ddp.processes("all", "cuda", "linux") > 1:
-        outcome.notes.append(ddp.NO_NCCL)  # Windows: see ddp.processes
+    if note := ddp.one_gpu_note(req.job.devices, req.device):
+        outcome.notes.append(note)
     if should_stop():  # cancelled, shut down, or orphaned while verifying: a version is for a job that ends here
         from spooler.errors import Cancelled
 
