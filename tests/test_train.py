@@ -281,7 +281,7 @@ def test_lean_norms_and_swiglu_train_as_the_models_own_and_keep_less() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         bf16 = dtype == torch.bfloat16
         lean, swapped = _qwen3_lora(dtype, lean=True)
-        assert swapped == {"RMSNorm": 9, "SwiGLU": 2}  # 4 norms a layer (q/k norms too) and the final one
+        assert swapped == {"RMSNorm": 9, "SwiGLU": 2, "GELU(tanh)": 0}  # 4 norms a layer, the final one
         own = _qwen3_lora(dtype, lean=False)[0]
         loss, grads, kept = _loss_grads_saved(lean, ids, _precision(lean, bf16))
         own_loss, own_grads, own_kept = _loss_grads_saved(own, ids, _precision(own, bf16))
@@ -310,8 +310,81 @@ def test_a_norm_the_lean_one_does_not_reproduce_is_left_as_it_is() -> None:
     for m in (plain, offset):
         m.weight.requires_grad_(False)
     model = torch.nn.ModuleList([plain, offset, trained])
-    assert lean_activations(model, "cpu", torch.float32) == {"RMSNorm": 1, "SwiGLU": 0}
+    assert lean_activations(model, "cpu", torch.float32) == {"RMSNorm": 1, "SwiGLU": 0, "GELU(tanh)": 0}
     assert "forward" in vars(plain) and "forward" not in vars(offset) and "forward" not in vars(trained)
+
+
+def test_gpt2s_python_gelu_becomes_the_one_kernel_and_trains_the_same() -> None:
+    """GPT-2's ``gelu_new`` is the tanh GELU written out in Python; the swap to torch's kernel gives the loss and
+    gradients to rounding, in fp32 and bf16, and keeps fewer bytes for backward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker.fused import lean_activations
+
+    config = AutoConfig.for_model("gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float32, torch.bfloat16):
+        bf16 = dtype == torch.bfloat16
+        runs = []
+        for lean in (True, False):
+            torch.manual_seed(0)
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+            if lean:
+                assert lean_activations(model, "cpu", dtype) == {"RMSNorm": 0, "SwiGLU": 0, "GELU(tanh)": 2}
+            runs.append(_loss_grads_saved(model, ids, _precision(model, bf16)))
+        (loss, grads, kept), (own_loss, own_grads, own_kept) = runs
+        assert abs(loss - own_loss) <= (1e-2 if bf16 else 1e-5) * abs(own_loss)
+        for a, b in zip(grads, own_grads, strict=True):
+            assert float((a - b).norm() / b.norm()) < (3e-2 if bf16 else 1e-5)
+        assert kept < 0.9 * own_kept, (kept, own_kept)
+
+
+@pytest.mark.parametrize("head", ["frozen", "trained"])
+def test_the_chunked_loss_has_the_full_logits_gradients(head: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen head's chunks form their gradient in forward (``_FrozenHeadCE``); a head that trains (here a
+    modules_to_save copy) is checkpointed instead. Either way, over several chunks, the loss and every trainable
+    gradient are those of the model's own logits, in fp32 and under bf16 autocast."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker import loop
+
+    monkeypatch.setattr(loop, "LOSS_CHUNK", 16)  # 94 labelled positions: six chunks, the last one short
+    fused = 0
+    apply = loop._FrozenHeadCE.apply
+
+    def counted(*args: Any) -> Any:
+        nonlocal fused
+        fused += 1
+        return apply(*args)
+
+    monkeypatch.setattr(loop._FrozenHeadCE, "apply", counted)
+    config = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    extra = {"modules_to_save": ["lm_head"]} if head == "trained" else {}
+    for dtype in (torch.float32, torch.bfloat16):
+        bf16 = dtype == torch.bfloat16
+        runs = []
+        for chunked in (True, False):
+            torch.manual_seed(0)
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                                    **extra))
+            with _precision(model, bf16):
+                loss, _ = loop.CausalLMLoss(model, chunked=chunked)(ids, ids, None, None)
+            loss.backward()
+            runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
+        (loss, grads), (own_loss, own_grads) = runs
+        assert abs(loss - own_loss) <= (1e-2 if bf16 else 1e-5) * abs(own_loss)
+        for a, b in zip(grads, own_grads, strict=True):
+            assert float((a - b).norm() / b.norm()) < (1e-2 if bf16 else 1e-5)
+    assert fused == (2 if head == "frozen" else 0)
 
 
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────
