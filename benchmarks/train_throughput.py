@@ -3,7 +3,8 @@ run, on the same model shape and the same synthetic tokens (benchmarks/_shapes.p
 
     .venv/bin/python benchmarks/train_throughput.py [--shape tiny|gpt2-small|qwen3-0.6b|llama-8b]
         [--device auto|cpu|cuda] [--recipes worker,seed,tuned,qlora] [--steps 20] [--warmup 3] [--batch 16]
-        [--quantization none|4bit|8bit] [--sampler random|grouped] [--no-cudnn-sdp] [--cache DIR] [--json FILE]
+        [--quantization none|4bit|8bit] [--sampler random|grouped] [--no-cudnn-sdp] [--same-malloc]
+        [--cache DIR] [--json FILE]
 
 Recipes (the HF ones as in /work/shared/anchors/gpu_lora_baseline.py):
 
@@ -17,7 +18,9 @@ Recipes (the HF ones as in /work/shared/anchors/gpu_lora_baseline.py):
 
 Each recipe runs in its own subprocess (``--one RECIPE`` prints one JSON line) so that peak memory (CUDA
 max_memory_allocated, or on CPU the process's peak RSS) is that recipe's alone; peaks are read at the last
-timed step, so the worker's post-training adapter check is not counted.
+timed step, so the worker's post-training adapter check is not counted. The worker's process starts with the
+environment the worker gives its training process (on CPU, glibc's malloc keeps freed memory: worker.childenv);
+the HF recipes with the default, unless ``--same-malloc``.
 
 Length grouping: the anchor sorts rows and shuffles chunks of 64, but the Trainer's default random sampler then
 reshuffles them, so its tuned/qlora batches are really random (pad fraction ~0.55). ``--sampler random`` (default)
@@ -416,15 +419,28 @@ def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
             *(["--no-cudnn-sdp"] if args.no_cudnn_sdp else []), *(["--compile"] if args.compile else [])]
 
 
+def child_env(args: argparse.Namespace, recipe: str) -> dict[str, str]:
+    """The worker's recipe starts as the worker's training process does (worker.childenv: on CPU, glibc's malloc
+    keeps what it frees); the HF recipes as a person would run them, unless ``--same-malloc``."""
+    from worker import childenv
+
+    if recipe == "worker" or args.same_malloc:
+        return childenv.for_training(args.device, os.environ)
+    return {}
+
+
 def spawn(args: argparse.Namespace, recipe: str) -> Row:
     """Run one recipe in a fresh interpreter and read its JSON line (its stderr is shown only on failure)."""
-    proc = subprocess.run(child_args(args, recipe), capture_output=True, text=True)
+    extra = child_env(args, recipe)
+    proc = subprocess.run(child_args(args, recipe), capture_output=True, text=True, env={**os.environ, **extra})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
         row = Row(**json.loads(lines[-1]))
     else:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         row = Row(recipe, recipe, args.shape, args.device, error=f"exit {proc.returncode}: {tail[0][:300]}")
+    if extra:
+        row.note = "; ".join(n for n in (row.note, "malloc keeps what it frees (worker.childenv)") if n)
     if row.error:
         print(proc.stderr[-4000:], file=sys.stderr)
     return row
@@ -499,6 +515,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-cudnn-sdp", action="store_true",
                     help="turn off PyTorch's cuDNN attention in every recipe: it builds a plan per new sequence "
                          "length, which dynamic padding pays on almost every batch")
+    ap.add_argument("--same-malloc", action="store_true",
+                    help="on CPU, run the HF recipes with the glibc malloc settings the worker's training process "
+                         "gets (worker.childenv) too, rather than the default a person would have")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/loraspool-bench"))
     ap.add_argument("--json", type=Path, help="also write the JSON lines here")
     ap.add_argument("--one", choices=RECIPES, help=argparse.SUPPRESS)

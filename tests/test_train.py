@@ -1055,3 +1055,34 @@ def test_a_stuck_training_process_does_not_outlive_its_killed_worker(tmp_path: P
         for p in [*children, *psutil.Process().children(recursive=True)]:  # the orphan is no child of ours
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+def test_a_cpu_training_process_starts_with_malloc_keeping_what_it_frees(share_root: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The horse spawns a CPU job's child with glibc told to keep freed memory (worker.childenv); the daemon's
+    own environment is as it was. A GPU job, or a person's own GLIBC_TUNABLES, gets nothing added."""
+    import platform
+
+    import psutil
+
+    from worker import childenv, horse
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc tunables only")
+    monkeypatch.delenv(childenv.TUNABLES, raising=False)
+    seen: list[list[bytes]] = []
+
+    def look() -> str | None:
+        children = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+        if not children:
+            return None
+        # glibc cuts the variable at each ':' in place as it parses it, so the pieces show as separate entries.
+        seen.append(Path(f"/proc/{children[0].pid}/environ").read_bytes().split(b"\0"))
+        return "cancel"
+
+    result = horse.run(vars(request(share_root, make_job("malloc", max_steps=50))), lambda p: None, look)
+    assert result.kind == "cancelled" and childenv.TUNABLES not in os.environ
+    wanted = f"{childenv.TUNABLES}={childenv.CPU_TUNABLES}".encode().split(b":")
+    assert seen and all(piece in seen[0] for piece in wanted), seen[:1]
+    assert childenv.for_training("cuda", {}) == {}
+    assert childenv.for_training("cpu", {childenv.TUNABLES: "glibc.malloc.arena_max=2"}) == {}
