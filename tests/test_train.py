@@ -459,6 +459,39 @@ def test_gradient_checkpointing_changes_memory_not_the_losses(share_root: Path) 
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_step_in_pieces_trains_as_the_whole_batch(share_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    packing: bool) -> None:
+    """On CPU a step's rows go through in pieces (engine.CPU_MICRO_TOKENS), their gradients added up: the loss
+    at every step is that of the whole batch at once, packed or padded."""
+    from worker import batching, engine
+
+    sizes: list[list[int]] = []  # per step, the tokens of each piece
+    pieces = batching.Batch.pieces
+
+    def counted(self: batching.Batch, max_tokens: int | None) -> list[batching.Batch]:
+        out = pieces(self, max_tokens)
+        assert sum(p.input_ids.shape[0] for p in out) == self.input_ids.shape[0]
+        sizes.append([p.input_ids.numel() for p in out])
+        return out
+
+    monkeypatch.setattr(batching.Batch, "pieces", counted)
+    losses = {}
+    for micro in (None, 64):
+        monkeypatch.setattr(engine, "CPU_MICRO_TOKENS", micro)
+        sizes.clear()
+        outcome = train(share_root, make_job(f"pieces-{packing}-{micro}", max_steps=6, packing=packing))
+        lines = read_metrics(outcome.adapter_dir.parent / "metrics.jsonl")
+        losses[micro] = [m.loss for m in lines if m.kind == "train"]
+        assert len(sizes) == 6
+        if micro is None:
+            assert all(len(step) == 1 for step in sizes)
+        else:  # rows of up to 64 tokens: one row a piece, or two of at most 32
+            assert all(len(step) > 1 and max(step) <= 64 for step in sizes), sizes
+    assert len(losses[64]) == 6
+    assert losses[64] == pytest.approx(losses[None], rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: Path, recompute: bool,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,6 +44,21 @@ class Batch:
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
                      self.real_tokens, self.padded_tokens)
 
+    def pieces(self, max_tokens: int | None) -> list[Batch]:
+        """The rows in pieces of at most ``max_tokens`` tokens each (one row at least), for a step that adds up
+        the gradients of several forwards; the whole batch when None. The step counts its tokens on the whole
+        batch, so a piece's own counts are left at 0."""
+        rows, width = self.input_ids.shape
+        per = rows if max_tokens is None else max(1, max_tokens // max(1, width))
+        if per >= rows:
+            return [self]
+
+        def part(t: torch.Tensor | None, at: int) -> torch.Tensor | None:
+            return None if t is None else t[at:at + per]
+
+        return [Batch(self.input_ids[at:at + per], self.labels[at:at + per], part(self.attention_mask, at),
+                      part(self.position_ids, at), 0, 0) for at in range(0, rows, per)]
+
 
 class Batcher:
     def __init__(self, examples: list[Example], batch_size: int, max_length: int, pad_id: int, seed: int,

@@ -19,6 +19,7 @@ process with batch 2B.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -267,6 +268,7 @@ class LoopSettings:
     fingerprint: str
     compile: bool = False
     share_root: Path | None = None  # checkpoints are written only where no link leads (spooler.paths.link_below)
+    micro_tokens: int | None = None  # a step's rows go through in pieces of this many tokens; None: all at once
 
 
 class Loop:
@@ -400,12 +402,11 @@ class Loop:
         lr = self.schedule.get_last_lr()[0]
         labelled = float((batch.labels[:, 1:] != IGNORE).sum())
         n_global, real, padded = self.dist.totals([labelled, batch.real_tokens, batch.padded_tokens], self.s.device)
-        loss_sum, _ = self._forward(batch)
         # Sum over this rank / the epoch's mean targets per step, times world to undo DDP's averaging.
-        loss = loss_sum * (self.dist.world / max(self.batcher.targets_per_step(self.pos.epoch), 1.0))
-        reported = self.dist.total(float(loss_sum.detach()), self.s.device) / max(n_global, 1.0)
-        self._check_loss(reported, lr)
-        self.scaler.scale(loss).backward()
+        scale = self.dist.world / max(self.batcher.targets_per_step(self.pos.epoch), 1.0)
+        loss_sum = self._forward_backward(batch.pieces(self.s.micro_tokens), scale)
+        reported = self.dist.total(float(loss_sum), self.s.device) / max(n_global, 1.0)
+        self._check_loss(reported, lr)  # before the optimizer step: a non-finite loss never reaches the weights
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP))
         self._check_grad_norm(grad_norm, lr)
@@ -417,6 +418,19 @@ class Loop:
         self.pos.tokens += int(real)
         self.pos.padded_tokens += int(padded)
         return reported, grad_norm, lr
+
+    def _forward_backward(self, pieces: list[Batch], scale: float) -> torch.Tensor:
+        """Forward and backward over the step's pieces, gradients adding up; returns the summed token loss.
+        DDP reduces the gradients once, in the last piece's backward."""
+        total = torch.zeros((), device=self.s.device)
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            no_sync = getattr(self.step_module, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss_sum, _ = self._forward(piece)
+                self.scaler.scale(loss_sum * scale).backward()
+            total += loss_sum.detach().float()
+        return total
 
     def _check_loss(self, loss: float, lr: float) -> None:
         if not math.isfinite(loss):
