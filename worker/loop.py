@@ -8,7 +8,9 @@ exact control of what reaches the share. What makes it fast is in the data and t
   through the LM head in chunks, so a 150k vocabulary costs one chunk of fp32 logits at a time instead of
   batch × length × vocab. A frozen head's chunk gives its gradient at once (``_FrozenHeadCE``); a head that
   trains has each chunk recomputed in backward (``torch.utils.checkpoint``);
-* AdamW runs fused on CUDA, over the LoRA parameters only.
+* AdamW runs fused on CUDA, over the LoRA parameters only;
+* on CPU a step's rows go through forward and backward in pieces (``LoopSettings.micro_tokens``), their
+  gradients adding up: the same step in a fraction of the memory, and faster (``engine.CPU_MICRO_TOKENS``).
 
 The loss that a step trains on is its sum over every labelled token of the (global) batch divided by the epoch's mean
 count per step (``Batcher.targets_per_step``), so every token weighs the same over an epoch however the batches
