@@ -1090,19 +1090,28 @@ def test_a_stuck_training_process_does_not_outlive_its_killed_worker(tmp_path: P
                 p.kill()
 
 
-def test_a_cpu_training_process_starts_with_malloc_keeping_what_it_frees(share_root: Path,
+def test_a_cpu_training_process_starts_with_malloc_keeping_what_it_frees(share_root: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The horse spawns a CPU job's child with glibc told to keep freed memory (worker.childenv); the daemon's
-    own environment is as it was. A GPU job, or a person's own GLIBC_TUNABLES, gets nothing added."""
+    """A CPU worker puts glibc's keep-what-you-free tunables in its environment once, at start-up
+    (worker.childenv), and its training child is spawned with them. A GPU worker, a person's own
+    GLIBC_TUNABLES, or a glibc older than the one measured gets nothing added."""
     import platform
 
     import psutil
 
+    from spooler.config import WorkerSettings
+    from tests.conftest import make_share
     from worker import childenv, horse
+    from worker.daemon import Worker
 
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's malloc tunables only")
-    monkeypatch.delenv(childenv.TUNABLES, raising=False)
+    if not childenv._measured_glibc():
+        pytest.skip("glibc 2.36's malloc tunables only")
+    monkeypatch.setenv(childenv.TUNABLES, "")
+    monkeypatch.delenv(childenv.TUNABLES)  # and gone again after the test
+    spool = make_share(tmp_path / "spool")
+    worker = Worker(spool, WorkerSettings(share=spool.root, id="w1", device="cpu", cache_dir=tmp_path / "cache"))
+    assert worker.device == "cpu" and os.environ[childenv.TUNABLES] == childenv.CPU_TUNABLES
+    assert not childenv.prepare("cpu")  # a second worker (slot) of the process adds nothing
     seen: list[list[bytes]] = []
 
     def look() -> str | None:
@@ -1114,8 +1123,10 @@ def test_a_cpu_training_process_starts_with_malloc_keeping_what_it_frees(share_r
         return "cancel"
 
     result = horse.run(vars(request(share_root, make_job("malloc", max_steps=50))), lambda p: None, look)
-    assert result.kind == "cancelled" and childenv.TUNABLES not in os.environ
+    assert result.kind == "cancelled"
     wanted = f"{childenv.TUNABLES}={childenv.CPU_TUNABLES}".encode().split(b":")
-    assert seen and all(piece in seen[0] for piece in wanted), seen[:1]
+    assert seen and all(piece in seen[0] for piece in wanted), [e for e in seen[0] if b"glibc" in e.lower()]
     assert childenv.for_training("cuda", {}) == {}
     assert childenv.for_training("cpu", {childenv.TUNABLES: "glibc.malloc.arena_max=2"}) == {}
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.34"))
+    assert childenv.for_training("cpu", {}) == {}

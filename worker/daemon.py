@@ -34,7 +34,7 @@ from spooler.reaper import Reaper, finish_conclusions, release
 from spooler.share import Share, read_model
 from spooler.submit import find_result
 from spooler.watch import FolderWatcher
-from worker import horse
+from worker import childenv, horse
 from worker.adapter_jobs import AdapterJobOutcome
 from worker.outbox import Outbox
 from worker.sysinfo import SystemSampler
@@ -58,6 +58,9 @@ class Worker:
         self.clock = clock or SystemClock()
         self.sampler = SystemSampler(share.settings.heartbeat_interval)
         self.device = self._pick_device(cfg.device)
+        if childenv.prepare(self.device):  # once, before this worker starts a thread: see worker.childenv
+            log.info("worker %s: CPU training processes start with %s=%s", self.id, childenv.TUNABLES,
+                     os.environ[childenv.TUNABLES])
         self.hb = HeartbeatWriter(share, self.id, self.device, self.clock, cfg.fallback, self.sampler,
                                   local=None if cfg.fallback else cfg.cache_dir / f"heartbeat-{cfg.id}.json")
         self.reaper = reaper or Reaper(share, self.clock)  # shared by the slots of one machine (worker.slots)

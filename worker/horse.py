@@ -26,14 +26,13 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from typing import Any
 
 from schemas.heartbeat import Progress
-from worker import childenv
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +178,7 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
     ctx = mp.get_context("spawn")  # fork would copy the daemon's threads and any CUDA state
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(request, child), name="loraspool-horse", daemon=True)
-    with _environment(childenv.for_training(str(request.get("device")), os.environ)):
-        proc.start()
+    proc.start()
     child.close()
     stop_sent_at: float | None = None
     stop_reason: str | None = None
@@ -223,26 +221,6 @@ def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
         if proc.is_alive():
             _end(proc)
         parent.close()
-
-
-_ENVIRON_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _environment(extra: dict[str, str]) -> Iterator[None]:
-    """``extra`` in os.environ while a child is spawned (multiprocessing has no env argument), then as before.
-    Under a lock: two slots starting children at once must not see each other's variables."""
-    with _ENVIRON_LOCK:
-        before = {k: os.environ.get(k) for k in extra}
-        os.environ.update(extra)
-        try:
-            yield
-        finally:
-            for k, v in before.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 _EOF = ("eof",)
