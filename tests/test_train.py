@@ -387,6 +387,57 @@ def test_the_chunked_loss_has_the_full_logits_gradients(head: str, monkeypatch: 
     assert fused == (2 if head == "frozen" else 0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_packed_documents_attend_one_by_one_as_the_mask_has_them(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU each packed document gets an SDPA call of its own (worker.packedattn): the loss and gradients of a
+    packed batch are those of transformers' block-diagonal mask, grouped-query heads (qwen3) included. A padded
+    batch (no restarting positions) and generation with a cache take transformers' SDPA as it is."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker import loop, packedattn
+
+    per_document: list[bool] = []
+    documents = packedattn._documents
+
+    def seen(*args: Any) -> Any:
+        bounds = documents(*args)
+        per_document.append(bounds is not None)
+        return bounds
+
+    monkeypatch.setattr(packedattn, "_documents", seen)
+    config = AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, n_embd=64, intermediate_size=128,
+                                  num_hidden_layers=2, n_layer=2, num_attention_heads=4, n_head=4,
+                                  num_key_value_heads=2, head_dim=16, n_positions=64, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    positions = torch.stack([torch.cat([torch.arange(20), torch.arange(28)]),
+                             torch.cat([torch.arange(5), torch.arange(30), torch.arange(13)])])
+    runs = []
+    for ours in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(copy.deepcopy(config))  # the switch is made on the config
+        if ours:
+            assert packedattn.use_for_packed_rows(base)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        loss, _ = loop.CausalLMLoss(model, chunked=True)(ids, ids, None, positions)
+        loss.backward()
+        runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
+    assert per_document == [True, True]  # both layers of the second model, once each
+    (loss, grads), (own_loss, own_grads) = runs[1], runs[0]
+    assert loss == pytest.approx(own_loss, rel=1e-6)
+    for a, b in zip(grads, own_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+    per_document.clear()
+    with loop.evaluating(model):
+        padded = loop.CausalLMLoss(model, chunked=True)(ids, ids, torch.ones_like(ids), None)[0]
+        model.generate(input_ids=ids[:1, :8], max_new_tokens=3, do_sample=False)
+    assert per_document and not any(per_document) and torch.isfinite(padded)
+
+
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────
 def test_adapter_loads_the_plain_way_and_is_share_readable(share_root: Path, alpaca_outcome: Any) -> None:
     import torch

@@ -30,7 +30,7 @@ from schemas.result import DataReport, Metrics, ProbeOutput
 from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree, makedirs
 from spooler.errors import Cancelled, DeviceUnavailable, Rejected
 from spooler.paths import refuse_links
-from worker import checkpoint, data, tokencache
+from worker import checkpoint, data, packedattn, tokencache
 from worker.batching import Batcher
 from worker.fused import lean_activations
 from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings, uncompiled
@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # On CPU a step's rows go through forward and backward in pieces of about this many tokens, their gradients added
-# up: the same step, in a third of the memory. Measured on gpt2-small, 2 cores (forward and backward of packed
-# 512-token rows): 1 row 157-181 tokens/s, 4 rows 174-187, 16 rows 127 at 21.8 GB peak RSS, against 6.7 at 4.
-# Past a few thousand tokens every activation outgrows the caches, and the step pays in memory traffic.
+# up: the same step in a third of the memory. Measured on gpt2-small, 2 cores, glibc's default malloc (forward and
+# backward of packed 512-token rows, masked SDPA): 1 row 157-181 tokens/s, 4 rows 174-187, 16 rows 127 at 21.8 GB
+# peak RSS, against 6.7 GB at 4. Past a few thousand tokens the activations outgrow the caches.
 CPU_MICRO_TOKENS = 2048
 
 
@@ -125,6 +125,8 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     model = load_model(req.model_dir, plan)
     _check_vocab(model, splits)
     packed = _packs(t, plan, model)
+    if packed and plan.device == "cpu" and not t.compile and packedattn.use_for_packed_rows(model):
+        log.info("attention: one SDPA call per packed document (%s)", packedattn.NAME)
     batcher = Batcher(splits.train, t.batch_size, t.max_length, data.pad_id_of(tokenizer), t.seed, packed,
                       dist.world, dist.rank)
     row = t.max_length if packed else max(len(e.input_ids) for e in splits.train)
