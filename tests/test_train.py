@@ -314,12 +314,22 @@ def test_a_norm_the_lean_one_does_not_reproduce_is_left_as_it_is() -> None:
     assert "forward" in vars(plain) and "forward" not in vars(offset) and "forward" not in vars(trained)
 
 
+def _seeded_lora(config: Any, dtype: Any, **lora: Any) -> Any:
+    """A model from ``config`` with random LoRA weights (so that they count), the same for the same seed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, **lora))
+
+
 def test_gpt2s_python_gelu_becomes_the_one_kernel_and_trains_the_same() -> None:
     """GPT-2's ``gelu_new`` is the tanh GELU written out in Python; the swap to torch's kernel gives the loss and
     gradients to rounding, in fp32 and bf16, and keeps fewer bytes for backward."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from worker.fused import lean_activations
 
@@ -330,9 +340,7 @@ def test_gpt2s_python_gelu_becomes_the_one_kernel_and_trains_the_same() -> None:
         bf16 = dtype == torch.bfloat16
         runs = []
         for lean in (True, False):
-            torch.manual_seed(0)
-            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+            model = _seeded_lora(config, dtype)
             if lean:
                 assert lean_activations(model, "cpu", dtype) == {"RMSNorm": 0, "SwiGLU": 0, "GELU(tanh)": 2}
             runs.append(_loss_grads_saved(model, ids, _precision(model, bf16)))
@@ -349,8 +357,7 @@ def test_the_chunked_loss_has_the_full_logits_gradients(head: str, monkeypatch: 
     modules_to_save copy) is checkpointed instead. Either way, over several chunks, the loss and every trainable
     gradient are those of the model's own logits, in fp32 and under bf16 autocast."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from worker import loop
 
@@ -372,10 +379,7 @@ def test_the_chunked_loss_has_the_full_logits_gradients(head: str, monkeypatch: 
         bf16 = dtype == torch.bfloat16
         runs = []
         for chunked in (True, False):
-            torch.manual_seed(0)
-            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
-                                                    **extra))
+            model = _seeded_lora(config, dtype, **extra)
             with _precision(model, bf16):
                 loss, _ = loop.CausalLMLoss(model, chunked=chunked)(ids, ids, None, None)
             loss.backward()
