@@ -118,7 +118,8 @@ ARCHS = {
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_the_probe_tells_models_that_keep_packed_rows_apart_from_those_that_mix_them(arch: str) -> None:
     """The probe against the ground truth: each document run alone. A model whose packed logits match those is
-    fit to pack (the probe says None); OPT and Falcon attend across rows, and the probe names that."""
+    fit to pack (the probe says None); OPT attends across rows, and the probe names that. Falcon did too up to
+    transformers 5.23 and keeps them apart from 5.24: either way the probe must agree with the ground truth."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -137,7 +138,8 @@ def test_the_probe_tells_models_that_keep_packed_rows_apart_from_those_that_mix_
                            model(input_ids=ids[:, 20:], use_cache=False).logits], dim=1)
     keeps_apart = bool(torch.allclose(packed, alone, atol=1e-5))
     problem = packing_problem(model.train())
-    assert keeps_apart == (arch not in ("opt", "falcon"))
+    if arch != "falcon":
+        assert keeps_apart == (arch != "opt")
     assert (problem is None) == keeps_apart, problem
     assert problem is None or "attend to the rows before it" in problem
     assert model.training, "the probe left the model in eval mode"

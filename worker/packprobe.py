@@ -2,9 +2,10 @@
 
 Packed batches (``worker.batching``) pass no attention mask, only ``position_ids`` that start again at 0 for each
 row. Most architectures in transformers 5 (llama, qwen, mistral, gemma, phi, gpt2, ...) build a block-diagonal
-causal mask from those, so no row sees another. Some do not: OPT and Falcon attend across rows and keep counting
-positions, and Bloom's ALiBi does too (measured). Training on such packed batches would teach each row from
-text that is not its own, silently. So one forward pass of three short packed sequences asks the model:
+causal mask from those, so no row sees another. Some do not: OPT attends across rows and keeps counting
+positions, and so do Bloom's ALiBi and, before transformers 5.24, Falcon (measured). Training on such packed
+batches would teach each row from text that is not its own, silently. So one forward pass of three short packed
+sequences asks the model:
 
 * ``[A, C]`` and ``[B, C]``: if C's logits differ, C saw what came before it (a leak);
 * ``[A, C]`` and ``[C, A]``: if C's logits differ, C's positions did not start again at 0.
