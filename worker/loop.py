@@ -425,9 +425,9 @@ class Loop:
         """Forward and backward over the step's pieces, gradients adding up; returns the summed token loss.
         DDP reduces the gradients once, in the last piece's backward."""
         total = torch.zeros((), device=self.s.device)
+        no_sync = getattr(self.step_module, "no_sync", None)  # DDP's; a plain module has none
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
-            no_sync = getattr(self.step_module, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 loss_sum, _ = self._forward(piece)
                 self.scaler.scale(loss_sum * scale).backward()
