@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from spooler.clock import SystemClock
 from spooler.share import Share, init_share
+from spooler.submit import live_workers
 from spooler.watch import choose_mode
 from tests.conftest import FAST, Procs, log_of, result_of, spool_listing, wait_for
 from tests.smbshare import SmbPair, incidents_warned, smb_pair, smb_unavailable_reason
@@ -184,6 +186,9 @@ def test_submit_wait_outlives_its_mount_dropping(shares: tuple[Share, Share], pr
     write_dataset(served / "datasets" / "d.jsonl", "alpaca", rows=40)
     procs.worker(a, "gpu-desk")
     wait_for(lambda: (served / "heartbeats" / "gpu-desk.json").exists(), 60, "the worker's heartbeat")
+    # The submitter's first look watches seq for only ~1.25 s here (stale_after 3 s); under a loaded CI run b's
+    # view once lagged that long and the fallback started before any outage. This test is about the outage.
+    wait_for(lambda: bool(live_workers(b, SystemClock())), 60, "mount b to see the worker live")
     job = tmp_path / "outage.json"
     job.write_text(json.dumps({"kind": "train", "base_model": "models/tiny", "dataset": "datasets/d.jsonl",
                                "training": {"max_steps": 150, "batch_size": 4, "max_length": 48}}))
