@@ -49,7 +49,7 @@ class Batch:
         the gradients of several forwards; the whole batch when None. The step counts its tokens on the whole
         batch, so a piece's own counts are left at 0."""
         rows, width = self.input_ids.shape
-        per = rows if max_tokens is None else max(1, max_tokens // max(1, width))
+        per = rows_per_piece(max_tokens, width, rows)
         if per >= rows:
             return [self]
 
@@ -58,6 +58,11 @@ class Batch:
 
         return [Batch(self.input_ids[at:at + per], self.labels[at:at + per], part(self.attention_mask, at),
                       part(self.position_ids, at), 0, 0) for at in range(0, rows, per)]
+
+
+def rows_per_piece(max_tokens: int | None, width: int, rows: int) -> int:
+    """How many rows of ``width`` tokens one piece of a step takes: all ``rows`` when ``max_tokens`` is None."""
+    return rows if max_tokens is None else min(rows, max(1, max_tokens // max(1, width)))
 
 
 class Batcher:

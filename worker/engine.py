@@ -31,7 +31,7 @@ from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree, makedirs
 from spooler.errors import Cancelled, DeviceUnavailable, Rejected
 from spooler.paths import refuse_links
 from worker import checkpoint, data, packedattn, tokencache
-from worker.batching import Batcher
+from worker.batching import Batcher, rows_per_piece
 from worker.fused import lean_activations
 from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings, uncompiled
 from worker.modelguard import stored_weights
@@ -131,7 +131,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
                       dist.world, dist.rank)
     row = t.max_length if packed else max(len(e.input_ids) for e in splits.train)
     micro = CPU_MICRO_TOKENS if plan.device == "cpu" else None
-    tokens_per_forward = t.batch_size * row if micro is None else min(t.batch_size, max(1, micro // row)) * row
+    tokens_per_forward = rows_per_piece(micro, row, t.batch_size) * row
     recompute = wants_checkpointing(t.gradient_checkpointing, plan, model, tokens_per_forward)
     model = add_lora(model, req.job, plan, recompute, req.parent_dir)
     if not (t.compile and plan.device == "cuda"):  # compile chooses what to keep for backward itself
