@@ -359,18 +359,18 @@ def test_the_chunked_loss_has_the_full_logits_gradients(head: str, monkeypatch: 
     import torch
     from transformers import AutoConfig
 
-    from worker import loop
+    from worker import headloss, loop
 
-    monkeypatch.setattr(loop, "LOSS_CHUNK", 16)  # 94 labelled positions: six chunks, the last one short
+    monkeypatch.setattr(headloss, "LOSS_CHUNK", 16)  # 94 labelled positions: six chunks, the last one short
     fused = 0
-    apply = loop._FrozenHeadCE.apply
+    apply = headloss._FrozenHeadCE.apply
 
     def counted(*args: Any) -> Any:
         nonlocal fused
         fused += 1
         return apply(*args)
 
-    monkeypatch.setattr(loop._FrozenHeadCE, "apply", counted)
+    monkeypatch.setattr(headloss._FrozenHeadCE, "apply", counted)
     config = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -389,6 +389,99 @@ def test_the_chunked_loss_has_the_full_logits_gradients(head: str, monkeypatch: 
         for a, b in zip(grads, own_grads, strict=True):
             assert float((a - b).norm() / b.norm()) < (1e-2 if bf16 else 1e-5)
     assert fused == (2 if head == "frozen" else 0)
+
+
+def _plain_fused(h: Any, weight: Any, bias: Any, y: Any) -> Any:
+    """What a fused kernel must give: the summed cross-entropy of the head's logits, by plain autograd."""
+    import torch.nn.functional as F  # noqa: N812
+
+    return F.cross_entropy(F.linear(h, weight, bias).float(), y, reduction="sum")
+
+
+def _off_fused(h: Any, weight: Any, bias: Any, y: Any) -> Any:
+    return _plain_fused(h, weight, bias, y) * 1.05  # a kernel built for another version, say
+
+
+def _broken_fused(h: Any, weight: Any, bias: Any, y: Any) -> Any:
+    raise RuntimeError("no kernel image is available for execution on the device")
+
+
+def _unscaled_fused(h: Any, weight: Any, bias: Any, y: Any) -> Any:
+    """Right loss, and right gradient when the gradient coming in is 1; wrong for the scaled loss training has."""
+    import torch
+
+    class Unscaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            with torch.enable_grad():
+                xd = x.detach().requires_grad_()
+                loss = _plain_fused(xd, weight, bias, y)
+                (ctx.grad,) = torch.autograd.grad(loss, xd)
+            return loss.detach()
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return ctx.grad  # forgets to multiply by g
+
+    return Unscaled.apply(h)
+
+
+@pytest.mark.parametrize("kernel", ["agrees", "off", "broken", "unscaled"])
+def test_a_fused_head_loss_kernel_trains_only_when_it_agrees_with_the_torch_chunks(
+        kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """liger-kernel's fused linear cross-entropy runs on CUDA only, so a stand-in takes its place here: it is
+    used for training when its loss and gradient on the model's hidden states are those of the torch chunks;
+    otherwise (5% off, failing, or right only when the gradient coming in is 1) the torch chunks train, and the
+    refusal says why. Off CUDA none is looked for."""
+    import torch
+    from transformers import AutoConfig
+
+    from worker import headloss, loop
+
+    assert headloss.fused_kernel("cpu") == (None, "torch chunks")
+    calls = 0
+    fake = {"agrees": _plain_fused, "off": _off_fused, "broken": _broken_fused, "unscaled": _unscaled_fused}[kernel]
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return fake(*args)
+
+    monkeypatch.setattr(headloss, "fused_kernel", lambda device: (counted, "the stand-in kernel"))
+    config = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for choose in (True, False):
+        step_module = loop.CausalLMLoss(_seeded_lora(config, torch.float32), chunked=True)
+        if choose:
+            which, refused = step_module.choose_fused(ids[:1, :32], "cuda")
+            checked, calls = calls, 0
+        loss, _ = step_module(ids, ids, None, None)
+        loss.backward()
+        runs.append((float(loss.detach()), [p.grad for p in step_module.parameters() if p.requires_grad]))
+    (loss, grads), (own_loss, own_grads) = runs
+    assert abs(loss - own_loss) <= 1e-5 * abs(own_loss)
+    for a, b in zip(grads, own_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+    assert checked == 1
+    if kernel == "agrees":
+        assert (which, refused, calls) == ("the stand-in kernel", None, 1)
+        return
+    assert which == "torch chunks" and calls == 0
+    assert refused is not None and refused.startswith("the stand-in kernel not used: ")
+    expected = {"off": "its loss differs by 0.05", "broken": "it failed on this model (RuntimeError: no kernel image",
+                "unscaled": "and its gradient by 3 from"}[kernel]
+    assert expected in refused, refused
+
+
+def test_a_refused_fused_kernel_is_named_in_the_jobs_notes(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice is made in the training process, before the first step, and a refusal reaches result.json."""
+    from worker import headloss
+
+    monkeypatch.setattr(headloss, "fused_kernel", lambda device: (_off_fused, "the stand-in kernel"))
+    outcome = train(share_root, make_job("fused-refused", max_steps=3))
+    assert [n for n in outcome.notes if n.startswith("the stand-in kernel not used: its loss differs by 0.05")]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])

@@ -142,6 +142,10 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     with _autocast(plan):  # the fp32 copies of modules_to_save meet bf16 activations only under autocast
         if problem := step_module.check_chunking(sample):
             plan.notes.append(problem)
+        loss_kernel, refused = step_module.choose_fused(sample, plan.device)
+        if refused:
+            plan.notes.append(refused)
+    log.info("LM head loss: %s", loss_kernel)
     if t.compile:
         _compile(step_module, model, plan)
     if dist.world > 1:
@@ -154,7 +158,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     loop = Loop(model, step_module, batcher, settings, req.out_dir, metrics_log, report, should_stop, dist)
     if plan.device == "cuda":
         plan.notes.append(f"gradient checkpointing {'on' if recompute else 'off'}, "
-                          f"{'packed' if packed else 'padded'} batches")
+                          f"{'packed' if packed else 'padded'} batches, LM head loss: {loss_kernel}")
     return model, loop
 
 

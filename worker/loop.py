@@ -5,9 +5,8 @@ exact control of what reaches the share. What makes it fast is in the data and t
 
 * batches come from ``worker.batching`` (packed or length-grouped), so little compute goes to padding;
 * the loss never materialises the logits of the whole batch: the hidden states of the labelled positions only go
-  through the LM head in chunks, so a 150k vocabulary costs one chunk of fp32 logits at a time instead of
-  batch × length × vocab. A frozen head's chunk gives its gradient at once (``_FrozenHeadCE``); a head that
-  trains has each chunk recomputed in backward (``torch.utils.checkpoint``);
+  through the LM head in chunks (``worker.headloss``), so a 150k vocabulary costs one chunk of logits at a time
+  instead of batch × length × vocab;
 * AdamW runs fused on CUDA, over the LoRA parameters only;
 * on CPU a step's rows go through forward and backward in pieces (``LoopSettings.micro_tokens``), their
   gradients adding up: the same step in a fraction of the memory, and faster (``engine.CPU_MICRO_TOKENS``).
@@ -38,7 +37,7 @@ from schemas.checkpoint import CheckpointState
 from schemas.heartbeat import Progress
 from spooler.errors import Cancelled
 from spooler.paths import refuse_links
-from worker import checkpoint
+from worker import checkpoint, headloss
 from worker.batching import Batch, Batcher, collate_eval
 from worker.data import IGNORE, Example
 from worker.outputs import MetricsLog
@@ -49,7 +48,6 @@ LAST_STEPS = 10  # train_loss is the mean of this many final steps: one step's l
 MAX_WARMUP = 100
 GRAD_CLIP = 1.0
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
-LOSS_CHUNK = 4096  # labelled positions per LM-head chunk: 4096 x 152k fp32 logits is 2.5 GB at most
 MAX_SKIPPED = 25  # fp16 steps in a row whose gradients overflowed before the job is failed
 
 
@@ -98,6 +96,7 @@ class CausalLMLoss(torch.nn.Module):
         self.chunked = chunked and _chunkable(lm)
         self._body = getattr(lm, lm.base_model_prefix) if self.chunked else None
         self._head = lm.get_output_embeddings() if self.chunked else None
+        self.fused: headloss.Fused | None = None  # set by choose_fused, once it has checked the kernel
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
                 positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +109,7 @@ class CausalLMLoss(torch.nn.Module):
         assert self._body is not None
         hidden = self._body(input_ids=ids, attention_mask=mask, position_ids=positions,
                             use_cache=False).last_hidden_state
-        return _chunked_ce(self._head, hidden[:, :-1][keep], targets[keep]), keep.sum()
+        return headloss.chunked_ce(self._head, hidden[:, :-1][keep], targets[keep], self.fused), keep.sum()
 
     def check_chunking(self, ids: torch.Tensor) -> str | None:
         """None when the chunked loss is the model's own on ``ids``; otherwise why the full path is taken from now
@@ -131,6 +130,23 @@ class CausalLMLoss(torch.nn.Module):
             return None
         return (f"the loss from lm_head(hidden) differs from {type(self.model.get_base_model()).__name__}'s own by "
                 f"{gap:.2g}: it transforms its logits, so the loss takes the full logits (more memory)")
+
+    def choose_fused(self, ids: torch.Tensor, device: str) -> tuple[str, str | None]:
+        """Take a fused head-loss kernel where one is installed and gives the torch chunks' loss and gradient on
+        this model's hidden states of ``ids``. Returns which loss runs, in words, and a note when an installed
+        kernel was refused. Asked once, before training, after ``check_chunking``."""
+        if not self.chunked or not headloss.frozen_linear(self._head):
+            return "the model's logits" if not self.chunked else "torch chunks, checkpointed (the head trains)", None
+        kernel, which = headloss.fused_kernel(device)
+        if kernel is None:
+            return which, None
+        assert self._body is not None and self._head is not None
+        with evaluating(self.model):
+            hidden = self._body(input_ids=ids, use_cache=False).last_hidden_state
+        if problem := headloss.check_fused(kernel, self._head, hidden[0, :-1], ids[0, 1:]):
+            return "torch chunks", f"{which} not used: {problem}"
+        self.fused = kernel
+        return which, None
 
 
 class MixedPrecision:
@@ -185,64 +201,6 @@ def _chunkable(lm: torch.nn.Module) -> bool:
     cfg = lm.config
     plain = all(getattr(cfg, k, None) in (None, 1.0) for k in LOGIT_TRANSFORMS)
     return plain and hasattr(lm, lm.base_model_prefix) and lm.get_output_embeddings() is not None
-
-
-def _head_ce(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, reduction="sum")
-
-
-class _FrozenHeadCE(torch.autograd.Function):
-    """The summed cross-entropy of ``F.linear(h, weight, bias)`` against ``y`` when the head does not train, with
-    the gradient at ``h`` formed in forward, chunk by chunk: ``(softmax - onehot) @ weight``. Nothing else needs
-    the logits, so each chunk's are freed at once and never recomputed. The checkpointed chunks ran the head
-    twice forward and once backward; on gpt2-small on CPU that second forward was a tenth of the step. The
-    gradient is held in ``h``'s dtype, as autograd would hand it back; backward only scales it."""
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                y: torch.Tensor) -> torch.Tensor:
-        grad = torch.empty_like(h)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], LOSS_CHUNK):
-            ys = y[start:start + LOSS_CHUNK]
-            logits = F.linear(h[start:start + LOSS_CHUNK], weight, bias)  # autocast applies here, as in head(h)
-            z = logits.float()  # may be ``logits`` itself: everything below is in place, as it is not needed
-            picked = z.gather(1, ys[:, None])
-            top = z.amax(dim=-1, keepdim=True)
-            sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)  # in place: half the time of logsumexp on CPU
-            total += (top + sums.log() - picked).sum()
-            z.div_(sums)  # the softmax
-            z[torch.arange(ys.shape[0], device=ys.device), ys] -= 1
-            grad[start:start + LOSS_CHUNK] = z.to(logits.dtype) @ weight
-            del logits, z
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (grad,) = ctx.saved_tensors
-        return grad * g, None, None, None
-
-
-def _frozen_linear(head: Any) -> bool:
-    """A plain ``nn.Linear`` that does not train and whose forward nothing hooks: ``F.linear`` on its weights is
-    exactly its forward. A head that trains (LoRA on it, ``modules_to_save``) or is wrapped keeps autograd."""
-    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-        return False
-    return not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
-
-
-def _chunked_ce(head: Any, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and h.requires_grad and _frozen_linear(head):
-        return _FrozenHeadCE.apply(h, head.weight, head.bias, y)
-    total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], LOSS_CHUNK):
-        hs, ys = h[start:start + LOSS_CHUNK], y[start:start + LOSS_CHUNK]
-        # Recomputed in backward: otherwise every chunk's fp32 logits stay alive until backward, as if unchunked.
-        part = (torch.utils.checkpoint.checkpoint(_head_ce, head, hs, ys, use_reentrant=False)
-                if torch.is_grad_enabled() else _head_ce(head, hs, ys))
-        total = total + part
-    return total
 
 
 @dataclass
