@@ -24,6 +24,7 @@ from spooler.config import (
     model_allowed,
     resolve,
 )
+from spooler.share import Share
 
 NO_FILE = {"default_config": Path("/nonexistent/loraspool.toml")}
 
@@ -235,3 +236,33 @@ def test_each_slot_gets_its_own_gpu_or_one_in_turn() -> None:
     assert slot_gpus([0, 1], 3) == [[0], [1], [0]]
     assert slot_gpus([0, 1, 2, 3], 2) == [[0, 2], [1, 3]]
     assert slot_gpus([], 2) == [None, None]
+
+
+@pytest.mark.parametrize(("visible", "devices", "slots"), [
+    (None, None, [[0], [1]]),  # every GPU NVML counts, one job each
+    ("1", None, [None]),  # GPU 0 kept for someone else: one job, on what the variable leaves
+    ("GPU-aaaa, GPU-bbbb", None, [["GPU-aaaa"], ["GPU-bbbb"]]),  # dealt out as written, UUIDs too
+    ("0,-1,1", None, [None]),  # CUDA reads the list up to its first bad entry
+    ("1", [0, 1], [[0], [1]]),  # devices in loraspool.toml is the worker's own setting: it wins, with a warning
+])
+def test_a_worker_started_with_cuda_visible_devices_uses_only_what_it_leaves(
+        share: Share, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, visible: str | None,
+        devices: list[int] | None, slots: list[list[object] | None]) -> None:
+    """A service started with CUDA_VISIBLE_DEVICES=1 on a two-GPU desktop ran two jobs, one of them on GPU 0,
+    which the variable was there to keep free. Now the slots share out what it leaves, and the training
+    process of each gets its part of the same list, counted as the worker was started (horse.visible_devices)."""
+    from worker import horse
+    from worker.slots import Slots
+    from worker.sysinfo import SystemSampler
+
+    monkeypatch.setattr(SystemSampler, "gpu_count", lambda self: 2)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cfg = WorkerSettings(share=share.root, id="desk", device="auto", cache_dir=tmp_path / "cache", devices=devices)
+    workers = Slots(share, cfg).workers
+    assert [w.gpus for w in workers] == slots
+    assert [w.id for w in workers] == ["desk", "desk-2"][:len(slots)]
+    assert horse.visible_devices([1]) == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert horse.visible_devices(["GPU-bbbb"]) == {"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}

@@ -51,7 +51,7 @@ class WorkerError(Exception):
 
 class Worker:
     def __init__(self, share: Share, cfg: WorkerSettings, clock: Clock | None = None,
-                 gpus: list[int] | None = None, watcher: FolderWatcher | None = None,
+                 gpus: list[int | str] | None = None, watcher: FolderWatcher | None = None,
                  reaper: Reaper | None = None) -> None:
         self.share, self.cfg, self.id = share, cfg, cfg.id
         self.gpus = gpus  # this slot's GPUs (worker.slots); None: whatever the machine shows

@@ -67,12 +67,22 @@ class HorseResult:
     killed: bool = False  # "died" by a signal (the OOM killer, a crash in native code), not an exit of its own
 
 
+def visible_devices(gpus: list[int | str]) -> dict[str, str]:
+    """The environment that shows a training process its slot's GPUs. NVML's numbers (``devices``, or every GPU
+    dealt out) count in PCI bus order, as nvidia-smi does, so CUDA is told to count the same way, not
+    fastest-first. Entries of the CUDA_VISIBLE_DEVICES the worker was started with (strings) are passed on as
+    written, and read in the order it was started with."""
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    if all(isinstance(g, int) for g in gpus):
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env
+
+
 def _child(request: dict[str, Any], conn: Connection) -> None:
     """Runs in the child. Everything it reports goes through ``conn``; it never writes a result itself."""
     gpus = request.pop("gpus", None)
     if gpus is not None:  # this slot's cards only, set before anything can import torch
-        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # number them as nvidia-smi and NVML do, not fastest-first
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        os.environ.update(visible_devices(gpus))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or SIGTERM is the daemon's to handle, then ours
     for name in ("SIGTERM", "SIGHUP"):  # via "stop" (systemd, and a closing terminal, signal the whole group)
         if hasattr(signal, name):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 
 from spooler.clock import Clock, SystemClock
 from spooler.config import WorkerSettings, concurrency, devices_problem, gpu_indices
@@ -23,8 +24,10 @@ from worker.sysinfo import SystemSampler
 
 log = logging.getLogger(__name__)
 
+Gpu = int | str  # an NVML index (devices, or every GPU), or an entry of an inherited CUDA_VISIBLE_DEVICES
 
-def slot_gpus(gpus: list[int], slots: int) -> list[list[int] | None]:
+
+def slot_gpus(gpus: list[Gpu], slots: int) -> list[list[Gpu] | None]:
     """GPUs per slot: dealt out in turn while there are at least as many GPUs as slots; with more slots than
     GPUs, one each in turn, so two slots share a card. (Each slot seeing all of them put every job on the first:
     a training process uses its first visible GPU.) None (no GPUs named): leave CUDA_VISIBLE_DEVICES as it is."""
@@ -33,6 +36,21 @@ def slot_gpus(gpus: list[int], slots: int) -> list[list[int] | None]:
     if slots > len(gpus):
         return [[gpus[i % len(gpus)]] for i in range(slots)]
     return [gpus[i::slots] for i in range(slots)]
+
+
+def inherited_gpus(env: Mapping[str, str]) -> list[str] | None:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` in the worker's own environment leaves it, as written there (numbers in
+    the order its ``CUDA_DEVICE_ORDER`` gives, or UUIDs); None when it is not set. Like CUDA, the list ends at the
+    first entry that names no device, so ``-1`` or an empty value hides them all."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    entries: list[str] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
 
 
 def slot_id(base: str, index: int) -> str:
@@ -47,13 +65,22 @@ class Slots:
         if problem := devices_problem(cfg, gpu_count):
             log.warning("worker %s: %s", cfg.id, problem)
         one_off = bool(cfg.only_job or cfg.fallback)  # a submitter's fallback runs its one job
-        n = 1 if one_off else concurrency(cfg, gpu_count)
-        gpus = gpu_indices(cfg, gpu_count) if cfg.devices is not None or n > 1 else []
-        if gpus and (hidden := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
-            # NVML counts every GPU, and each slot sets the variable for its own training process.
-            log.warning("worker %s: CUDA_VISIBLE_DEVICES=%s in its environment is overridden: each job's GPUs are "
-                        "set per slot, numbered as nvidia-smi does; unset it and set devices in loraspool.toml",
-                        cfg.id, hidden)
+        inherited = inherited_gpus(os.environ) if cfg.devices is None and cfg.device != "cpu" else None
+        gpus: list[Gpu]
+        if inherited is not None:
+            # A service started with CUDA_VISIBLE_DEVICES=1 keeps GPU 0 for someone else: the slots share out
+            # what it leaves, each given a part of the same list, so CUDA reads them as the worker was started.
+            n = 1 if one_off else cfg.max_concurrent_jobs or max(1, len(inherited))
+            gpus = list(inherited) if n > 1 else []
+            log.info("worker %s: CUDA_VISIBLE_DEVICES=%s in its environment leaves it %d GPU(s)", cfg.id,
+                     os.environ["CUDA_VISIBLE_DEVICES"], len(inherited))
+        else:
+            n = 1 if one_off else concurrency(cfg, gpu_count)
+            gpus = list(gpu_indices(cfg, gpu_count)) if cfg.devices is not None or n > 1 else []
+        if cfg.devices is not None and (hidden := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+            # devices counts as NVML does, and each slot sets the variable for its own training process.
+            log.warning("worker %s: CUDA_VISIBLE_DEVICES=%s in its environment is overridden by devices in "
+                        "loraspool.toml, numbered as nvidia-smi does; set one of the two", cfg.id, hidden)
         clock = clock or SystemClock()
         self.watcher = job_watcher(share, cfg) if n > 1 else None  # one for all slots: one poll of the share
         self.reaper = Reaper(share, clock)  # and one read of the heartbeats per interval
