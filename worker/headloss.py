@@ -13,14 +13,11 @@ the labelled positions go through the head in chunks. Three ways, chosen per cal
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
-
-log = logging.getLogger(__name__)
 
 LOSS_CHUNK = 4096  # labelled positions per LM-head chunk: 4096 x 152k fp32 logits is 2.5 GB at most
 USE_LIGER = True  # benchmarks/train_throughput.py --no-liger times the torch chunks on a machine that has it
