@@ -65,18 +65,18 @@ class Slots:
         if problem := devices_problem(cfg, gpu_count):
             log.warning("worker %s: %s", cfg.id, problem)
         one_off = bool(cfg.only_job or cfg.fallback)  # a submitter's fallback runs its one job
+        # A service started with CUDA_VISIBLE_DEVICES=1 keeps GPU 0 for someone else: the slots share out what it
+        # leaves, each given a part of the same list, so CUDA reads them as the worker was started.
         inherited = inherited_gpus(os.environ) if cfg.devices is None and cfg.device != "cpu" else None
-        gpus: list[Gpu]
         if inherited is not None:
-            # A service started with CUDA_VISIBLE_DEVICES=1 keeps GPU 0 for someone else: the slots share out
-            # what it leaves, each given a part of the same list, so CUDA reads them as the worker was started.
-            n = 1 if one_off else cfg.max_concurrent_jobs or max(1, len(inherited))
-            gpus = list(inherited) if n > 1 else []
             log.info("worker %s: CUDA_VISIBLE_DEVICES=%s in its environment leaves it %d GPU(s)", cfg.id,
                      os.environ["CUDA_VISIBLE_DEVICES"], len(inherited))
-        else:
-            n = 1 if one_off else concurrency(cfg, gpu_count)
-            gpus = list(gpu_indices(cfg, gpu_count)) if cfg.devices is not None or n > 1 else []
+        n = 1 if one_off else concurrency(cfg, gpu_count if inherited is None else len(inherited))
+        gpus: list[Gpu] = []
+        if inherited is not None and n > 1:
+            gpus = [*inherited]
+        elif inherited is None and (cfg.devices is not None or n > 1):
+            gpus = [*gpu_indices(cfg, gpu_count)]
         if cfg.devices is not None and (hidden := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
             # devices counts as NVML does, and each slot sets the variable for its own training process.
             log.warning("worker %s: CUDA_VISIBLE_DEVICES=%s in its environment is overridden by devices in "
