@@ -35,10 +35,12 @@ transformers.__version__, "peft", peft.__version__)'
     tests)  # every CUDA test, and the CPU tests of the loss and the loop, which then also run beside a GPU
       "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         "tests/test_train.py::test_the_chunked_loss_has_the_full_logits_gradients" \
-        "tests/test_train.py::test_a_fused_head_loss_kernel_trains_only_when_it_agrees_with_the_torch_chunks" ;;
-    qwen)  # the targets' shape: the worker (liger where installed, then the torch chunks) against the tuned Trainer
+        "tests/test_train.py::test_a_fused_head_loss_kernel_trains_only_when_it_agrees_with_the_torch_chunks" \
+        "tests/test_train.py::test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_path" ;;
+    qwen)  # the targets' shape: the worker against the tuned Trainer; then without liger, and without flash varlen
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker,tuned --steps 20 --warmup 3
-      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --no-liger ;;
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --no-liger
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --no-varlen ;;
     compile)  # compile time and first step are reported apart from the steady rate
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --compile
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --compile --batch 32 ;;

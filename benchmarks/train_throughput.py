@@ -4,14 +4,15 @@ run, on the same model shape and the same synthetic tokens (benchmarks/_shapes.p
     .venv/bin/python benchmarks/train_throughput.py [--shape tiny|gpt2-small|qwen3-0.6b|llama-8b]
         [--device auto|cpu|cuda] [--recipes worker,seed,tuned,qlora] [--steps 20] [--warmup 3] [--batch 16]
         [--quantization none|4bit|8bit] [--sampler random|grouped] [--no-cudnn-sdp] [--same-malloc] [--no-liger]
-        [--cache DIR] [--json FILE]
+        [--no-varlen] [--cache DIR] [--json FILE]
 
 Recipes (the HF ones as in /work/shared/anchors/gpu_lora_baseline.py):
 
 * worker: ``run_training`` on a temp share, exactly as the worker calls it (LoRA r=16 all-linear, dropout 0).
   Timed from its Progress reports, between the report of step ``warmup`` and the last training step. Its LM
   head loss is liger-kernel's fused one where installed (cuda; the row's note says which ran), the torch chunks
-  with ``--no-liger`` or elsewhere.
+  with ``--no-liger`` or elsewhere. Packed rows attend by document through torch's flash varlen kernel on cuda
+  (the note says so), transformers' masked SDPA with ``--no-varlen``.
 * seed: 8-bit base + prepare_model_for_kbit_training (gradient checkpointing), fp16, batch 4, pad to 512,
   r=8 on q/v, dropout 0.05. On CPU: fp32, no 8-bit, gradient checkpointing kept.
 * tuned: bf16 (fp32 on CPU), SDPA, r=16 all-linear, dynamic padding, batch ``--batch``, rows in length-sorted
@@ -195,10 +196,11 @@ class WorkerClock:
 
 
 def run_worker(args: argparse.Namespace) -> Row:
-    from worker import headloss
+    from worker import headloss, packedattn
     from worker.train import TrainRequest, run_training
 
     headloss.USE_LIGER = not args.no_liger
+    packedattn.USE_FLASH = not args.no_varlen
     label = f"worker (batch {args.batch}, quantization {args.quantization}{', compile' if args.compile else ''})"
     row = Row("worker", label, args.shape, args.device)
     model_dir, rows = _shapes.paths(args.cache, args.shape)
@@ -421,7 +423,7 @@ def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
             "--packing", str(args.packing).lower(),
             "--gradient-checkpointing", str(args.gradient_checkpointing).lower(),
             *(["--no-cudnn-sdp"] if args.no_cudnn_sdp else []), *(["--compile"] if args.compile else []),
-            *(["--no-liger"] if args.no_liger else [])]
+            *(["--no-liger"] if args.no_liger else []), *(["--no-varlen"] if args.no_varlen else [])]
 
 
 def child_env(args: argparse.Namespace, recipe: str) -> dict[str, str]:
@@ -525,6 +527,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                          "gets (worker.childenv) too, rather than the default a person would have")
     ap.add_argument("--no-liger", action="store_true",
                     help="worker recipe: the torch chunks for the LM head loss even where liger-kernel is installed")
+    ap.add_argument("--no-varlen", action="store_true",
+                    help="worker recipe on cuda: transformers' masked SDPA for packed rows even where torch has the "
+                         "flash varlen kernel")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/loraspool-bench"))
     ap.add_argument("--json", type=Path, help="also write the JSON lines here")
     ap.add_argument("--one", choices=RECIPES, help=argparse.SUPPRESS)

@@ -101,3 +101,43 @@ def test_liger_fused_loss_is_chosen_and_agrees_with_the_torch_chunks(dtype: str)
     assert abs(loss - own_loss) <= tolerance * abs(own_loss)
     for a, b in zip(grads, own_grads, strict=True):
         assert float((a - b).norm() / b.norm()) < 3 * tolerance
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flash_varlen_attention_is_chosen_for_packed_rows_and_trains_as_the_mask_does(compiled: bool) -> None:
+    """On CUDA (bf16, grouped-query heads as qwen3 has them) packed rows attend by document through torch's flash
+    varlen kernel, chosen after its check, eager and with the body compiled; the loss and LoRA gradients of a
+    packed batch are those of transformers' masked SDPA, to bf16 rounding."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker import loop, packedattn
+
+    config = AutoConfig.for_model("qwen3", vocab_size=1024, hidden_size=256, intermediate_size=512,
+                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    ids = torch.randint(3, 1024, (4, 512), generator=torch.Generator().manual_seed(1)).cuda()
+    cuts = [0, 100, 101, 350, 512]  # a one-token document, and one that spans several flash blocks
+    positions = torch.cat([torch.arange(b - a) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]).expand(4, -1).cuda()
+    runs = []
+    for ours in (True, False):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+        if ours:
+            assert packedattn.use_for_packed_rows(base)
+        model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+        step_module = loop.CausalLMLoss(model, chunked=True)
+        if ours:
+            which, refused = step_module.choose_attention(ids[:1, :32], "cuda")
+            assert (which, refused) == ("flash varlen attention (torch.nn.attention.varlen)", None)
+            if compiled:
+                step_module._body.compile()
+        for _ in range(2 if compiled and ours else 1):  # a compiled body: the second call runs the compiled code
+            model.zero_grad(set_to_none=True)
+            loss, _ = step_module(ids, ids, None, positions)
+            loss.backward()
+        runs.append((float(loss.detach()), [p.grad.float() for p in model.parameters() if p.requires_grad]))
+    (loss, grads), (own_loss, own_grads) = runs
+    assert abs(loss - own_loss) <= 1e-2 * abs(own_loss)
+    for a, b in zip(grads, own_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 5e-2

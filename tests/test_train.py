@@ -484,55 +484,300 @@ def test_a_refused_fused_kernel_is_named_in_the_jobs_notes(share_root: Path, mon
     assert [n for n in outcome.notes if n.startswith("the stand-in kernel not used: its loss differs by 0.05")]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
-def test_packed_documents_attend_one_by_one_as_the_mask_has_them(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU each packed document gets an SDPA call of its own (worker.packedattn): the loss and gradients of a
-    packed batch are those of transformers' block-diagonal mask, grouped-query heads (qwen3) included. A padded
-    batch (no restarting positions) and generation with a cache take transformers' SDPA as it is."""
+def _packed_config(arch: str, **extra: Any) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, n_embd=64, intermediate_size=128,
+                                num_hidden_layers=2, n_layer=2, num_attention_heads=4, n_head=4,
+                                num_key_value_heads=2, head_dim=16, n_positions=64, resid_pdrop=0.0,
+                                embd_pdrop=0.0, bos_token_id=1, eos_token_id=2, **{"attn_pdrop": 0.0, **extra})
+
+
+def _packed_lora(config: Any, ours: bool) -> Any:
+    """``_seeded_lora``, switched to worker.packedattn's attention before LoRA when ``ours``, as the engine does."""
     import copy
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from worker import packedattn
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(copy.deepcopy(config))  # the switch is made on the config
+    if ours:
+        assert packedattn.use_for_packed_rows(base)
+    return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_packed_documents_attend_one_by_one_as_the_mask_has_them(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU each packed document gets an SDPA call of its own (worker.packedattn): the loss and gradients of a
+    packed batch are those of transformers' block-diagonal mask, grouped-query heads (qwen3) included. A padded
+    batch (no position ids) and generation with a cache take transformers' SDPA as it is."""
+    import torch
 
     from worker import loop, packedattn
 
-    per_document: list[bool] = []
-    documents = packedattn._documents
+    documents: list[list[int]] = []
+    cpu = packedattn.per_document_sdpa()
 
-    def seen(*args: Any) -> Any:
-        bounds = documents(*args)
-        per_document.append(bounds is not None)
-        return bounds
+    def seen(q: Any, k: Any, v: Any, cu: Any, *rest: Any) -> Any:
+        documents.append(cu.tolist())
+        return cpu.run(q, k, v, cu, *rest)
 
-    monkeypatch.setattr(packedattn, "_documents", seen)
-    config = AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, n_embd=64, intermediate_size=128,
-                                  num_hidden_layers=2, n_layer=2, num_attention_heads=4, n_head=4,
-                                  num_key_value_heads=2, head_dim=16, n_positions=64, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    monkeypatch.setattr(packedattn, "per_document_sdpa", lambda: packedattn.Varlen(cpu.name, seen, dropout=True))
     ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     positions = torch.stack([torch.cat([torch.arange(20), torch.arange(28)]),
                              torch.cat([torch.arange(5), torch.arange(30), torch.arange(13)])])
     runs = []
     for ours in (False, True):
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(copy.deepcopy(config))  # the switch is made on the config
+        model = _packed_lora(_packed_config(arch), ours)
+        step_module = loop.CausalLMLoss(model, chunked=True)
         if ours:
-            assert packedattn.use_for_packed_rows(base)
-        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-        loss, _ = loop.CausalLMLoss(model, chunked=True)(ids, ids, None, positions)
+            assert step_module.choose_attention(ids[:1, :32], "cpu") == (cpu.name, None)
+            assert documents == [[0, 13, 32]] * 2  # the check: both layers, forward once
+            documents.clear()
+        loss, _ = step_module(ids, ids, None, positions)
         loss.backward()
         runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
-    assert per_document == [True, True]  # both layers of the second model, once each
+    assert documents == [[0, 20, 48, 53, 83, 96]] * 2  # both layers of the second model
     (loss, grads), (own_loss, own_grads) = runs[1], runs[0]
     assert loss == pytest.approx(own_loss, rel=1e-6)
     for a, b in zip(grads, own_grads, strict=True):
         assert float((a - b).norm() / b.norm()) < 1e-5
-    per_document.clear()
+    documents.clear()
     with loop.evaluating(model):
-        padded = loop.CausalLMLoss(model, chunked=True)(ids, ids, torch.ones_like(ids), None)[0]
+        padded = step_module(ids, ids, torch.ones_like(ids), None)[0]
         model.generate(input_ids=ids[:1, :8], max_new_tokens=3, do_sample=False)
-    assert per_document and not any(per_document) and torch.isfinite(padded)
+    assert not documents and torch.isfinite(padded)
+
+
+def _crossing_attention(q: Any, k: Any, v: Any, cu: Any, longest: int, scale: float, dropout: float) -> Any:
+    """One causal call over everything, as if nothing were packed: every document sees the ones before it."""
+    import torch.nn.functional as F  # noqa: N812
+
+    def heads_first(t: Any) -> Any:
+        return t.transpose(0, 1).unsqueeze(0)
+
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
+                                         scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def _gradless_attention(*args: Any) -> Any:
+    """The right output, with no gradient for the queries, keys and values (a backward that is not wired up)."""
+    from worker import packedattn
+
+    return packedattn.per_document_sdpa().run(*args).detach() + 0 * args[0].sum()
+
+
+def _broken_attention(*args: Any) -> Any:
+    raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
+
+
+@pytest.mark.parametrize("kernel", ["agrees", "crosses", "gradless", "broken", "no dropout"])
+def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_path(
+        kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's flash varlen kernel runs on CUDA only, so stand-ins take its place: one is used for packed batches
+    when the model's hidden states and input gradient with it are those of one SDPA call per document (the
+    reference on CUDA, itself held to the mask by the test above); otherwise (documents that see each other, no
+    gradient, an error, or attention dropout it cannot apply) the masked SDPA trains, and the refusal says why.
+    Either way the training loss and gradients are the masked path's."""
+    import torch
+
+    from worker import loop, packedattn
+
+    calls = 0
+    run = {"agrees": packedattn.per_document_sdpa().run, "crosses": _crossing_attention,
+           "gradless": _gradless_attention, "broken": _broken_attention, "no dropout": _crossing_attention}[kernel]
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return run(*args)
+
+    stand_in = packedattn.Varlen("the stand-in kernel", counted, dropout=False)
+    monkeypatch.setattr(packedattn, "kernel_for", lambda device: (stand_in, stand_in.name))
+    # gpt2 trains with attention dropout 0.1 unless told otherwise
+    config = _packed_config("gpt2", attn_pdrop=0.1) if kernel == "no dropout" else _packed_config("qwen3")
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    positions = torch.stack([torch.cat([torch.arange(20), torch.arange(28)])] * 2)
+    runs = []
+    for ours in (True, False):
+        model = _packed_lora(config, ours)
+        step_module = loop.CausalLMLoss(model, chunked=True)
+        if ours:
+            which, refused = step_module.choose_attention(ids[:1, :32], "cuda")
+            checked, calls = calls, 0
+        with loop.evaluating(model), torch.enable_grad():  # dropout off, so that both runs compute the same
+            loss, _ = step_module(ids, ids, None, positions)
+            loss.backward()
+        runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss, grads), (own_loss, own_grads) = runs
+    assert loss == pytest.approx(own_loss, rel=1e-6)
+    for a, b in zip(grads, own_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+    if kernel == "agrees":
+        assert (which, refused, checked, calls) == ("the stand-in kernel", None, 2, 2)  # 2 layers, once each
+        return
+    assert (which, calls) == ("masked SDPA", 0) and refused is not None
+    assert refused.startswith("the stand-in kernel not used: "), refused
+    expected = {"crosses": "its hidden states differ by", "gradless": "and its input gradient by 1 from",
+                "broken": "it failed on this model (RuntimeError: FlashAttention only supports",
+                "no dropout": "the model trains with attention dropout 0.1, which it does not apply"}[kernel]
+    assert expected in refused, refused
+
+
+def _varlen_semantics(q: Any, k: Any, v: Any, cu: Any, causal: bool, scale: float | None, gqa: bool) -> Any:
+    """What torch's varlen_attn computes, by its documentation, in plain SDPA calls: each document on its own."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    if k.shape[1] != q.shape[1] and not gqa:
+        raise ValueError("Expect query and key/value to have the same number of heads")
+    edges = cu.tolist()
+    parts = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                            is_causal=causal, scale=scale, enable_gqa=gqa).transpose(0, 1)
+             for s, e in zip(edges[:-1], edges[1:], strict=True)]
+    return torch.cat(parts)
+
+
+def _varlen_2_9(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int,
+                is_causal: bool = False, return_aux: Any = None) -> Any:
+    return _varlen_semantics(query, key, value, cu_seq_q, is_causal, None, False)
+
+
+def _varlen_2_13(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int, *,
+                 return_aux: Any = None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                 enable_gqa: bool = False, seqused_k: Any = None, block_table: Any = None,
+                 num_splits: int | None = None) -> Any:
+    return _varlen_semantics(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale, enable_gqa)
+
+
+@pytest.mark.parametrize("api", ["2.9", "2.13"])
+def test_the_flash_varlen_call_fits_the_installed_torchs_signature(api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's varlen_attn took ``is_causal`` in 2.9 and ``window_size``, ``scale`` and ``enable_gqa`` later.
+    Its flash kernel needs CUDA, so a stand-in with each signature and the documented semantics takes its place:
+    called the way the worker calls it, on grouped-query heads, it passes the check and trains as the mask does."""
+    import torch
+    import torch.nn.attention.varlen
+
+    from worker import loop
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", {"2.9": _varlen_2_9, "2.13": _varlen_2_13}[api])
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    positions = torch.stack([torch.cat([torch.arange(20), torch.arange(28)]),
+                             torch.cat([torch.arange(5), torch.arange(30), torch.arange(13)])])
+    runs = []
+    for ours in (True, False):
+        model = _packed_lora(_packed_config("qwen3"), ours)
+        step_module = loop.CausalLMLoss(model, chunked=True)
+        if ours:
+            assert step_module.choose_attention(ids[:1, :32], "cuda") == (
+                "flash varlen attention (torch.nn.attention.varlen)", None)
+        loss, _ = step_module(ids, ids, None, positions)
+        loss.backward()
+        runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss, grads), (own_loss, own_grads) = runs
+    assert loss == pytest.approx(own_loss, rel=1e-6)
+    for a, b in zip(grads, own_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+@pytest.fixture
+def varlen_on_cpu() -> Any:
+    """torch's own varlen_attn (its Python wrapper, custom op, autograd and fake tensors), with a CPU kernel in
+    place of the flash one, which needs CUDA: what a compiled model traces is then the real thing. Skips where
+    this torch's ops have another schema than the one the kernel below is written for. Yields the number of
+    forward calls so far."""
+    import torch
+
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    forward = getattr(varlen, "_varlen_attn", None)
+    backward = getattr(varlen, "_varlen_attn_backward", None)
+    if forward is None or backward is None or "window_size" not in str(forward._opoverload._schema):
+        pytest.skip("this torch's varlen ops differ from torch 2.13's")
+    calls = [0]
+
+    def run(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int,
+            is_causal: bool = False, scale: float | None = None, window_size: Any = None, enable_gqa: bool = False,
+            seqused_k: Any = None, block_table: Any = None, num_splits: Any = None) -> Any:
+        calls[0] += 1
+        out = _varlen_semantics(query, key, value, cu_seq_q, is_causal, scale, enable_gqa)
+        return (out, torch.zeros(query.shape[1], query.shape[0], dtype=torch.float32),
+                torch.zeros(2, dtype=torch.uint64))
+
+    def grads(grad_out: Any, query: Any, key: Any, value: Any, out: Any, lse: Any, cu_seq_q: Any, cu_seq_k: Any,
+              max_q: int, max_k: int, is_causal: bool, rng_state: Any, scale: float | None = None,
+              window_size: Any = None) -> Any:
+        def attend(q: Any, k: Any, v: Any) -> Any:
+            return _varlen_semantics(q, k, v, cu_seq_q, is_causal, scale, k.shape[1] != q.shape[1])
+
+        # A kernel runs below autograd; torch.func differentiates there.
+        return torch.func.vjp(attend, query, key, value)[1](grad_out)
+
+    forward.register_kernel("cpu")(run)
+    backward.register_kernel("cpu")(grads)
+    return calls
+
+
+def test_flash_varlen_attention_compiles_into_one_graph_for_every_packing(
+        varlen_on_cpu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With training.compile the body is compiled with the varlen call inside: batches whose documents fall
+    differently (another count of them each time) must not each compile a graph of their own, nor break the
+    graph; and the compiled step trains as transformers' masked SDPA does. dynamo's cheapest backend traces on
+    CPU what the GPU would compile; the kernel is a CPU stand-in (``varlen_on_cpu``)."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from worker import loop
+
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    layouts = [[20, 28], [5, 30, 13], [48], [10, 10, 10, 18], [1, 47]]
+    batches = [torch.cat([torch.arange(n) for n in layout]).expand(2, -1) for layout in layouts]
+    runs = []
+    for ours in (True, False):
+        model = _packed_lora(_packed_config("qwen3"), ours)
+        step_module = loop.CausalLMLoss(model, chunked=True)
+        losses = []
+        if ours:
+            which, refused = step_module.choose_attention(ids[:1, :32], "cuda")
+            assert (which, refused) == ("flash varlen attention (torch.nn.attention.varlen)", None), refused
+            torch._dynamo.reset()
+            counters.clear()
+            step_module._body.compile(backend="eager")
+            checked = varlen_on_cpu[0]
+        try:
+            for positions in batches:
+                loss, _ = step_module(ids, ids, None, positions)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            if ours:
+                assert varlen_on_cpu[0] - checked == 2 * len(batches)  # both layers, every batch: compiled in
+                stats = dict(counters["stats"])
+                assert not counters["graph_break"], dict(counters["graph_break"])
+                assert not counters["unimplemented"], dict(counters["unimplemented"])
+        finally:
+            torch._dynamo.reset()
+        runs.append((losses, [p.grad for p in model.parameters() if p.requires_grad]))
+    assert stats["unique_graphs"] <= 2, stats  # the first batch's shapes, then one with the counts symbolic
+    (losses, grads), (own_losses, own_grads) = runs
+    assert losses == pytest.approx(own_losses, rel=1e-5)
+    for a, b in zip(grads, own_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_a_refused_attention_kernel_is_named_in_the_jobs_notes(share_root: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice is made in the training process, before the first step, and a refusal reaches result.json."""
+    from worker import packedattn
+
+    stand_in = packedattn.Varlen("the stand-in kernel", _crossing_attention, dropout=True)
+    monkeypatch.setattr(packedattn, "kernel_for", lambda device: (stand_in, stand_in.name))
+    outcome = train(share_root, make_job("attention-refused", max_steps=3))
+    assert [n for n in outcome.notes if n.startswith("the stand-in kernel not used: its hidden states differ by")]
 
 
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────

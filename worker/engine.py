@@ -125,8 +125,8 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     model = load_model(req.model_dir, plan)
     _check_vocab(model, splits)
     packed = _packs(t, plan, model)
-    if packed and plan.device == "cpu" and not t.compile and packedattn.use_for_packed_rows(model):
-        log.info("attention: one SDPA call per packed document (%s)", packedattn.NAME)
+    if packed and not (t.compile and plan.device == "cpu"):  # the CPU kernel loops in Python: no graph to compile
+        packedattn.use_for_packed_rows(model)
     batcher = Batcher(splits.train, t.batch_size, t.max_length, data.pad_id_of(tokenizer), t.seed, packed,
                       dist.world, dist.rank)
     row = t.max_length if packed else max(len(e.input_ids) for e in splits.train)
@@ -143,9 +143,9 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
         if problem := step_module.check_chunking(sample):
             plan.notes.append(problem)
         loss_kernel, refused = step_module.choose_fused(sample, plan.device)
-        if refused:
-            plan.notes.append(refused)
-    log.info("LM head loss: %s", loss_kernel)
+        attention, refused_attention = step_module.choose_attention(sample, plan.device)
+    plan.notes.extend(n for n in (refused, refused_attention) if n)
+    log.info("LM head loss: %s; packed attention: %s", loss_kernel, attention)
     if t.compile:
         _compile(step_module, model, plan)
     if dist.world > 1:
@@ -158,7 +158,8 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     loop = Loop(model, step_module, batcher, settings, req.out_dir, metrics_log, report, should_stop, dist)
     if plan.device == "cuda":
         plan.notes.append(f"gradient checkpointing {'on' if recompute else 'off'}, "
-                          f"{'packed' if packed else 'padded'} batches, LM head loss: {loss_kernel}")
+                          f"{f'packed batches with {attention}' if packed else 'padded batches'}, "
+                          f"LM head loss: {loss_kernel}")
     return model, loop
 
 

@@ -37,7 +37,7 @@ from schemas.checkpoint import CheckpointState
 from schemas.heartbeat import Progress
 from spooler.errors import Cancelled
 from spooler.paths import refuse_links
-from worker import checkpoint, headloss
+from worker import checkpoint, headloss, packedattn
 from worker.batching import Batch, Batcher, collate_eval
 from worker.data import IGNORE, Example
 from worker.outputs import MetricsLog
@@ -97,18 +97,22 @@ class CausalLMLoss(torch.nn.Module):
         self._body = getattr(lm, lm.base_model_prefix) if self.chunked else None
         self._head = lm.get_output_embeddings() if self.chunked else None
         self.fused: headloss.Fused | None = None  # set by choose_fused, once it has checked the kernel
+        self.varlen: packedattn.Varlen | None = None  # set by choose_attention, likewise
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None,
                 positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]
         keep = targets != IGNORE
+        documents = ({} if self.varlen is None or positions is None else
+                     packedattn.kwargs_for(self.varlen, positions))
         if not self.chunked:
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                **documents).logits
             loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
             return loss, keep.sum()
         assert self._body is not None
-        hidden = self._body(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            use_cache=False).last_hidden_state
+        hidden = self._body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                            **documents).last_hidden_state
         return headloss.chunked_ce(self._head, hidden[:, :-1][keep], targets[keep], self.fused), keep.sum()
 
     def check_chunking(self, ids: torch.Tensor) -> str | None:
@@ -147,6 +151,14 @@ class CausalLMLoss(torch.nn.Module):
             return "torch chunks", f"{which} not used: {problem}"
         self.fused = kernel
         return which, None
+
+    def choose_attention(self, ids: torch.Tensor, device: str) -> tuple[str, str | None]:
+        """Take the document-wise attention kernel for ``device`` (``worker.packedattn``) for packed batches,
+        once it gives the masked path's results on this model. Returns which attention runs, in words, and a
+        note when a kernel was refused. Asked once, before training."""
+        with evaluating(self.model):
+            self.varlen, which, refused = packedattn.choose(self.model.get_base_model(), device, ids)
+        return which, refused
 
 
 class MixedPrecision:

@@ -1,29 +1,61 @@
-"""Attention for packed rows on CPU: each document of a row attends within itself, in an SDPA call of its own.
+"""Attention for packed rows: each document of a row attends within itself, without a mask over the whole row.
 
 transformers keeps packed documents apart with a block-diagonal causal mask over the whole row, built from the
-position ids (``find_packed_sequence_indices``). With a mask, CPU SDPA computes every score of the row, and
-with dropout (GPT-2 has 0.1) it takes its math path: the whole L x L scores, softmax and dropout mask, though a
-row of three documents needs a third of them. One causal SDPA call per document computes exactly the entries
-the mask keeps. Measured on 2 cores, forward and backward, 4 rows x 12 heads x 512 tokens in documents of 200,
-150 and 162, q/k/v split from one projection as GPT-2 does: 0.41 s with the mask, 0.15 s per document (dropout
-0.1); 0.13 s and 0.10 s without dropout.
+position ids (``find_packed_sequence_indices``). A mask rules out the fast kernels:
 
-It takes over only where it computes the same thing: no cache, queries as long as keys, a mask transformers
-built for packed rows, position ids that restart, and no extra the plain path would honour (a sliding window,
-soft-capping, a position bias); anything else goes to transformers' SDPA as it is. On CUDA the masked kernel
-stays: dozens of small calls per layer are not obviously faster there, and a compiled body must not break its
-graph on a Python loop.
+* on CPU, SDPA with a mask computes every score of the row, and with dropout (GPT-2 has 0.1) it takes its math
+  path: the whole L x L scores, softmax and dropout mask, though a row of three documents needs a third of them.
+  One causal SDPA call per document computes exactly the entries the mask keeps. Measured on 2 cores, forward and
+  backward, 4 rows x 12 heads x 512 tokens in documents of 200, 150 and 162, q/k/v split from one projection as
+  GPT-2 does: 0.41 s with the mask, 0.15 s per document (dropout 0.1); 0.13 s and 0.10 s without dropout.
+* on CUDA, a masked SDPA call cannot use the flash kernel; the memory-efficient one computes every block of the
+  row and reads the mask. torch's flash varlen kernel (``torch.nn.attention.varlen``, torch 2.9 and later) takes
+  the documents as cumulative lengths instead. An earlier H100 run put this at the heart of the worker's gap to
+  the anchor recipe, which trains on unmasked rows (and so across documents): 24.4k against 29.5k tok/s eager,
+  46.2k against 59.5k compiled.
+
+How the pieces meet: the loss module (``loop.CausalLMLoss``) turns a packed batch's position ids into cumulative
+document lengths (``cu_seqlens``) and passes them, with the chosen ``Varlen`` kernel, as keyword arguments that
+transformers hands down to every attention call (its own names for them, as its flash-attention path uses). The
+attention function registered here (``use_for_packed_rows``) runs the kernel where it computes the same thing as
+the mask: no cache, queries as long as keys, a mask transformers built, no dropout the kernel cannot do, and no
+extra that the plain path would honour (a sliding window, soft-capping, a position bias). Anything else goes to
+transformers' SDPA as it is: evaluation's padded batches, generation, a model of another kind.
+
+A kernel is used only after ``check`` has compared it, forward and backward, with the masked path on the job's own
+model: the CUDA kernel cannot run on the machines the tests run on, and a torch whose kernel differs (a backend
+without grouped-query heads, an old signature) must not train a job on another attention.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
 NAME = "loraspool_packed_sdpa"
-_PASSIVE = {"position_ids", "use_cache", "output_attentions"}  # keys whose presence changes nothing here
+VARLEN = "loraspool_varlen"  # the keyword that carries the chosen Varlen kernel down to the attention calls
+CU_SEQLENS = ("cu_seq_lens_q", "cu_seq_lens_k")
+MAX_LENGTH = ("max_length_q", "max_length_k")
+USE_FLASH = True  # benchmarks/train_throughput.py --no-varlen times the masked SDPA on a GPU that has the kernel
+_PASSIVE = {"position_ids", "use_cache", "output_attentions", VARLEN, *CU_SEQLENS, *MAX_LENGTH}
+
+# (query, key, value) as (tokens, heads, head_dim), cumulative document lengths (int32), longest document, scale,
+# dropout -> the output as (tokens, heads, head_dim)
+Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """An attention kernel over documents laid end to end, given by their cumulative lengths."""
+
+    name: str  # in words, for the plan's notes and the log
+    run: Run
+    dropout: bool  # whether it applies attention dropout; one that does not is skipped when training has some
 
 
 def use_for_packed_rows(model: Any) -> bool:
@@ -39,37 +71,176 @@ def use_for_packed_rows(model: Any) -> bool:
     return True
 
 
+def uses_this(model: Any) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def cu_seqlens(positions: torch.Tensor) -> torch.Tensor:
+    """Where each document starts in the flattened batch, and the total: a document starts with each row and
+    wherever the position does not go on by one (the rule transformers builds its block-diagonal mask by)."""
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = torch.diff(positions, dim=-1) != 1
+    edges = starts.flatten().nonzero().flatten()
+    return torch.cat([edges, edges.new_tensor([positions.numel()])]).to(torch.int32)
+
+
+def kwargs_for(kernel: Varlen, positions: torch.Tensor) -> dict[str, Any]:
+    """The keyword arguments a model's forward takes to run ``kernel`` on a packed batch. The longest document
+    sizes the flash kernel's grid: the row length would launch idle blocks for every short document. (A compiled
+    body takes it as a symbol after the first batch: tested, two graphs for any number of layouts.)"""
+    cu = cu_seqlens(positions)
+    longest = int(torch.diff(cu).max())
+    return {VARLEN: kernel, CU_SEQLENS[0]: cu, CU_SEQLENS[1]: cu, MAX_LENGTH[0]: longest, MAX_LENGTH[1]: longest}
+
+
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; the output is (batch, length, heads, head_dim)."""
-    bounds = _documents(module, query, key, attention_mask, is_causal, kwargs)
-    if bounds is None:
+    kernel: Varlen | None = kwargs.get(VARLEN)
+    if kernel is None or not _fits(module, query, key, attention_mask, dropout, is_causal, kernel, kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        plain = {k: v for k, v in kwargs.items() if k != VARLEN}
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    gqa = key.shape[1] != query.shape[1]
-    rows = []
-    for b, edges in enumerate(bounds):
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                           dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-            for s, e in zip(edges[:-1], edges[1:], strict=True)], dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+                                      is_causal=is_causal, **plain)
+    batch, heads, length, dim = query.shape
+    scale = scaling if scaling is not None else dim ** -0.5
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, length, dim) -> (batch * length, heads, dim)
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[-1])
+
+    out = kernel.run(tokens(query), tokens(key), tokens(value), kwargs[CU_SEQLENS[0]], kwargs[MAX_LENGTH[0]],
+                     scale, dropout)
+    return out.view(batch, length, heads, value.shape[-1]), None
 
 
-def _documents(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-               is_causal: bool | None, kwargs: dict[str, Any]) -> list[list[int]] | None:
-    """Per row, the edges of its documents ([0, ..., length]); None when this is not a packed causal batch."""
-    positions = kwargs.get("position_ids")
+def _fits(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+          is_causal: bool | None, kernel: Varlen, kwargs: dict[str, Any]) -> bool:
+    """Whether ``kernel`` over the documents computes what the mask transformers built does."""
     extras = [k for k, v in kwargs.items() if k not in _PASSIVE and v is not None]
-    length = query.shape[2]
-    if (extras or mask is None or positions is None or is_causal is False or not getattr(module, "is_causal", True)
-            or key.shape[2] != length or positions.shape[-1] != length or query.device.type != "cpu"):
+    return not (extras or mask is None or kwargs.get(CU_SEQLENS[0]) is None or is_causal is False
+                or not getattr(module, "is_causal", True) or key.shape[2] != query.shape[2]
+                or (dropout > 0 and not kernel.dropout))
+
+
+def per_document_sdpa() -> Varlen:
+    """One causal SDPA call per document: the CPU kernel (see the module's docstring for why)."""
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, _longest: int, scale: float,
+            dropout: float) -> torch.Tensor:
+        gqa = k.shape[1] != q.shape[1]
+        edges = cu.tolist()
+
+        def heads_first(t: torch.Tensor, s: int, e: int) -> torch.Tensor:  # (n, heads, dim) -> (1, heads, n, dim)
+            return t[s:e].transpose(0, 1).unsqueeze(0)
+
+        parts = [F.scaled_dot_product_attention(heads_first(q, s, e), heads_first(k, s, e), heads_first(v, s, e),
+                                                dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+                 for s, e in zip(edges[:-1], edges[1:], strict=True)]
+        return torch.cat(parts, dim=2)[0].transpose(0, 1)
+
+    return Varlen("one SDPA call per packed document", run, dropout=True)
+
+
+def flash_varlen() -> tuple[Varlen | None, str]:
+    """torch's flash varlen kernel where this torch has one, else None; and which, or why not, in words. Its
+    signature has changed between releases (``is_causal`` became ``window_size``; ``scale`` and ``enable_gqa``
+    came later), so the call is fitted to the one installed."""
+    if not USE_FLASH:
+        return None, "masked SDPA"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, "masked SDPA (torch 2.9 or later adds flash varlen attention for packed rows)"
+    params = set(inspect.signature(varlen_attn).parameters)  # read here: a compiled model must not trace inspect
+    causal: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    takes_scale, takes_gqa = "scale" in params, "enable_gqa" in params
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int, scale: float,
+            _dropout: float) -> torch.Tensor:
+        extra = dict(causal)
+        if takes_scale:
+            extra["scale"] = scale
+        elif abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:
+            raise ValueError(f"this torch's varlen_attn has no scale, and the model scales by {scale:.4g}")
+        if k.shape[1] != q.shape[1]:
+            if takes_gqa:
+                extra["enable_gqa"] = True
+            else:  # grouped-query heads, shared out as transformers' repeat_kv shares them
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+
+    return Varlen("flash varlen attention (torch.nn.attention.varlen)", run, dropout=False), ""
+
+
+def kernel_for(device: str) -> tuple[Varlen | None, str]:
+    """The kernel to check for ``device``, and its name; or None, and what runs instead, in words."""
+    if device == "cpu":
+        k = per_document_sdpa()
+        return k, k.name
+    if device == "cuda":
+        k, why = flash_varlen()
+        return k, k.name if k is not None else why
+    return None, "masked SDPA"
+
+
+def dropout_of(config: Any) -> float:
+    """The attention dropout a model trains with, under the names transformers' configs give it."""
+    return max(float(getattr(config, name, 0.0) or 0.0) for name in ("attention_dropout", "attn_pdrop"))
+
+
+def two_documents(ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that split the single row ``ids`` into two documents, the second a little the longer."""
+    n = ids.shape[-1]
+    first = max(1, n // 2 - 3)
+    return torch.cat([torch.arange(first), torch.arange(n - first)]).to(ids.device).unsqueeze(0)
+
+
+def check(kernel: Varlen, body: torch.nn.Module, ids: torch.Tensor, reference: Varlen | None = None) -> str | None:
+    """None when ``kernel`` gives the hidden states and input gradient of ``reference`` (None: transformers'
+    masked path) on ``body`` (the job's own model, its LoRA included, dropout off) for ``ids`` split into two
+    documents; otherwise why not. On CUDA the reference is one SDPA call per document, whose flash kernel sums
+    as the varlen one does: against the masked path's, bf16 rounding through every layer would blur a real
+    difference."""
+    positions = two_documents(ids)
+    embeds = body.get_input_embeddings()(ids).detach()
+
+    def run(extra: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = embeds.clone().requires_grad_()
+        out = body(inputs_embeds=x, position_ids=positions, use_cache=False, **extra).last_hidden_state.float()
+        weights = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).view_as(out)  # every output counts
+        (grad,) = torch.autograd.grad((out * weights).sum() * 0.25, x)
+        return out.detach(), grad.float()
+
+    try:
+        with torch.enable_grad():
+            out, grad = run(kwargs_for(kernel, positions))
+            own_out, own_grad = run(kwargs_for(reference, positions) if reference is not None else {})
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:300]  # torch's dispatcher errors run to pages
+        return f"it failed on this model ({type(e).__name__}: {first})"
+    exact = embeds.dtype == torch.float32 and not torch.is_autocast_enabled(ids.device.type)
+    tolerance = 1e-4 if exact else 2e-2  # bf16 attention summed in another order
+    out_gap = float((out - own_out).norm() / own_out.norm().clamp_min(1e-12))
+    grad_gap = float((grad - own_grad).norm() / own_grad.norm().clamp_min(1e-12))
+    if out_gap <= tolerance and grad_gap <= tolerance:
         return None
-    positions = positions.expand(query.shape[0], -1)
-    restarts = torch.diff(positions, dim=-1) != 1
-    if not bool(restarts.any()):
-        return None
-    return [[0, *(restarts[b].nonzero().flatten() + 1).tolist(), length] for b in range(positions.shape[0])]
+    against = "the masked path's" if reference is None else f"those of {reference.name}"
+    return f"its hidden states differ by {out_gap:.2g} and its input gradient by {grad_gap:.2g} from {against}"
+
+
+def choose(lm: Any, device: str, ids: torch.Tensor) -> tuple[Varlen | None, str, str | None]:
+    """The kernel packed batches of ``lm`` (the job's model, LoRA added, in eval mode) will use, once checked on
+    ``ids``; which attention runs, in words; and a note when a kernel was refused. Asked once, before training."""
+    if not uses_this(lm):
+        return None, f"transformers' {getattr(lm.config, '_attn_implementation', None)} attention", None
+    kernel, which = kernel_for(device)
+    if kernel is None:
+        return None, which, None
+    if (dropout := dropout_of(lm.config)) > 0 and not kernel.dropout:
+        return None, "masked SDPA", f"{which} not used: the model trains with attention dropout {dropout:g}, " \
+                                    "which it does not apply"
+    reference = None if device == "cpu" else per_document_sdpa()
+    if problem := check(kernel, getattr(lm, lm.base_model_prefix), ids, reference):
+        return None, "masked SDPA", f"{which} not used: {problem}"
+    return kernel, which, None
