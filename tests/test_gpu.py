@@ -6,6 +6,8 @@ which ran where); the tiny model keeps each under a minute.
 
 from __future__ import annotations
 
+import copy
+import functools
 import shutil
 from pathlib import Path
 
@@ -104,11 +106,21 @@ def test_liger_fused_loss_is_chosen_and_agrees_with_the_torch_chunks(dtype: str)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_flash_varlen_attention_is_chosen_for_packed_rows_and_trains_as_the_mask_does(compiled: bool) -> None:
+def test_flash_varlen_attention_is_chosen_for_packed_rows_and_trains_as_the_mask_does(
+        compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA (bf16, grouped-query heads as qwen3 has them) packed rows attend by document through torch's flash
     varlen kernel, chosen after its check, eager and with the body compiled; the loss and LoRA gradients of a
-    packed batch are those of transformers' masked SDPA, to bf16 rounding."""
-    pytest.importorskip("torch.nn.attention.varlen")
+    packed batch are those of transformers' masked SDPA, to bf16 rounding. (Compiled, a call is counted when
+    dynamo traces it: once a layer at least.)"""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    real, calls = varlen.varlen_attn, [0]
+
+    @functools.wraps(real)  # the worker reads its signature
+    def counted(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", counted)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -122,7 +134,7 @@ def test_flash_varlen_attention_is_chosen_for_packed_rows_and_trains_as_the_mask
     runs = []
     for ours in (True, False):
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+        base = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.bfloat16).cuda()  # switched
         if ours:
             assert packedattn.use_for_packed_rows(base)
         model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
@@ -130,12 +142,15 @@ def test_flash_varlen_attention_is_chosen_for_packed_rows_and_trains_as_the_mask
         if ours:
             which, refused = step_module.choose_attention(ids[:1, :32], "cuda")
             assert (which, refused) == ("flash varlen attention (torch.nn.attention.varlen)", None)
+            calls[0] = 0
             if compiled:
                 step_module._body.compile()
         for _ in range(2 if compiled and ours else 1):  # a compiled body: the second call runs the compiled code
             model.zero_grad(set_to_none=True)
             loss, _ = step_module(ids, ids, None, positions)
             loss.backward()
+        if ours:
+            assert calls[0] >= config.num_hidden_layers, calls  # the training steps took the kernel
         runs.append((float(loss.detach()), [p.grad.float() for p in model.parameters() if p.requires_grad]))
     (loss, grads), (own_loss, own_grads) = runs
     assert abs(loss - own_loss) <= 1e-2 * abs(own_loss)

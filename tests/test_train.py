@@ -493,7 +493,7 @@ def _packed_config(arch: str, **extra: Any) -> Any:
                                 embd_pdrop=0.0, bos_token_id=1, eos_token_id=2, **{"attn_pdrop": 0.0, **extra})
 
 
-def _packed_lora(config: Any, ours: bool) -> Any:
+def _packed_lora(config: Any, ours: bool, targets: Any = "all-linear") -> Any:
     """``_seeded_lora``, switched to worker.packedattn's attention before LoRA when ``ours``, as the engine does."""
     import copy
 
@@ -507,7 +507,7 @@ def _packed_lora(config: Any, ours: bool) -> Any:
     base = AutoModelForCausalLM.from_config(copy.deepcopy(config))  # the switch is made on the config
     if ours:
         assert packedattn.use_for_packed_rows(base)
-    return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
@@ -576,7 +576,8 @@ def _broken_attention(*args: Any) -> Any:
     raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
 
 
-@pytest.mark.parametrize("kernel", ["agrees", "crosses", "gradless", "broken", "no dropout"])
+@pytest.mark.parametrize("kernel", ["agrees", "long window", "moe", "crosses", "gradless", "broken", "no dropout",
+                                    "windowed", "chunked"])
 def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_path(
         kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's flash varlen kernel runs on CUDA only, so stand-ins take its place: one is used for packed batches
@@ -589,8 +590,9 @@ def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_pa
     from worker import loop, packedattn
 
     calls = 0
-    run = {"agrees": packedattn.per_document_sdpa().run, "crosses": _crossing_attention,
-           "gradless": _gradless_attention, "broken": _broken_attention, "no dropout": _crossing_attention}[kernel]
+    right = packedattn.per_document_sdpa().run
+    run = {"crosses": _crossing_attention, "gradless": _gradless_attention, "broken": _broken_attention,
+           "no dropout": _crossing_attention}.get(kernel, right)
 
     def counted(*args: Any) -> Any:
         nonlocal calls
@@ -599,13 +601,21 @@ def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_pa
 
     stand_in = packedattn.Varlen("the stand-in kernel", counted, dropout=False)
     monkeypatch.setattr(packedattn, "kernel_for", lambda device: (stand_in, stand_in.name))
-    # gpt2 trains with attention dropout 0.1 unless told otherwise
-    config = _packed_config("gpt2", attn_pdrop=0.1) if kernel == "no dropout" else _packed_config("qwen3")
+    config = {"no dropout": lambda: _packed_config("gpt2", attn_pdrop=0.1),  # gpt2's own default
+              "windowed": lambda: _packed_config("mistral", sliding_window=4),
+              "long window": lambda: _packed_config("mistral", sliding_window=48),
+              "moe": lambda: _packed_config("qwen3_moe", num_experts=2, num_experts_per_tok=1,
+                                            moe_intermediate_size=32),
+              "chunked": lambda: _packed_config("llama4_text", attention_chunk_size=8, no_rope_layers=[1, 1],
+                                                intermediate_size_mlp=128, num_local_experts=1,
+                                                interleave_moe_layer_step=1),
+              }.get(kernel, lambda: _packed_config("qwen3"))()
     ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     positions = torch.stack([torch.cat([torch.arange(20), torch.arange(28)])] * 2)
     runs = []
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if kernel in ("chunked", "moe") else "all-linear"  # no experts
     for ours in (True, False):
-        model = _packed_lora(config, ours)
+        model = _packed_lora(config, ours, targets)
         step_module = loop.CausalLMLoss(model, chunked=True)
         if ours:
             which, refused = step_module.choose_attention(ids[:1, :32], "cuda")
@@ -618,25 +628,31 @@ def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_pa
     assert loss == pytest.approx(own_loss, rel=1e-6)
     for a, b in zip(grads, own_grads, strict=True):
         assert float((a - b).norm() / b.norm()) < 1e-5
-    if kernel == "agrees":
+    if kernel in ("agrees", "long window", "moe"):
         assert (which, refused, checked, calls) == ("the stand-in kernel", None, 2, 2)  # 2 layers, once each
         return
     assert (which, calls) == ("masked SDPA", 0) and refused is not None
     assert refused.startswith("the stand-in kernel not used: "), refused
-    expected = {"crosses": "its hidden states differ by", "gradless": "and its input gradient by 1 from",
+    expected = {"crosses": "its logits differ by", "gradless": "and its input gradient by 1 from",
                 "broken": "it failed on this model (RuntimeError: FlashAttention only supports",
-                "no dropout": "the model trains with attention dropout 0.1, which it does not apply"}[kernel]
+                "no dropout": "the model trains with attention dropout 0.1, which it does not apply",
+                "windowed": "no layer of this model takes it",
+                "chunked": "2 of its 2 attention calls have a mask other than one causal block per document"}[kernel]
     assert expected in refused, refused
 
 
-def _varlen_semantics(q: Any, k: Any, v: Any, cu: Any, causal: bool, scale: float | None, gqa: bool) -> Any:
-    """What torch's varlen_attn computes, by its documentation, in plain SDPA calls: each document on its own."""
+def _varlen_semantics(q: Any, k: Any, v: Any, cu: Any, longest: int, causal: bool, scale: float | None,
+                      gqa: bool) -> Any:
+    """What torch's varlen_attn computes, by its documentation, in plain SDPA calls: each document on its own.
+    It also holds the caller to what the flash kernel needs."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
     if k.shape[1] != q.shape[1] and not gqa:
         raise ValueError("Expect query and key/value to have the same number of heads")
+    assert cu.dtype == torch.int32 and cu.is_contiguous() and all(t.stride(-1) == 1 for t in (q, k, v))
     edges = cu.tolist()
+    assert longest == max(e - s for s, e in zip(edges[:-1], edges[1:], strict=True))
     parts = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
                                             is_causal=causal, scale=scale, enable_gqa=gqa).transpose(0, 1)
              for s, e in zip(edges[:-1], edges[1:], strict=True)]
@@ -645,14 +661,15 @@ def _varlen_semantics(q: Any, k: Any, v: Any, cu: Any, causal: bool, scale: floa
 
 def _varlen_2_9(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int,
                 is_causal: bool = False, return_aux: Any = None) -> Any:
-    return _varlen_semantics(query, key, value, cu_seq_q, is_causal, None, False)
+    """torch 2.9's: no scale, no enable_gqa (its flash kernel shares grouped-query heads by itself)."""
+    return _varlen_semantics(query, key, value, cu_seq_q, max_q, is_causal, None, key.shape[1] != query.shape[1])
 
 
 def _varlen_2_13(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int, *,
                  return_aux: Any = None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
                  enable_gqa: bool = False, seqused_k: Any = None, block_table: Any = None,
                  num_splits: int | None = None) -> Any:
-    return _varlen_semantics(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale, enable_gqa)
+    return _varlen_semantics(query, key, value, cu_seq_q, max_q, window_size == (-1, 0), scale, enable_gqa)
 
 
 @pytest.mark.parametrize("api", ["2.9", "2.13"])
@@ -690,7 +707,7 @@ def varlen_on_cpu() -> Any:
     """torch's own varlen_attn (its Python wrapper, custom op, autograd and fake tensors), with a CPU kernel in
     place of the flash one, which needs CUDA: what a compiled model traces is then the real thing. Skips where
     this torch's ops have another schema than the one the kernel below is written for. Yields the number of
-    forward calls so far."""
+    forward calls so far; the kernels are off again afterwards."""
     import torch
 
     varlen = pytest.importorskip("torch.nn.attention.varlen")
@@ -703,23 +720,29 @@ def varlen_on_cpu() -> Any:
     def run(query: Any, key: Any, value: Any, cu_seq_q: Any, cu_seq_k: Any, max_q: int, max_k: int,
             is_causal: bool = False, scale: float | None = None, window_size: Any = None, enable_gqa: bool = False,
             seqused_k: Any = None, block_table: Any = None, num_splits: Any = None) -> Any:
+        if calls[0] < 0:
+            raise NotImplementedError("torch_attn::_varlen_attn has no CPU kernel")
         calls[0] += 1
-        out = _varlen_semantics(query, key, value, cu_seq_q, is_causal, scale, enable_gqa)
+        out = _varlen_semantics(query, key, value, cu_seq_q, max_q, is_causal, scale, enable_gqa)
         return (out, torch.zeros(query.shape[1], query.shape[0], dtype=torch.float32),
                 torch.zeros(2, dtype=torch.uint64))
 
     def grads(grad_out: Any, query: Any, key: Any, value: Any, out: Any, lse: Any, cu_seq_q: Any, cu_seq_k: Any,
               max_q: int, max_k: int, is_causal: bool, rng_state: Any, scale: float | None = None,
               window_size: Any = None) -> Any:
+        if calls[0] < 0:
+            raise NotImplementedError("torch_attn::_varlen_attn_backward has no CPU kernel")
+
         def attend(q: Any, k: Any, v: Any) -> Any:
-            return _varlen_semantics(q, k, v, cu_seq_q, is_causal, scale, k.shape[1] != q.shape[1])
+            return _varlen_semantics(q, k, v, cu_seq_q, max_q, is_causal, scale, k.shape[1] != q.shape[1])
 
         # A kernel runs below autograd; torch.func differentiates there.
         return torch.func.vjp(attend, query, key, value)[1](grad_out)
 
     forward.register_kernel("cpu")(run)
     backward.register_kernel("cpu")(grads)
-    return calls
+    yield calls
+    calls[0] = -1  # a registration cannot be taken back: from now on the kernels refuse, as CPU has none
 
 
 def test_flash_varlen_attention_compiles_into_one_graph_for_every_packing(
@@ -777,7 +800,7 @@ def test_a_refused_attention_kernel_is_named_in_the_jobs_notes(share_root: Path,
     stand_in = packedattn.Varlen("the stand-in kernel", _crossing_attention, dropout=True)
     monkeypatch.setattr(packedattn, "kernel_for", lambda device: (stand_in, stand_in.name))
     outcome = train(share_root, make_job("attention-refused", max_steps=3))
-    assert [n for n in outcome.notes if n.startswith("the stand-in kernel not used: its hidden states differ by")]
+    assert [n for n in outcome.notes if n.startswith("the stand-in kernel not used: its logits differ by")]
 
 
 # ── the adapter on the share ─────────────────────────────────────────────────────────────────────────────

@@ -22,9 +22,11 @@ the mask: no cache, queries as long as keys, a mask transformers built, no dropo
 extra that the plain path would honour (a sliding window, soft-capping, a position bias). Anything else goes to
 transformers' SDPA as it is: evaluation's padded batches, generation, a model of another kind.
 
-A kernel is used only after ``check`` has compared it, forward and backward, with the masked path on the job's own
-model: the CUDA kernel cannot run on the machines the tests run on, and a torch whose kernel differs (a backend
-without grouped-query heads, an old signature) must not train a job on another attention.
+A kernel is used only after ``check`` has compared it, forward and backward, with a reference on the job's own
+model, and has seen that every layer that takes it has the mask it stands for: the CUDA kernel cannot run on the
+machines the tests run on, a torch whose kernel differs (a backend without grouped-query heads, an old
+signature) must not train a job on another attention, and neither may a model whose mask is narrower than
+causal within documents (llama4's chunks) without a keyword that says so.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 
 NAME = "loraspool_packed_sdpa"
 VARLEN = "loraspool_varlen"  # the keyword that carries the chosen Varlen kernel down to the attention calls
+AUDIT = "loraspool_audit"  # check's: sees the mask of every call the kernel takes
 CU_SEQLENS = ("cu_seq_lens_q", "cu_seq_lens_k")
 MAX_LENGTH = ("max_length_q", "max_length_k")
 USE_FLASH = True  # benchmarks/train_throughput.py --no-varlen times the masked SDPA on a GPU that has the kernel
-_PASSIVE = {"position_ids", "use_cache", "output_attentions", VARLEN, *CU_SEQLENS, *MAX_LENGTH}
+_PASSIVE = {"position_ids", "use_cache", "output_attentions", VARLEN, AUDIT, *CU_SEQLENS, *MAX_LENGTH}
 
 # (query, key, value) as (tokens, heads, head_dim), cumulative document lengths (int32), longest document, scale,
 # dropout -> the output as (tokens, heads, head_dim)
@@ -101,10 +104,12 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if kernel is None or not _fits(module, query, key, attention_mask, dropout, is_causal, kernel, kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        plain = {k: v for k, v in kwargs.items() if k != VARLEN}
+        plain = {k: v for k, v in kwargs.items() if k not in (VARLEN, AUDIT)}
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **plain)
     batch, heads, length, dim = query.shape
+    if (audit := kwargs.get(AUDIT)) is not None:
+        audit(attention_mask, kwargs[CU_SEQLENS[0]], batch, length)
     scale = scaling if scaling is not None else dim ** -0.5
 
     def tokens(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, length, dim) -> (batch * length, heads, dim)
@@ -117,11 +122,22 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
 def _fits(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
           is_causal: bool | None, kernel: Varlen, kwargs: dict[str, Any]) -> bool:
-    """Whether ``kernel`` over the documents computes what the mask transformers built does."""
-    extras = [k for k, v in kwargs.items() if k not in _PASSIVE and v is not None]
+    """Whether ``kernel`` over the documents computes what the mask transformers built does. (``check`` also
+    compares the masks themselves: a mask can be narrower than causal with no keyword saying so.)"""
+    length = query.shape[2]
+    extras = [k for k, v in kwargs.items() if _changes_attention(k, v, length)]
     return not (extras or mask is None or kwargs.get(CU_SEQLENS[0]) is None or is_causal is False
-                or not getattr(module, "is_causal", True) or key.shape[2] != query.shape[2]
+                or not getattr(module, "is_causal", True) or key.shape[2] != length
                 or (dropout > 0 and not kernel.dropout))
+
+
+def _changes_attention(key: str, value: Any, length: int) -> bool:
+    """Whether a keyword an attention call gets asks for something beyond causal attention within documents: not
+    an unset one (None, or False as MoE models pass ``output_router_logits``), nor a sliding window no row is
+    long enough to reach (transformers lets a query see keys less than ``sliding_window`` back)."""
+    if key in _PASSIVE or value is None or value is False:
+        return False
+    return not (key == "sliding_window" and isinstance(value, int) and value >= length)
 
 
 def per_document_sdpa() -> Varlen:
@@ -163,11 +179,11 @@ def flash_varlen() -> tuple[Varlen | None, str]:
             extra["scale"] = scale
         elif abs(scale - q.shape[-1] ** -0.5) > 1e-6 * scale:
             raise ValueError(f"this torch's varlen_attn has no scale, and the model scales by {scale:.4g}")
-        if k.shape[1] != q.shape[1]:
-            if takes_gqa:
-                extra["enable_gqa"] = True
-            else:  # grouped-query heads, shared out as transformers' repeat_kv shares them
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        if k.shape[1] != q.shape[1] and takes_gqa:
+            extra["enable_gqa"] = True
+        # Without the argument (torch 2.9 to 2.11) grouped-query heads go in as they are: the flash kernel shares
+        # them itself, forward and backward. Repeating them would keep copies for backward (3.5 GiB at qwen3-0.6b's
+        # shape, for 32k tokens a step).
         return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
 
     return Varlen("flash varlen attention (torch.nn.attention.varlen)", run, dropout=False), ""
@@ -196,37 +212,72 @@ def two_documents(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.arange(first), torch.arange(n - first)]).to(ids.device).unsqueeze(0)
 
 
-def check(kernel: Varlen, body: torch.nn.Module, ids: torch.Tensor, reference: Varlen | None = None) -> str | None:
-    """None when ``kernel`` gives the hidden states and input gradient of ``reference`` (None: transformers'
-    masked path) on ``body`` (the job's own model, its LoRA included, dropout off) for ``ids`` split into two
-    documents; otherwise why not. On CUDA the reference is one SDPA call per document, whose flash kernel sums
-    as the varlen one does: against the masked path's, bf16 rounding through every layer would blur a real
-    difference."""
+def block_diagonal(cu: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """(batch, 1, length, length), True where a query may see a key: causal, within its own document."""
+    starts = torch.zeros(batch * length, dtype=torch.long, device=cu.device)
+    starts[cu[1:-1].long()] = 1
+    doc = starts.cumsum(0).view(batch, length)
+    i = torch.arange(length, device=cu.device)
+    causal = i[None, :] <= i[:, None]
+    return (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
+
+
+class _Audit:
+    """Counts the attention calls that take the kernel in ``check``'s run and whether each one's mask is exactly
+    one causal block per document: a layer whose mask is narrower (chunked attention, a window no keyword names)
+    would otherwise train on other attention, unseen by a reference that takes the same decisions."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.other_masks = 0
+
+    def __call__(self, mask: torch.Tensor | None, cu: torch.Tensor, batch: int, length: int) -> None:
+        self.calls += 1
+        if mask is None:
+            self.other_masks += 1
+            return
+        allowed = mask if mask.dtype == torch.bool else mask == 0  # an additive mask is 0 where it allows
+        if not bool((allowed[..., :length, :length] == block_diagonal(cu, batch, length)).all()):
+            self.other_masks += 1
+
+
+def check(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, reference: Varlen | None = None) -> str | None:
+    """None when ``kernel`` gives the logits and input gradient of ``reference`` (None: transformers' masked
+    path) on ``lm`` (the job's own model, its LoRA included, dropout off) for ``ids`` split into two documents,
+    every layer that takes it having the mask it stands for; otherwise why not. On CUDA the reference is one
+    SDPA call per document, whose flash kernel sums as the varlen one does: against the masked path's, bf16
+    rounding through every layer would blur a real difference."""
     positions = two_documents(ids)
-    embeds = body.get_input_embeddings()(ids).detach()
+    audit = _Audit()
 
     def run(extra: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = embeds.clone().requires_grad_()
-        out = body(inputs_embeds=x, position_ids=positions, use_cache=False, **extra).last_hidden_state.float()
+        x = lm.get_input_embeddings()(ids).detach().requires_grad_()
+        out = lm(inputs_embeds=x, position_ids=positions, use_cache=False, **extra).logits.float()
         weights = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).view_as(out)  # every output counts
         (grad,) = torch.autograd.grad((out * weights).sum() * 0.25, x)
         return out.detach(), grad.float()
 
     try:
         with torch.enable_grad():
-            out, grad = run(kwargs_for(kernel, positions))
+            out, grad = run({**kwargs_for(kernel, positions), AUDIT: audit})
             own_out, own_grad = run(kwargs_for(reference, positions) if reference is not None else {})
     except Exception as e:
         first = (str(e).splitlines() or [""])[0][:300]  # torch's dispatcher errors run to pages
         return f"it failed on this model ({type(e).__name__}: {first})"
-    exact = embeds.dtype == torch.float32 and not torch.is_autocast_enabled(ids.device.type)
+    if audit.calls == 0:
+        return "no layer of this model takes it (its attention gets arguments the kernel does not apply)"
+    if audit.other_masks:
+        return (f"{audit.other_masks} of its {audit.calls} attention calls have a mask other than one causal block "
+                "per document (chunked or windowed attention)")
+    exact = (lm.get_input_embeddings().weight.dtype == torch.float32
+             and not torch.is_autocast_enabled(ids.device.type))
     tolerance = 1e-4 if exact else 2e-2  # bf16 attention summed in another order
     out_gap = float((out - own_out).norm() / own_out.norm().clamp_min(1e-12))
     grad_gap = float((grad - own_grad).norm() / own_grad.norm().clamp_min(1e-12))
     if out_gap <= tolerance and grad_gap <= tolerance:
         return None
     against = "the masked path's" if reference is None else f"those of {reference.name}"
-    return f"its hidden states differ by {out_gap:.2g} and its input gradient by {grad_gap:.2g} from {against}"
+    return f"its logits differ by {out_gap:.2g} and its input gradient by {grad_gap:.2g} from {against}"
 
 
 def choose(lm: Any, device: str, ids: torch.Tensor) -> tuple[Varlen | None, str, str | None]:
@@ -241,6 +292,6 @@ def choose(lm: Any, device: str, ids: torch.Tensor) -> tuple[Varlen | None, str,
         return None, "masked SDPA", f"{which} not used: the model trains with attention dropout {dropout:g}, " \
                                     "which it does not apply"
     reference = None if device == "cpu" else per_document_sdpa()
-    if problem := check(kernel, getattr(lm, lm.base_model_prefix), ids, reference):
+    if problem := check(kernel, lm, ids, reference):
         return None, "masked SDPA", f"{which} not used: {problem}"
     return kernel, which, None
