@@ -510,6 +510,14 @@ def _packed_lora(config: Any, ours: bool, targets: Any = "all-linear") -> Any:
     return get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
 
 
+def _assert_same_step(ours: tuple[Any, list[Any]], reference: tuple[Any, list[Any]], rel: float = 1e-6) -> None:
+    """(loss or losses, LoRA gradients) of two runs: the same, to rounding."""
+    (loss, grads), (own_loss, own_grads) = ours, reference
+    assert loss == pytest.approx(own_loss, rel=rel)
+    for a, b in zip(grads, own_grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
 def test_packed_documents_attend_one_by_one_as_the_mask_has_them(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPU each packed document gets an SDPA call of its own (worker.packedattn): the loss and gradients of a
@@ -542,10 +550,7 @@ def test_packed_documents_attend_one_by_one_as_the_mask_has_them(arch: str, monk
         loss.backward()
         runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
     assert documents == [[0, 20, 48, 53, 83, 96]] * 2  # both layers of the second model
-    (loss, grads), (own_loss, own_grads) = runs[1], runs[0]
-    assert loss == pytest.approx(own_loss, rel=1e-6)
-    for a, b in zip(grads, own_grads, strict=True):
-        assert float((a - b).norm() / b.norm()) < 1e-5
+    _assert_same_step(runs[1], runs[0])
     documents.clear()
     with loop.evaluating(model):
         padded = step_module(ids, ids, torch.ones_like(ids), None)[0]
@@ -624,10 +629,7 @@ def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_pa
             loss, _ = step_module(ids, ids, None, positions)
             loss.backward()
         runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
-    (loss, grads), (own_loss, own_grads) = runs
-    assert loss == pytest.approx(own_loss, rel=1e-6)
-    for a, b in zip(grads, own_grads, strict=True):
-        assert float((a - b).norm() / b.norm()) < 1e-5
+    _assert_same_step(*runs)
     if kernel in ("agrees", "long window", "moe"):
         assert (which, refused, checked, calls) == ("the stand-in kernel", None, 2, 2)  # 2 layers, once each
         return
@@ -696,10 +698,7 @@ def test_the_flash_varlen_call_fits_the_installed_torchs_signature(api: str, mon
         loss, _ = step_module(ids, ids, None, positions)
         loss.backward()
         runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
-    (loss, grads), (own_loss, own_grads) = runs
-    assert loss == pytest.approx(own_loss, rel=1e-6)
-    for a, b in zip(grads, own_grads, strict=True):
-        assert float((a - b).norm() / b.norm()) < 1e-5
+    _assert_same_step(*runs)
 
 
 @pytest.fixture
@@ -786,10 +785,7 @@ def test_flash_varlen_attention_compiles_into_one_graph_for_every_packing(
             torch._dynamo.reset()
         runs.append((losses, [p.grad for p in model.parameters() if p.requires_grad]))
     assert stats["unique_graphs"] <= 2, stats  # the first batch's shapes, then one with the counts symbolic
-    (losses, grads), (own_losses, own_grads) = runs
-    assert losses == pytest.approx(own_losses, rel=1e-5)
-    for a, b in zip(grads, own_grads, strict=True):
-        assert float((a - b).norm() / b.norm()) < 1e-5
+    _assert_same_step(*runs, rel=1e-5)
 
 
 def test_a_refused_attention_kernel_is_named_in_the_jobs_notes(share_root: Path,
