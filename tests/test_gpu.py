@@ -62,6 +62,19 @@ def test_cuda_packed_compiled_checkpointed(gpu_share: Path) -> None:
     assert any("gradient checkpointing on" in n and "packed" in n for n in outcome.notes), outcome.notes
 
 
+def test_batches_reach_the_gpu_whole_from_pinned_memory() -> None:
+    from worker.batching import Batcher
+    from worker.data import Example
+
+    examples = [Example(input_ids=list(range(3, 3 + n)), labels=list(range(3, 3 + n))) for n in (5, 9, 30, 17)]
+    batch = Batcher(examples, 2, 32, 0, 0, True).batch(0, 0)
+    moved = batch.to("cuda")
+    torch.cuda.synchronize()
+    for here, there in ((batch.input_ids, moved.input_ids), (batch.labels, moved.labels),
+                        (batch.position_ids, moved.position_ids)):
+        assert there.is_cuda and torch.equal(here, there.cpu())
+
+
 def test_nvml_reports_the_gpu() -> None:
     from worker.sysinfo import SystemSampler
 

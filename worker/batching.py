@@ -38,8 +38,13 @@ class Batch:
     padded_tokens: int  # tokens computed on, padding included
 
     def to(self, device: str) -> Batch:
+        """On the device. To a GPU from pinned memory: from pageable memory the CPU waits for the copy before it
+        can queue the step's kernels; pinned, the copy is queued with them (torch's pinned-memory cache keeps
+        the host copy until the GPU has read it)."""
+        pin = device.startswith("cuda")
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+            return None if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
                      self.real_tokens, self.padded_tokens)
