@@ -62,14 +62,22 @@ def test_cuda_packed_compiled_checkpointed(gpu_share: Path) -> None:
     assert any("gradient checkpointing on" in n and "packed" in n for n in outcome.notes), outcome.notes
 
 
-def test_batches_reach_the_gpu_whole_from_pinned_memory() -> None:
+def test_batches_reach_the_gpu_whole_from_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.batching import Batcher
     from worker.data import Example
 
     examples = [Example(input_ids=list(range(3, 3 + n)), labels=list(range(3, 3 + n))) for n in (5, 9, 30, 17)]
     batch = Batcher(examples, 2, 32, 0, 0, True).batch(0, 0)
+    pin, pinned = torch.Tensor.pin_memory, []
+
+    def counted(t: torch.Tensor, *args: object) -> torch.Tensor:
+        pinned.append(t.shape)
+        return pin(t, *args)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", counted)
     moved = batch.to("cuda")
     torch.cuda.synchronize()
+    assert len(pinned) == 3  # ids, labels, positions (a packed batch has no mask)
     for here, there in ((batch.input_ids, moved.input_ids), (batch.labels, moved.labels),
                         (batch.position_ids, moved.position_ids)):
         assert there.is_cuda and torch.equal(here, there.cpu())

@@ -586,10 +586,15 @@ def _broken_attention(*args: Any) -> Any:
 def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_path(
         kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's flash varlen kernel runs on CUDA only, so stand-ins take its place: one is used for packed batches
-    when the model's hidden states and input gradient with it are those of one SDPA call per document (the
-    reference on CUDA, itself held to the mask by the test above); otherwise (documents that see each other, no
-    gradient, an error, or attention dropout it cannot apply) the masked SDPA trains, and the refusal says why.
-    Either way the training loss and gradients are the masked path's."""
+    when the model's logits and input gradient with it are those of one SDPA call per document (the reference on
+    CUDA, itself held to the mask by the test above); otherwise (documents that see each other, no gradient, an
+    error, or attention dropout it cannot apply) the masked SDPA trains, and the refusal says why. A sliding
+    window as long as the rows, and a MoE model's unset router-logits flag, do not keep it from being used. A
+    right kernel is refused where the model's layers never take it (a window shorter than the rows), and where a
+    layer's mask is narrower than one causal block per document with nothing telling the attention call so
+    (llama4's chunks, here of 40 tokens: longer than the check's 32-token sample, so only the look at the masks
+    on rows of the training length, 48, finds them; the reference takes the same path as the kernel). Either way
+    the training loss and gradients are the masked path's."""
     import torch
 
     from worker import loop, packedattn
@@ -611,7 +616,7 @@ def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_pa
               "long window": lambda: _packed_config("mistral", sliding_window=48),
               "moe": lambda: _packed_config("qwen3_moe", num_experts=2, num_experts_per_tok=1,
                                             moe_intermediate_size=32),
-              "chunked": lambda: _packed_config("llama4_text", attention_chunk_size=8, no_rope_layers=[1, 1],
+              "chunked": lambda: _packed_config("llama4_text", attention_chunk_size=40, no_rope_layers=[1, 1],
                                                 intermediate_size_mlp=128, num_local_experts=1,
                                                 interleave_moe_layer_step=1),
               }.get(kernel, lambda: _packed_config("qwen3"))()
@@ -623,7 +628,7 @@ def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_pa
         model = _packed_lora(config, ours, targets)
         step_module = loop.CausalLMLoss(model, chunked=True)
         if ours:
-            which, refused = step_module.choose_attention(ids[:1, :32], "cuda")
+            which, refused = step_module.choose_attention(ids[:1, :32], "cuda", 48)
             checked, calls = calls, 0
         with loop.evaluating(model), torch.enable_grad():  # dropout off, so that both runs compute the same
             loss, _ = step_module(ids, ids, None, positions)
@@ -631,15 +636,16 @@ def test_a_packed_attention_kernel_trains_only_when_it_agrees_with_the_masked_pa
         runs.append((float(loss.detach()), [p.grad for p in model.parameters() if p.requires_grad]))
     _assert_same_step(*runs)
     if kernel in ("agrees", "long window", "moe"):
-        assert (which, refused, checked, calls) == ("the stand-in kernel", None, 2, 2)  # 2 layers, once each
+        assert (which, refused, checked, calls) == ("the stand-in kernel", None, 4, 2)  # 2 layers: check, audit
         return
     assert (which, calls) == ("masked SDPA", 0) and refused is not None
     assert refused.startswith("the stand-in kernel not used: "), refused
-    expected = {"crosses": "its logits differ by", "gradless": "and its input gradient by 1 from",
+    expected = {"crosses": "its logits differ by", "gradless": "and its input gradient by",
                 "broken": "it failed on this model (RuntimeError: FlashAttention only supports",
                 "no dropout": "the model trains with attention dropout 0.1, which it does not apply",
-                "windowed": "no layer of this model takes it",
-                "chunked": "2 of its 2 attention calls have a mask other than one causal block per document"}[kernel]
+                "windowed": "no layer of this model takes it on 32-token rows",
+                "chunked": "2 of its 2 attention calls on 48-token rows have a mask other than one causal block "
+                           "per document"}[kernel]
     assert expected in refused, refused
 
 
@@ -910,16 +916,18 @@ def test_evaluation_and_probes_leave_the_compiled_body_to_training(share_root: P
     """Eval batches (a 1-row last one) and probe generation (a KV cache growing per token) each gave the compiled
     body another shape to compile for; past dynamo's recompile limit (8) the training step itself then ran eager
     for the whole job, with compile_seconds still reported. The cuda-only setting is compiled here with dynamo's
-    cheapest backend, so what gets traced can be counted on CPU."""
+    cheapest backend, so what gets traced can be counted on CPU. Packed rows attend as on a GPU without the
+    flash varlen kernel: the CPU's per-document one is never compiled (compile is for cuda)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from worker import engine
+    from worker import engine, packedattn
 
     def compile_on_cpu(step_module: Any, model: Any, plan: Any) -> None:
         (step_module._body if step_module.chunked else model.get_base_model()).compile(backend="eager")
 
     monkeypatch.setattr(engine, "_compile", compile_on_cpu)
+    monkeypatch.setattr(packedattn, "kernel_for", lambda device: (None, "masked SDPA"))
     torch._dynamo.reset()
     counters.clear()
     job = make_job(f"compiled-{recompute}", compile=True, max_steps=3, batch_size=4, eval_fraction=0.15,

@@ -125,7 +125,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     model = load_model(req.model_dir, plan)
     _check_vocab(model, splits)
     packed = _packs(t, plan, model)
-    if packed and not (t.compile and plan.device == "cpu"):  # the CPU kernel loops in Python: no graph to compile
+    if packed:
         packedattn.use_for_packed_rows(model)
     batcher = Batcher(splits.train, t.batch_size, t.max_length, data.pad_id_of(tokenizer), t.seed, packed,
                       dist.world, dist.rank)
@@ -143,7 +143,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
         if problem := step_module.check_chunking(sample):
             plan.notes.append(problem)
         loss_kernel, refused = step_module.choose_fused(sample, plan.device)
-        attention, refused_attention = step_module.choose_attention(sample, plan.device)
+        attention, refused_attention = step_module.choose_attention(sample, plan.device, row)
     plan.notes.extend(n for n in (refused, refused_attention) if n)
     log.info("LM head loss: %s; packed attention: %s", loss_kernel, attention)
     if t.compile:

@@ -152,12 +152,12 @@ class CausalLMLoss(torch.nn.Module):
         self.fused = kernel
         return which, None
 
-    def choose_attention(self, ids: torch.Tensor, device: str) -> tuple[str, str | None]:
-        """Take the document-wise attention kernel for ``device`` (``worker.packedattn``) for packed batches,
-        once it gives the masked path's results on this model. Returns which attention runs, in words, and a
-        note when a kernel was refused. Asked once, before training."""
+    def choose_attention(self, ids: torch.Tensor, device: str, length: int | None = None) -> tuple[str, str | None]:
+        """Take the document-wise attention kernel for ``device`` (``worker.packedattn``) for packed batches of
+        ``length``-token rows, once it gives the masked path's results on this model. Returns which attention
+        runs, in words, and a note when a kernel was refused. Asked once, before training."""
         with evaluating(self.model):
-            self.varlen, which, refused = packedattn.choose(self.model.get_base_model(), device, ids)
+            self.varlen, which, refused = packedattn.choose(self.model.get_base_model(), device, ids, length)
         return which, refused
 
 

@@ -231,14 +231,20 @@ class _Audit:
         self.calls = 0
         self.other_masks = 0
 
-    def __call__(self, mask: torch.Tensor | None, cu: torch.Tensor, batch: int, length: int) -> None:
-        self.calls += 1
-        if mask is None:
-            self.other_masks += 1
-            return
+    def __call__(self, mask: torch.Tensor, cu: torch.Tensor, batch: int, length: int) -> None:
+        self.calls += 1  # _fits let no call without a mask through
         allowed = mask if mask.dtype == torch.bool else mask == 0  # an additive mask is 0 where it allows
         if not bool((allowed[..., :length, :length] == block_diagonal(cu, batch, length)).all()):
             self.other_masks += 1
+
+    def verdict(self, rows: str) -> str | None:
+        if self.calls == 0:
+            return f"no layer of this model takes it on {rows} (its attention gets arguments the kernel does not " \
+                   "apply)"
+        if self.other_masks:
+            return (f"{self.other_masks} of its {self.calls} attention calls on {rows} have a mask other than one "
+                    "causal block per document (chunked or windowed attention)")
+        return None
 
 
 def check(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, reference: Varlen | None = None) -> str | None:
@@ -264,11 +270,8 @@ def check(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, reference: Var
     except Exception as e:
         first = (str(e).splitlines() or [""])[0][:300]  # torch's dispatcher errors run to pages
         return f"it failed on this model ({type(e).__name__}: {first})"
-    if audit.calls == 0:
-        return "no layer of this model takes it (its attention gets arguments the kernel does not apply)"
-    if audit.other_masks:
-        return (f"{audit.other_masks} of its {audit.calls} attention calls have a mask other than one causal block "
-                "per document (chunked or windowed attention)")
+    if problem := audit.verdict(f"{ids.shape[-1]}-token rows"):
+        return problem
     exact = (lm.get_input_embeddings().weight.dtype == torch.float32
              and not torch.is_autocast_enabled(ids.device.type))
     tolerance = 1e-4 if exact else 2e-2  # bf16 attention summed in another order
@@ -280,18 +283,44 @@ def check(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, reference: Var
     return f"its logits differ by {out_gap:.2g} and its input gradient by {grad_gap:.2g} from {against}"
 
 
-def choose(lm: Any, device: str, ids: torch.Tensor) -> tuple[Varlen | None, str, str | None]:
+def audit_rows(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, length: int) -> str | None:
+    """None when, on a row of the training length (documents of ``length`` - 3 and 3 tokens), every attention
+    call that takes ``kernel`` has its mask; otherwise why not. ``check``'s sample is short: a chunk or a window
+    longer than it (llama4's 8192-token chunks, a window the attention call is not told of) would pass there
+    and narrow the mask of the real rows. One forward without gradients, and without the logits of every row."""
+    if length <= ids.shape[-1]:
+        return None  # check saw rows this long
+    row = ids.repeat(1, -(-length // ids.shape[-1]))[:, :length]
+    positions = torch.cat([torch.arange(length - 3), torch.arange(3)]).to(ids.device).unsqueeze(0)
+    audit = _Audit()
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
+    try:
+        with torch.no_grad():
+            lm(input_ids=row, position_ids=positions, use_cache=False, **last, **kwargs_for(kernel, positions),
+               **{AUDIT: audit})
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:300]
+        return f"it failed on a {length}-token row ({type(e).__name__}: {first})"
+    return audit.verdict(f"{length}-token rows")
+
+
+def choose(lm: Any, device: str, ids: torch.Tensor, length: int | None = None) -> tuple[Varlen | None, str, str | None]:
     """The kernel packed batches of ``lm`` (the job's model, LoRA added, in eval mode) will use, once checked on
-    ``ids``; which attention runs, in words; and a note when a kernel was refused. Asked once, before training."""
+    ``ids`` and audited on rows of ``length`` tokens (the training rows'; None: as long as ``ids``); which
+    attention runs, in words; and a note when a kernel was refused. Asked once, before training; never raises."""
     if not uses_this(lm):
         return None, f"transformers' {getattr(lm.config, '_attn_implementation', None)} attention", None
-    kernel, which = kernel_for(device)
-    if kernel is None:
-        return None, which, None
-    if (dropout := dropout_of(lm.config)) > 0 and not kernel.dropout:
-        return None, "masked SDPA", f"{which} not used: the model trains with attention dropout {dropout:g}, " \
-                                    "which it does not apply"
-    reference = None if device == "cpu" else per_document_sdpa()
-    if problem := check(kernel, lm, ids, reference):
+    try:
+        kernel, which = kernel_for(device)
+        if kernel is None:
+            return None, which, None
+        if (dropout := dropout_of(lm.config)) > 0 and not kernel.dropout:
+            return None, "masked SDPA", f"{which} not used: the model trains with attention dropout " \
+                                        f"{dropout:g}, which it does not apply"
+        reference = None if device == "cpu" else per_document_sdpa()
+        problem = check(kernel, lm, ids, reference) or audit_rows(kernel, lm, ids, length or ids.shape[-1])
+    except Exception as e:  # a kernel or a config of a kind not foreseen: the masked path is always right
+        which, problem = "attention by document", f"it could not be set up ({type(e).__name__}: {e})"
+    if problem:
         return None, "masked SDPA", f"{which} not used: {problem}"
     return kernel, which, None
