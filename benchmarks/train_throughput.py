@@ -3,8 +3,8 @@ run, on the same model shape and the same synthetic tokens (benchmarks/_shapes.p
 
     .venv/bin/python benchmarks/train_throughput.py [--shape tiny|gpt2-small|qwen3-0.6b|llama-8b]
         [--device auto|cpu|cuda] [--recipes worker,seed,tuned,qlora] [--steps 20] [--warmup 3] [--batch 16]
-        [--quantization none|4bit|8bit] [--sampler random|grouped] [--no-cudnn-sdp] [--same-malloc] [--no-liger]
-        [--no-varlen] [--cache DIR] [--json FILE]
+        [--worker-batch N] [--compile] [--quantization none|4bit|8bit] [--sampler random|grouped]
+        [--no-cudnn-sdp] [--same-malloc] [--no-liger] [--no-varlen] [--cache DIR] [--json FILE]
 
 Recipes (the HF ones as in /work/shared/anchors/gpu_lora_baseline.py):
 
@@ -24,6 +24,11 @@ max_memory_allocated, or on CPU the process's peak RSS) is that recipe's alone; 
 timed step, so the worker's post-training adapter check is not counted. The worker's process starts with the
 environment the worker gives its training process (on CPU, glibc's malloc keeps freed memory: worker.childenv);
 the HF recipes with the default, unless ``--same-malloc``.
+
+Apart from the steady rate, each row gives its first step's latency (``1st step s``: from the start of the
+recipe's process, imports and loading the model and the rows included, to the end of optimizer step 1) and, for
+the worker with ``--compile``, the compiling first step's own time (``compile s``), which a job pays once, and the
+time to the end of the warm-up steps (``warm-up s``), which also holds any recompile the first batches caused.
 
 Length grouping: the anchor sorts rows and shuffles chunks of 64, but the Trainer's default random sampler then
 reshuffles them, so its tuned/qlora batches are really random (pad fraction ~0.55). ``--sampler random`` (default)
@@ -51,6 +56,8 @@ from typing import Any
 
 import _shapes
 
+STARTED = time.perf_counter()  # this recipe's process began (torch's imports follow): its first step counts from here
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random models from configs: nothing may reach for the hub
 
 RECIPES = ("worker", "seed", "tuned", "qlora")
@@ -70,6 +77,9 @@ class Row:
     peak_gib: float | None = None
     steps_timed: int | None = None
     seconds: float | None = None
+    first_step_s: float | None = None  # from the start of training (loading included) to the end of step 1
+    compile_s: float | None = None  # the worker's compiling first step (training.compile), part of first_step_s
+    warmup_s: float | None = None  # from the start of training to the end of the warm-up steps (recompiles too)
     note: str = ""
     error: str | None = None
 
@@ -93,6 +103,7 @@ class Window:
     device: str
     samples: list[Sample] = field(default_factory=list)
     peak: int | None = None
+    started: float = STARTED  # the process's start: imports, loading and checks count, as a job waits for them
 
     def add(self, sample: Sample) -> None:
         self.samples.append(sample)
@@ -113,6 +124,10 @@ class Window:
         row.real_tok_s, row.padded_tok_s = round(real / dt), round(padded / dt)
         row.pad_fraction = round(1 - real / max(1, padded), 3) if known else None
         row.steps_timed, row.seconds = b.step - a.step, round(dt, 2)
+        first = next((s for s in self.samples if s.step == 1), None)
+        if first is not None:
+            row.first_step_s = round(first.t - self.started, 2)
+        row.warmup_s = round(a.t - self.started, 2)
         row.peak_gib = round((self.peak or peak_bytes(self.device)) / GIB, 2)
         return row
 
@@ -160,7 +175,7 @@ def worker_job(args: argparse.Namespace) -> Any:
     return JobSpec(id="bench", kind="train", base_model=f"models/{args.shape}", dataset="datasets/rows.jsonl",
                    quantization=args.quantization,
                    lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-                   training={"max_steps": args.warmup + args.steps, "batch_size": args.batch,
+                   training={"max_steps": args.warmup + args.steps, "batch_size": args.worker_batch or args.batch,
                              "max_length": _shapes.MAX_LENGTH, "eval_fraction": 0.002,
                              "checkpoint_every_steps": 10**9, "checkpoint_every_minutes": 1e9,
                              "compile": args.compile, "packing": args.packing,
@@ -179,7 +194,7 @@ class WorkerClock:
     def report(self, progress: Any) -> None:
         if progress.phase != "training" or progress.step <= 0:
             return
-        if progress.step in (self.window.warmup, self.total - 1, self.total):
+        if progress.step in (1, self.window.warmup, self.total - 1, self.total):
             sync(self.window.device)  # only at the window's ends: a sync every step would slow an async loop
         t = time.perf_counter()
         real = progress.tokens if progress.tokens is not None else self._estimate(progress)
@@ -201,7 +216,8 @@ def run_worker(args: argparse.Namespace) -> Row:
 
     headloss.USE_LIGER = not args.no_liger
     packedattn.USE_FLASH = not args.no_varlen
-    label = f"worker (batch {args.batch}, quantization {args.quantization}{', compile' if args.compile else ''})"
+    batch = args.worker_batch or args.batch
+    label = f"worker (batch {batch}, quantization {args.quantization}{', compile' if args.compile else ''})"
     row = Row("worker", label, args.shape, args.device)
     model_dir, rows = _shapes.paths(args.cache, args.shape)
     total = args.warmup + args.steps
@@ -214,6 +230,7 @@ def run_worker(args: argparse.Namespace) -> Row:
                            out_dir=root / "results" / "bench" / "attempts" / "a1", device=args.device,
                            file_mode=0o664, cpu_quantization="bitsandbytes")  # on CPU, as --quantization says
         outcome = run_training(req, clock.report, should_stop=lambda: False)
+    row.compile_s = outcome.metrics.compile_seconds
     notes = list(outcome.notes)
     if clock.estimated:
         notes.append("tokens estimated from tokens_per_second (progress.tokens not set)")
@@ -378,12 +395,12 @@ def run_hf(args: argparse.Namespace) -> Row:
 
     hf_logging.disable_progress_bar()
     model_dir, rows_path = _shapes.paths(args.cache, args.shape)
+    total = args.warmup + args.steps
+    window = Window(args.warmup, total, args.device)
     recipe = HF_RECIPES[args.one](args, model_dir)
     rows = load_rows(model_dir, rows_path)
     grouped = recipe.grouped and args.sampler == "grouped"
     data = [{"input_ids": r} for r in (group_by_length(rows) if recipe.grouped else rows)]
-    total = args.warmup + args.steps
-    window = Window(args.warmup, total, args.device)
     counts = Counted(recipe.pad_to)
     with tempfile.TemporaryDirectory(prefix="hf-out-") as out:
         targs = TrainingArguments(
@@ -419,6 +436,7 @@ def run_one(args: argparse.Namespace) -> Row:
 def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
     return [sys.executable, __file__, "--one", recipe, "--shape", args.shape, "--device", args.device,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+            *(["--worker-batch", str(args.worker_batch)] if args.worker_batch else []),
             "--quantization", args.quantization, "--sampler", args.sampler, "--cache", str(args.cache),
             "--packing", str(args.packing).lower(),
             "--gradient-checkpointing", str(args.gradient_checkpointing).lower(),
@@ -466,7 +484,8 @@ def prepare(args: argparse.Namespace) -> None:
 # ── output ───────────────────────────────────────────────────────────────────────────────────────────────
 COLUMNS = [("recipe", "label"), ("model", "model"), ("device", "device"), ("real tok/s", "real_tok_s"),
            ("padded tok/s", "padded_tok_s"), ("pad frac", "pad_fraction"), ("peak GiB", "peak_gib"),
-           ("steps", "steps_timed"), ("seconds", "seconds"), ("note", "note")]
+           ("steps", "steps_timed"), ("seconds", "seconds"), ("1st step s", "first_step_s"),
+           ("compile s", "compile_s"), ("warm-up s", "warmup_s"), ("note", "note")]
 
 
 def _cell(row: Row, key: str) -> str:
@@ -510,6 +529,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (at least 1)")
     ap.add_argument("--batch", type=int, default=16, help="rows per step for the worker and tuned recipes")
+    ap.add_argument("--worker-batch", type=int, default=None,
+                    help="the worker's rows per step, when it should differ from the tuned recipe's --batch "
+                         "(the targets compare with the tuned recipe at its own batch of 16 x 2)")
     ap.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
                     help="worker recipe only (on CPU too, with bitsandbytes' CPU kernels)")
     ap.add_argument("--compile", action="store_true", help="worker recipe: training.compile (cuda)")
