@@ -2,9 +2,16 @@
 # The GPU checks of issue #6 and tests/test_gpu.py, in phases that each end well inside ten minutes, for a lent GPU
 # machine that has torch, transformers and peft but not the rest (or any machine with a CUDA GPU and this repo).
 #
-#   bash benchmarks/gpu_session.sh PHASE [OUT]       PHASE: tests | qwen | compile | anchors | llama4bit | quality
+#   bash benchmarks/gpu_session.sh PHASE [OUT [FLAGS...]]
+#       PHASE: tests | qwen | targets | compile | anchors | llama4bit | quality
 #
-# OUT (default $OUT, else /tmp/gpu-out) receives one log per phase and the benchmark's JSON lines.
+# OUT (default $OUT, else /tmp/gpu-out) receives one log per phase and the benchmark's JSON lines. FLAGS go to the
+# compile phase's run (--no-liger, --no-varlen, --batch N), for taking the compiled rate apart.
+#
+# Seen on one H100 (2026-11-24, torch 2.11, transformers 5.17), warm machine: tests 139 s; qwen ~190 s; one
+# compiled worker run at batch 32 ~280 s (most of it compiling; a compiled batch-16 run with liger and varlen did
+# not finish in 200 s). Run targets first: it is the side-by-side run the targets of #6 name. A warm machine keeps
+# /tmp (the built model, the wheels) between calls; a fresh one builds again.
 # Wheels the machine lacks are installed from .whl/ when that folder exists. Fetch them on a machine with pip:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
@@ -12,21 +19,28 @@
 # The anchors phase needs the reference recipes copied into .anchors/ (cp ../shared/anchors/*.py .anchors/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase="${1:?usage: gpu_session.sh tests|qwen|compile|anchors|llama4bit|quality [OUT]}"
+phase="${1:?usage: gpu_session.sh tests|qwen|targets|compile|anchors|llama4bit|quality [OUT [FLAGS...]]}"
 out="${2:-${OUT:-/tmp/gpu-out}}"
+shift $(($# < 2 ? $# : 2))
+flags=("$@")
 mkdir -p "$out"
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -f /tmp/site/.loraspool-wheels ]; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
+  touch /tmp/site/.loraspool-wheels
+fi
+if [ -d /tmp/site ]; then
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-bench=(benchmarks/train_throughput.py --device cuda --cache /tmp/loraspool-bench --json "$out/$phase.jsonl")
-log="$out/$phase.log"
+tag="$phase$(printf '%s' "${flags[*]:-}" | tr -c 'a-z0-9' '-' | tr -s '-')"
+tag="${tag%-}"
+bench=(benchmarks/train_throughput.py --device cuda --cache /tmp/loraspool-bench --json "$out/$tag.jsonl")
+log="$out/$tag.log"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers",
@@ -41,11 +55,17 @@ transformers.__version__, "peft", peft.__version__)'
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker,tuned --steps 20 --warmup 3
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --no-liger
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --no-varlen ;;
-    compile)  # compile time and first step are reported apart from the steady rate
-      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --compile
-      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --compile --batch 32 ;;
+    targets)  # the targets' run: the compiled worker at batch 32 beside the tuned Trainer at 16 x 2, one run
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker,tuned --steps 20 --warmup 3 --compile \
+        --worker-batch 32 ;;
+    compile)  # one compiled worker run (batch 32 unless FLAGS say), to take the rate apart with FLAGS
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --compile --batch 32 \
+        "${flags[@]}" ;;
     anchors)  # the reference recipes on the same machine, for the side-by-side table
       "$py" .anchors/gpu_lora_baseline.py tuned --model qwen3-0.6b --steps 20
+      # the plain loop loads the model the baseline builds; ours is the same shape, should the baseline fail
+      [ -e /tmp/base-qwen3-0.6b ] || [ ! -d /tmp/loraspool-bench/qwen3-0.6b/model ] \
+        || ln -sfn /tmp/loraspool-bench/qwen3-0.6b/model /tmp/base-qwen3-0.6b
       "$py" .anchors/gpu_lora_plain.py --rows 32 --chunked-loss --compile ;;
     llama4bit)
       "$py" "${bench[@]}" --shape llama-8b --quantization 4bit --recipes worker,qlora --steps 10 --warmup 2 ;;

@@ -553,7 +553,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="worker recipe on cuda: transformers' masked SDPA for packed rows even where torch has the "
                          "flash varlen kernel")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/loraspool-bench"))
-    ap.add_argument("--json", type=Path, help="also write the JSON lines here")
+    ap.add_argument("--json", type=Path, help="also append the JSON lines to this file")
     ap.add_argument("--one", choices=RECIPES, help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -584,8 +584,9 @@ def main(argv: list[str] | None = None) -> None:
             row = spawn(args, recipe)
         rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
-    if args.json:
-        args.json.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    if args.json:  # appended: a session's several runs (gpu_session.sh) collect in one file
+        with args.json.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(asdict(r)) + "\n" for r in rows))
     print()
     print(table(rows))
     for line in speedups(rows):
