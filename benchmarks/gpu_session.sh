@@ -3,10 +3,10 @@
 # machine that has torch, transformers and peft but not the rest (or any machine with a CUDA GPU and this repo).
 #
 #   bash benchmarks/gpu_session.sh PHASE [OUT [FLAGS...]]
-#       PHASE: tests | qwen | targets | compile | anchors | llama4bit | quality
+#       PHASE: tests | qwen | targets | compile | profile | anchors | llama4bit | quality
 #
 # OUT (default $OUT, else /tmp/gpu-out) receives one log per phase and the benchmark's JSON lines. FLAGS go to the
-# compile phase's run (--no-liger, --no-varlen, --batch N), for taking the compiled rate apart.
+# compile and profile phases' runs (--no-liger, --no-varlen, --batch N, --compile), to take a rate apart.
 #
 # Seen on one H100 (2026-11-24, torch 2.11, transformers 5.17), warm machine: tests 139 s; qwen ~190 s; one
 # compiled worker run at batch 32 ~280 s (most of it compiling; a compiled batch-16 run with liger and varlen did
@@ -19,7 +19,7 @@
 # The anchors phase needs the reference recipes copied into .anchors/ (cp ../shared/anchors/*.py .anchors/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase="${1:?usage: gpu_session.sh tests|qwen|targets|compile|anchors|llama4bit|quality [OUT [FLAGS...]]}"
+phase="${1:?usage: gpu_session.sh tests|qwen|targets|compile|profile|anchors|llama4bit|quality [OUT [FLAGS...]]}"
 out="${2:-${OUT:-/tmp/gpu-out}}"
 shift $(($# < 2 ? $# : 2))
 flags=("$@")
@@ -61,6 +61,11 @@ transformers.__version__, "peft", peft.__version__)'
     compile)  # one compiled worker run (batch 32 unless FLAGS say), to take the rate apart with FLAGS
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --compile --batch 32 \
         "${flags[@]}" ;;
+    profile)  # where an eager step's time goes, with flash varlen and with masked SDPA (3 steps after the timed 20)
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 "${flags[@]}" \
+        --profile "$out/$tag-varlen.txt"
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 "${flags[@]}" --no-varlen \
+        --profile "$out/$tag-masked.txt" ;;
     anchors)  # the reference recipes on the same machine, for the side-by-side table
       "$py" .anchors/gpu_lora_baseline.py tuned --model qwen3-0.6b --steps 20
       # the plain loop loads the model the baseline builds; ours is the same shape, should the baseline fail

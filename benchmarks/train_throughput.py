@@ -4,7 +4,7 @@ run, on the same model shape and the same synthetic tokens (benchmarks/_shapes.p
     .venv/bin/python benchmarks/train_throughput.py [--shape tiny|gpt2-small|qwen3-0.6b|llama-8b]
         [--device auto|cpu|cuda] [--recipes worker,seed,tuned,qlora] [--steps 20] [--warmup 3] [--batch 16]
         [--worker-batch N] [--compile] [--quantization none|4bit|8bit] [--sampler random|grouped]
-        [--no-cudnn-sdp] [--same-malloc] [--no-liger] [--no-varlen] [--cache DIR] [--json FILE]
+        [--no-cudnn-sdp] [--same-malloc] [--no-liger] [--no-varlen] [--profile FILE] [--cache DIR] [--json FILE]
 
 Recipes (the HF ones as in /work/shared/anchors/gpu_lora_baseline.py):
 
@@ -175,11 +175,41 @@ def worker_job(args: argparse.Namespace) -> Any:
     return JobSpec(id="bench", kind="train", base_model=f"models/{args.shape}", dataset="datasets/rows.jsonl",
                    quantization=args.quantization,
                    lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-                   training={"max_steps": args.warmup + args.steps, "batch_size": args.worker_batch or args.batch,
+                   training={"max_steps": args.warmup + args.steps + (PROFILE_STEPS if args.profile else 0),
+                             "batch_size": args.worker_batch or args.batch,
                              "max_length": _shapes.MAX_LENGTH, "eval_fraction": 0.002,
                              "checkpoint_every_steps": 10**9, "checkpoint_every_minutes": 1e9,
                              "compile": args.compile, "packing": args.packing,
                              "gradient_checkpointing": args.gradient_checkpointing})
+
+
+PROFILE_STEPS = 3
+
+
+class StepProfile:
+    """torch's profiler over ``PROFILE_STEPS`` optimizer steps after the timed ones (the job trains that many
+    more), so that the rate is never measured under it. Writes the ops by their own time, device time first on a
+    GPU: where a step's time goes, which #6 asks to know before speeding anything up."""
+
+    def __init__(self, path: Path, device: str, after: int) -> None:
+        self.path, self.device, self.after = path, device, after
+        self.prof: Any = None
+
+    def at(self, step: int) -> None:
+        import torch
+
+        if step == self.after:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.device == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.start()
+        elif step == self.after + PROFILE_STEPS and self.prof is not None:
+            sync(self.device)
+            self.prof.stop()
+            key = "self_device_time_total" if self.device == "cuda" else "self_cpu_time_total"
+            table = self.prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+            self.path.write_text(f"{PROFILE_STEPS} optimizer steps after the timed ones, by {key}\n{table}\n")
 
 
 class WorkerClock:
@@ -187,12 +217,17 @@ class WorkerClock:
     an engine that does not fill it in still reports tokens_per_second (tokens / elapsed) and eta_seconds
     (elapsed / step * (total - step)), from which the tokens can be recovered for every step but the last."""
 
-    def __init__(self, window: Window, total: int) -> None:
-        self.window, self.total = window, total
+    def __init__(self, window: Window, total: int, profile: StepProfile | None = None) -> None:
+        self.window, self.total, self.profile = window, total, profile
+        self.job_total = total + (PROFILE_STEPS if profile else 0)
         self.estimated = False
 
     def report(self, progress: Any) -> None:
         if progress.phase != "training" or progress.step <= 0:
+            return
+        if progress.step > self.total:
+            if self.profile is not None:
+                self.profile.at(progress.step)
             return
         if progress.step in (1, self.window.warmup, self.total - 1, self.total):
             sync(self.window.device)  # only at the window's ends: a sync every step would slow an async loop
@@ -202,12 +237,14 @@ class WorkerClock:
             self.window.add(Sample(t, real, getattr(progress, "padded_tokens", None), progress.step))
         elif progress.step >= self.total:
             self.window.peak = peak_bytes(self.window.device)
+        if progress.step == self.total and self.profile is not None:
+            self.profile.at(progress.step)
 
     def _estimate(self, p: Any) -> int | None:
-        if p.tokens_per_second is None or p.eta_seconds is None or p.step >= self.total:
+        if p.tokens_per_second is None or p.eta_seconds is None or p.step >= self.job_total:
             return None
         self.estimated = True
-        return round(p.tokens_per_second * p.eta_seconds * p.step / (self.total - p.step))
+        return round(p.tokens_per_second * p.eta_seconds * p.step / (self.job_total - p.step))
 
 
 def run_worker(args: argparse.Namespace) -> Row:
@@ -222,7 +259,8 @@ def run_worker(args: argparse.Namespace) -> Row:
     model_dir, rows = _shapes.paths(args.cache, args.shape)
     total = args.warmup + args.steps
     window = Window(args.warmup, total, args.device)
-    clock = WorkerClock(window, total)
+    profile = StepProfile(args.profile, args.device, total) if args.profile else None
+    clock = WorkerClock(window, total, profile)
     with tempfile.TemporaryDirectory(dir=args.cache, prefix="share-") as tmp:
         root = Path(tmp)
         model, dataset = make_share(root, model_dir, rows, args.shape)
@@ -437,6 +475,7 @@ def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
     return [sys.executable, __file__, "--one", recipe, "--shape", args.shape, "--device", args.device,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             *(["--worker-batch", str(args.worker_batch)] if args.worker_batch else []),
+            *(["--profile", str(args.profile)] if args.profile and recipe == "worker" else []),
             "--quantization", args.quantization, "--sampler", args.sampler, "--cache", str(args.cache),
             "--packing", str(args.packing).lower(),
             "--gradient-checkpointing", str(args.gradient_checkpointing).lower(),
@@ -554,6 +593,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                          "flash varlen kernel")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/loraspool-bench"))
     ap.add_argument("--json", type=Path, help="also append the JSON lines to this file")
+    ap.add_argument("--profile", type=Path,
+                    help=f"worker recipe: write torch's profile of {PROFILE_STEPS} more steps, after the timed ones, "
+                         "to this file (ops by their own device time on a GPU, CPU time on a CPU)")
     ap.add_argument("--one", choices=RECIPES, help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
