@@ -56,6 +56,8 @@ from typing import Any
 
 import _shapes
 
+from spooler.errors import brief
+
 STARTED = time.perf_counter()  # this recipe's process began (torch's imports follow): its first step counts from here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random models from configs: nothing may reach for the hub
@@ -467,8 +469,7 @@ def run_one(args: argparse.Namespace) -> Row:
     try:
         return run_worker(args) if args.one == "worker" else run_hf(args)
     except Exception as e:  # any failure of one recipe (a shape the worker refuses, an OOM) is that row's result
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        return Row(args.one, args.one, args.shape, args.device, error=f"{type(e).__name__}: {first}")
+        return Row(args.one, args.one, args.shape, args.device, error=brief(e))
 
 
 def child_args(args: argparse.Namespace, recipe: str) -> list[str]:

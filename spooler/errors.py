@@ -34,3 +34,11 @@ def validation_problems(errors: list[Any]) -> str:
         msg, where = err["msg"].removeprefix("Value error, "), ".".join(str(x) for x in err["loc"])
         out.append(f"{where}: {msg}" if where and where not in msg else msg)
     return "; ".join(out)
+
+
+def brief(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an exception, for a note or a result that names a problem in one line. torch's
+    dispatcher errors run to pages; an exception with no text at all (``KeyError()``) still names its type."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:limit] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

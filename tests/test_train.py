@@ -1066,6 +1066,8 @@ def test_a_cuda_fault_counts_as_a_crash_that_resumes_not_as_the_jobs_failure() -
     assert fault.error == "the GPU failed: AcceleratorError: CUDA error: an illegal memory access was encountered"
     oom = outcome(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert oom.kind == "failed" and "lower training.batch_size" in (oom.error or "")
+    bare = outcome(torch.OutOfMemoryError())  # no text at all: still the job's own failure, still said what to do
+    assert bare.kind == "failed" and "OutOfMemoryError" in (bare.error or "") and "batch_size" in (bare.error or "")
     assert outcome(ValueError("a bug")).kind == "failed"
     assert outcome(torch.AcceleratorError("CUDA error: device-side assert triggered")).kind == "failed"  # the job's
 

@@ -31,6 +31,7 @@ import torch
 from schemas.adapter import MANIFEST, Manifest
 from schemas.job import TrainingSpec
 from schemas.verify import ChainReport, Check, CheckStatus, VerifyReport
+from spooler.errors import brief
 from worker.modelguard import PICKLE_SUFFIXES, read_header
 from worker.verify import base_identity, compare_files
 
@@ -336,8 +337,7 @@ def _load(target: Target, device: str, bases: Bases) -> tuple[Any, list[str], st
             warnings.simplefilter("always")
             model = PeftModel.from_pretrained(base, str(target.folder), is_trainable=False)
     except Exception as e:  # size mismatches, a config peft refuses, a corrupt file: all findings
-        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
-        return None, [], f"base + adapter do not load: {type(e).__name__}: {first}"
+        return None, [], f"base + adapter do not load: {brief(e, 400)}"
     missing = [f"peft: {str(w.message)[:300]}" for w in caught if "missing adapter keys" in str(w.message)]
     model.eval()
     return model, missing, ""

@@ -28,7 +28,7 @@ from schemas.heartbeat import Progress
 from schemas.job import JobSpec, Quantization, TrainingSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
 from spooler.atomic import chmod_tree, dir_mode_for, fsync_tree, makedirs
-from spooler.errors import Cancelled, DeviceUnavailable, Rejected
+from spooler.errors import Cancelled, DeviceUnavailable, Rejected, brief
 from spooler.paths import refuse_links
 from worker import checkpoint, data, packedattn, tokencache
 from worker.batching import Batcher, rows_per_piece
@@ -372,7 +372,7 @@ def meta_model(model_dir: Path) -> torch.nn.Module:
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise Rejected("base_model", f"is not a causal language model this transformers version can build "
-                                     f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+                                     f"({brief(e)})") from e
 
 
 def check_parameters(model_dir: Path) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from spooler.errors import brief
+
 LOSS_CHUNK = 4096  # labelled positions per LM-head chunk: 4096 x 152k fp32 logits is 2.5 GB at most
 USE_LIGER = True  # benchmarks/train_throughput.py --no-liger times the torch chunks on a machine that has it
 
@@ -126,8 +128,7 @@ def check_fused(kernel: Fused, head: torch.nn.Linear, h: torch.Tensor, y: torch.
             loss, grad = _loss_and_grad(kernel, head, h, y)
             own_loss, own_grad = _loss_and_grad(_own_fused, head, h, y)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:300]  # torch's dispatcher errors run to pages
-        return f"it failed on this model ({type(e).__name__}: {first})"
+        return f"it failed on this model ({brief(e)})"
     exact = (h.dtype == torch.float32 and head.weight.dtype == torch.float32
              and not torch.is_autocast_enabled(h.device.type))
     tolerance = 1e-4 if exact else 2e-2  # bf16 logits rounded in another order

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from spooler.errors import brief
+
 NAME = "loraspool_packed_sdpa"
 VARLEN = "loraspool_varlen"  # the keyword that carries the chosen Varlen kernel down to the attention calls
 AUDIT = "loraspool_audit"  # check's: sees the mask of every call the kernel takes
@@ -268,8 +270,7 @@ def check(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, reference: Var
             out, grad = run({**kwargs_for(kernel, positions), AUDIT: audit})
             own_out, own_grad = run(kwargs_for(reference, positions) if reference is not None else {})
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:300]  # torch's dispatcher errors run to pages
-        return f"it failed on this model ({type(e).__name__}: {first})"
+        return f"it failed on this model ({brief(e)})"
     if problem := audit.verdict(f"{ids.shape[-1]}-token rows"):
         return problem
     exact = (lm.get_input_embeddings().weight.dtype == torch.float32
@@ -299,8 +300,7 @@ def audit_rows(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, length: i
             lm(input_ids=row, position_ids=positions, use_cache=False, **last, **kwargs_for(kernel, positions),
                **{AUDIT: audit})
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:300]
-        return f"it failed on a {length}-token row ({type(e).__name__}: {first})"
+        return f"it failed on a {length}-token row ({brief(e)})"
     return audit.verdict(f"{length}-token rows")
 
 
