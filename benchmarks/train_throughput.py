@@ -4,7 +4,8 @@ run, on the same model shape and the same synthetic tokens (benchmarks/_shapes.p
     .venv/bin/python benchmarks/train_throughput.py [--shape tiny|gpt2-small|qwen3-0.6b|llama-8b]
         [--device auto|cpu|cuda] [--recipes worker,seed,tuned,qlora] [--steps 20] [--warmup 3] [--batch 16]
         [--worker-batch N] [--compile] [--quantization none|4bit|8bit] [--sampler random|grouped]
-        [--no-cudnn-sdp] [--same-malloc] [--no-liger] [--no-varlen] [--profile FILE] [--cache DIR] [--json FILE]
+        [--no-cudnn-sdp] [--same-malloc] [--no-liger] [--no-varlen] [--profile FILE] [--ddp N] [--cache DIR]
+        [--json FILE]
 
 Recipes (the HF ones as in /work/shared/anchors/gpu_lora_baseline.py):
 
@@ -82,6 +83,7 @@ class Row:
     first_step_s: float | None = None  # from the start of training (loading included) to the end of step 1
     compile_s: float | None = None  # the worker's compiling first step (training.compile), part of first_step_s
     warmup_s: float | None = None  # from the start of training to the end of the warm-up steps (recompiles too)
+    ranks: int | None = None  # the worker as one job of this many DDP ranks (the scaling run)
     note: str = ""
     error: str | None = None
 
@@ -175,10 +177,10 @@ def worker_job(args: argparse.Namespace) -> Any:
     from schemas.job import JobSpec
 
     return JobSpec(id="bench", kind="train", base_model=f"models/{args.shape}", dataset="datasets/rows.jsonl",
-                   quantization=args.quantization,
+                   quantization=args.quantization, devices="all" if args.ranks else "auto",
                    lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
                    training={"max_steps": args.warmup + args.steps + (PROFILE_STEPS if args.profile else 0),
-                             "batch_size": args.worker_batch or args.batch,
+                             "batch_size": (args.worker_batch or args.batch) * (args.ranks or 1),
                              "max_length": _shapes.MAX_LENGTH, "eval_fraction": 0.002,
                              "checkpoint_every_steps": 10**9, "checkpoint_every_minutes": 1e9,
                              "compile": args.compile, "packing": args.packing,
@@ -256,8 +258,9 @@ def run_worker(args: argparse.Namespace) -> Row:
     headloss.USE_LIGER = not args.no_liger
     packedattn.USE_FLASH = not args.no_varlen
     batch = args.worker_batch or args.batch
-    label = f"worker (batch {batch}, quantization {args.quantization}{', compile' if args.compile else ''})"
-    row = Row("worker", label, args.shape, args.device)
+    ranks = f"{args.ranks} DDP ranks x " if args.ranks else ""
+    label = f"worker ({ranks}batch {batch}, quantization {args.quantization}{', compile' if args.compile else ''})"
+    row = Row("worker", label, args.shape, args.device, ranks=args.ranks)
     model_dir, rows = _shapes.paths(args.cache, args.shape)
     total = args.warmup + args.steps
     window = Window(args.warmup, total, args.device)
@@ -276,8 +279,13 @@ def run_worker(args: argparse.Namespace) -> Row:
         notes.append("tokens estimated from tokens_per_second (progress.tokens not set)")
     if not any(s.padded is not None for s in window.samples):
         notes.append("padded tokens not reported: shown = real")
+    if args.ranks:
+        notes.append("peak not shown: the ranks are processes of their own")
     row.note = "; ".join(notes)
-    return window.fill(row)
+    row = window.fill(row)
+    if args.ranks:
+        row.peak_gib = None
+    return row
 
 
 # ── the Hugging Face Trainer recipes ─────────────────────────────────────────────────────────────────────
@@ -476,6 +484,7 @@ def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
     return [sys.executable, __file__, "--one", recipe, "--shape", args.shape, "--device", args.device,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             *(["--worker-batch", str(args.worker_batch)] if args.worker_batch else []),
+            *(["--ranks", str(args.ranks)] if args.ranks else []),
             *(["--profile", str(args.profile)] if args.profile and recipe == "worker" else []),
             "--quantization", args.quantization, "--sampler", args.sampler, "--cache", str(args.cache),
             "--packing", str(args.packing).lower(),
@@ -487,11 +496,12 @@ def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
 def child_env(args: argparse.Namespace, recipe: str) -> dict[str, str]:
     """The worker's recipe starts as the worker's training process does (worker.childenv: on CPU, glibc's malloc
     keeps what it frees); the HF recipes as a person would run them, unless ``--same-malloc``."""
-    from worker import childenv
+    from worker import childenv, ddp
 
-    if recipe == "worker" or args.same_malloc:
-        return childenv.for_training(args.device, os.environ)
-    return {}
+    env = childenv.for_training(args.device, os.environ) if recipe == "worker" or args.same_malloc else {}
+    if recipe == "worker" and args.ranks:
+        env[ddp.ENV_PROCS] = str(args.ranks)  # what a worker sets to run its "all" jobs on fewer ranks
+    return env
 
 
 def spawn(args: argparse.Namespace, recipe: str) -> Row:
@@ -546,11 +556,33 @@ def table(rows: list[Row]) -> str:
 
 def speedups(rows: list[Row]) -> list[str]:
     """The worker's real tokens/s over each other recipe that produced a rate."""
-    worker = next((r for r in rows if r.recipe == "worker" and r.real_tok_s), None)
+    worker = next((r for r in rows if r.recipe == "worker" and r.real_tok_s and not r.ranks), None)
     if worker is None:
         return []
     return [f"worker vs {r.label}: {worker.real_tok_s / r.real_tok_s:.2f}x real tok/s"
             for r in rows if r.recipe != "worker" and r.real_tok_s]
+
+
+def scaling_ranks(args: argparse.Namespace) -> int:
+    """Ranks for the scaling run: ``--ddp N``, else every GPU when there are several (none on one GPU or a CPU)."""
+    if args.ddp is not None:
+        return args.ddp
+    if args.device != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0
+
+
+def scaling(rows: list[Row]) -> list[str]:
+    """The DDP worker's rate against the one-process worker's: weak scaling, each rank with the one's batch."""
+    one = next((r for r in rows if r.recipe == "worker" and r.real_tok_s and not r.ranks), None)
+    many = next((r for r in rows if r.recipe == "worker" and r.real_tok_s and r.ranks), None)
+    if one is None or many is None or not many.ranks:
+        return []
+    ratio = many.real_tok_s / one.real_tok_s
+    return [f"scaling: {many.ranks} DDP ranks give {ratio:.2f}x one process's real tok/s "
+            f"({ratio / many.ranks:.0%} per rank)"]
 
 
 def resolve_device(device: str) -> str:
@@ -597,6 +629,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", type=Path,
                     help=f"worker recipe: write torch's profile of {PROFILE_STEPS} more steps, after the timed ones, "
                          "to this file (ops by their own device time on a GPU, CPU time on a CPU)")
+    ap.add_argument("--ddp", type=int, default=None, metavar="N",
+                    help="also run the worker as one devices-\"all\" job of N DDP ranks, each with the one-process "
+                         "batch, and print the scaling (default: every GPU, when there are several; 0: never). "
+                         "On a CPU the ranks are gloo processes")
+    ap.add_argument("--ranks", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--one", choices=RECIPES, help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -627,12 +664,15 @@ def main(argv: list[str] | None = None) -> None:
             row = spawn(args, recipe)
         rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
+    if "worker" in args.recipes and (ranks := scaling_ranks(args)) > 1:
+        rows.append(spawn(argparse.Namespace(**{**vars(args), "ranks": ranks}), "worker"))
+        print(json.dumps(asdict(rows[-1])), flush=True)
     if args.json:  # appended: a session's several runs (gpu_session.sh) collect in one file
         with args.json.open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(asdict(r)) + "\n" for r in rows))
     print()
     print(table(rows))
-    for line in speedups(rows):
+    for line in speedups(rows) + scaling(rows):
         print(line)
 
 
