@@ -2,11 +2,11 @@
 # The GPU checks of issue #6 and tests/test_gpu.py, in phases that each end well inside ten minutes, for a lent GPU
 # machine that has torch, transformers and peft but not the rest (or any machine with a CUDA GPU and this repo).
 #
-#   bash benchmarks/gpu_session.sh PHASE [OUT [FLAGS...]]
+#   bash benchmarks/gpu_session.sh PHASE [OUT] [FLAGS...]
 #       PHASE: tests | qwen | targets | compile | profile | anchors | llama4bit | quality
 #
 # OUT (default $OUT, else /tmp/gpu-out) receives one log per phase and the benchmark's JSON lines. FLAGS go to the
-# compile and profile phases' runs (--no-liger, --no-varlen, --batch N, --compile), to take a rate apart.
+# targets, compile and profile phases' runs (--no-liger, --no-varlen, --batch N, --compile), to take a rate apart.
 #
 # Seen on one H100 (2026-11-24, torch 2.11, transformers 5.17), warm machine: tests 139 s; qwen ~190 s; one
 # compiled worker run at batch 32 ~280 s (most of it compiling; a compiled batch-16 run with liger and varlen did
@@ -19,17 +19,22 @@
 # The anchors phase needs the reference recipes copied into .anchors/ (cp ../shared/anchors/*.py .anchors/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase="${1:?usage: gpu_session.sh tests|qwen|targets|compile|profile|anchors|llama4bit|quality [OUT [FLAGS...]]}"
-out="${2:-${OUT:-/tmp/gpu-out}}"
-shift $(($# < 2 ? $# : 2))
+phase="${1:?usage: gpu_session.sh tests|qwen|targets|compile|profile|anchors|llama4bit|quality [OUT] [FLAGS...]}"
+shift
+out="${OUT:-/tmp/gpu-out}"
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # OUT may be left out before FLAGS
+  out="$1"
+  shift
+fi
 flags=("$@")
 mkdir -p "$out"
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
-if [ -d .whl ] && [ ! -f /tmp/site/.loraspool-wheels ]; then
+if [ -d .whl ] && ! (ls .whl | cmp -s - /tmp/site/.loraspool-wheels); then  # again when the wheels changed
+  rm -rf /tmp/site
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-  touch /tmp/site/.loraspool-wheels
+  ls .whl > /tmp/site/.loraspool-wheels
 fi
 if [ -d /tmp/site ]; then
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,15 +62,15 @@ transformers.__version__, "peft", peft.__version__)'
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --no-varlen ;;
     targets)  # the targets' run: the compiled worker at batch 32 beside the tuned Trainer at 16 x 2, one run
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker,tuned --steps 20 --warmup 3 --compile \
-        --worker-batch 32 ;;
+        --worker-batch 32 ${flags[@]+"${flags[@]}"} ;;
     compile)  # one compiled worker run (batch 32 unless FLAGS say), to take the rate apart with FLAGS
       "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 --compile --batch 32 \
-        "${flags[@]}" ;;
-    profile)  # where an eager step's time goes, with flash varlen and with masked SDPA (3 steps after the timed 20)
-      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 "${flags[@]}" \
-        --profile "$out/$tag-varlen.txt"
-      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 "${flags[@]}" --no-varlen \
-        --profile "$out/$tag-masked.txt" ;;
+        ${flags[@]+"${flags[@]}"} ;;
+    profile)  # where a step's time goes, as FLAGS say and then also with masked SDPA (3 steps after the timed 20)
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 ${flags[@]+"${flags[@]}"} \
+        --profile "$out/$tag.txt"
+      "$py" "${bench[@]}" --shape qwen3-0.6b --recipes worker --steps 20 --warmup 3 ${flags[@]+"${flags[@]}"} \
+        --no-varlen --profile "$out/$tag-no-varlen.txt" ;;
     anchors)  # the reference recipes on the same machine, for the side-by-side table
       "$py" .anchors/gpu_lora_baseline.py tuned --model qwen3-0.6b --steps 20
       # the plain loop loads the model the baseline builds; ours is the same shape, should the baseline fail

@@ -80,9 +80,9 @@ class Row:
     peak_gib: float | None = None
     steps_timed: int | None = None
     seconds: float | None = None
-    first_step_s: float | None = None  # from the start of training (loading included) to the end of step 1
+    first_step_s: float | None = None  # from the recipe's process start (imports, loading) to the end of step 1
     compile_s: float | None = None  # the worker's compiling first step (training.compile), part of first_step_s
-    warmup_s: float | None = None  # from the start of training to the end of the warm-up steps (recompiles too)
+    warmup_s: float | None = None  # from the process start to the end of the warm-up steps (recompiles too)
     ranks: int | None = None  # the worker as one job of this many DDP ranks (the scaling run)
     note: str = ""
     error: str | None = None

@@ -36,9 +36,14 @@ def validation_problems(errors: list[Any]) -> str:
     return "; ".join(out)
 
 
-def brief(e: BaseException, limit: int = 300) -> str:
-    """``Type: first line`` of an exception, for a note or a result that names a problem in one line. torch's
-    dispatcher errors run to pages; an exception with no text at all (``KeyError()``) still names its type."""
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's text cut to its first line, "" when it has none: torch's dispatcher errors run to pages,
+    and a note or a result names a problem in one line."""
     text = str(e).strip()
-    first = text.splitlines()[0][:limit] if text else ""
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def brief(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an exception; an exception with no text at all (``KeyError()``) names its type."""
+    first = first_line(e, limit)
     return f"{type(e).__name__}: {first}" if first else type(e).__name__

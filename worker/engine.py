@@ -146,13 +146,12 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
         attention, refused_attention = step_module.choose_attention(sample, plan.device, row)
     plan.notes.extend(n for n in (refused, refused_attention) if n)
     log.info("LM head loss: %s; packed attention: %s", loss_kernel, attention)
-    if t.compile:
-        _compile(step_module, model, plan)
+    compiled = _compile(step_module, model, plan) if t.compile else False
     if dist.world > 1:
         step_module = _ddp(step_module, plan)
     total = t.max_steps or max(1, math.ceil(t.epochs * batcher.steps_per_epoch()))
     settings = LoopSettings(plan.device, plan.dtype, t.learning_rate, total, t.checkpoint_every_steps,
-                            t.checkpoint_every_minutes, req.file_mode, req.job.id or "job", fp, t.compile,
+                            t.checkpoint_every_minutes, req.file_mode, req.job.id or "job", fp, compiled,
                             req.share_root, micro)
     metrics_log = MetricsLog(req.out_dir / "metrics.jsonl", req.file_mode) if dist.main else _NoMetrics()
     loop = Loop(model, step_module, batcher, settings, req.out_dir, metrics_log, report, should_stop, dist)
@@ -222,15 +221,17 @@ class _NoMetrics(MetricsLog):
     def close(self) -> None: ...
 
 
-def _compile(step_module: CausalLMLoss, model: torch.nn.Module, plan: Plan) -> None:
+def _compile(step_module: CausalLMLoss, model: torch.nn.Module, plan: Plan) -> bool:
     """torch.compile the transformer body in place (state-dict names unchanged); the compile itself happens in
     the first step, which the loop times as ``compile_seconds``. CUDA only: on CPU it costs minutes of compile
-    for little gain, so the setting is ignored there, with a note."""
+    for little gain, so the setting is ignored there, with a note. Whether it compiled: a job that did not
+    reports no compile time."""
     if plan.device != "cuda":
         plan.notes.append("training.compile is for cuda; ignored on CPU")
-        return
+        return False
     body = step_module._body if step_module.chunked else model.get_base_model()
     body.compile()
+    return True
 
 
 def _ddp(module: torch.nn.Module, plan: Plan) -> torch.nn.Module:

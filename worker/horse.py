@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from schemas.heartbeat import Progress
-from spooler.errors import brief
+from spooler.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _report_of(e: BaseException, trace: str) -> tuple:
 def _describe(e: BaseException) -> str:
     name = type(e).__name__
     if name == "OutOfMemoryError" or "out of memory" in str(e).lower():
-        return (f"out of GPU memory ({brief(e, 200)}): lower training.batch_size or "
+        return (f"out of GPU memory ({first_line(e, 200) or name}): lower training.batch_size or "
                 "training.max_length, or set quantization to \"4bit\"")
     return f"{name}: {e}"
 
