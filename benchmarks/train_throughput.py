@@ -665,7 +665,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
     if "worker" in args.recipes and (ranks := scaling_ranks(args)) > 1:
-        rows.append(spawn(argparse.Namespace(**{**vars(args), "ranks": ranks}), "worker"))
+        # not profiled: the ranks train in processes of their own, and the one-process profile must stay
+        rows.append(spawn(argparse.Namespace(**{**vars(args), "ranks": ranks, "profile": None}), "worker"))
         print(json.dumps(asdict(rows[-1])), flush=True)
     if args.json:  # appended: a session's several runs (gpu_session.sh) collect in one file
         with args.json.open("a", encoding="utf-8") as f:
