@@ -63,10 +63,18 @@ def reap(share: Share, liveness: Liveness, me: str, clock: Clock, adopt: bool = 
     their half-done intake. Submitters and cancel do not: their own intake folder has no heartbeat.
     With ``swept`` (a worker's), a worker found dead has the result of its last job finished if it died writing it."""
     views = liveness.observe(worker_dirs(share, "running") | worker_dirs(share, "intake"))
-    for wid, view in views.items():
-        if wid == me or not view.stale:
+    for wid, first in views.items():
+        if wid == me or not first.stale:
             continue
-        for path in claim.held(share, wid):
+        held = claim.held(share, wid)
+        # Judged again after the listing: the pass may have spent seconds on other workers since the first look,
+        # and a worker restarted meanwhile claims under its old name. A worker beats before it claims, so jobs
+        # listed before a look that still finds it dead were claimed by the life that ended.
+        view = liveness.observe({wid}).get(wid, first)
+        if not view.stale:
+            log.info("worker %s is alive again (%s before); its jobs stay [worker %s]", wid, first.reason, me)
+            continue
+        for path in held:
             release(share, path, me, clock, view.reason, count_attempt=True)
         if adopt:
             _adopt_intake(share, wid, me, clock)

@@ -142,6 +142,43 @@ def test_the_slots_of_one_machine_reap_once_per_interval_between_them(share: Sha
     assert not second.exists() and list(share.queue.glob("*_second.a2.json"))
 
 
+def test_a_worker_started_again_during_a_reap_keeps_the_job_it_claimed(share: Share) -> None:
+    """A reaper judges every worker first and acts on each in turn, seconds later when it adopts a dead worker's
+    intake. A worker that said "stopped" at that first look, started again meanwhile (systemctl restart), claims
+    under its old name: the job it claimed must stay with it, not be requeued (or failed, on its last attempt)
+    on the old verdict. The restart is made to land right after the first look."""
+    clock = HandClock()
+    orphan = fake_dead_worker(share, "gone", "orphaned")
+
+    def beat(seq: int, state: WorkerState) -> None:
+        share.write_json(share.heartbeat_file("w"), Heartbeat(
+            worker="w", seq=seq, interval=share.settings.heartbeat_interval, state=state, host="gpu-desk", pid=seq,
+            device="cuda", written_at=iso(time.time())))
+
+    beat(40, WorkerState.stopped)
+    share.makedirs(share.running("w"))
+    claimed = share.running("w") / states.QueueKey(0, "20260101000000001", "fresh", 1).name
+
+    class RestartAfterTheFirstLook(Liveness):
+        looks = 0
+
+        def observe(self, worker_ids: set[str] | None = None) -> dict:
+            views = super().observe(worker_ids)
+            self.looks += 1
+            if self.looks == 1:  # w beats, then claims, as a starting worker does
+                beat(1, WorkerState.idle)
+                claimed.write_text(json.dumps({"kind": "probe"}))
+            return views
+
+    live = RestartAfterTheFirstLook(share, clock)
+    assert reap(share, live, "observer", clock)["w"].stale  # the first look's verdict
+    clock.now += share.settings.stale_after + 0.1
+    beat(2, WorkerState.busy)  # alive: it beats on
+    reap(share, live, "observer", clock)
+    assert claimed.exists() and not list(share.queue.glob("*_fresh.*"))
+    assert not orphan.exists() and list(share.queue.glob("*_orphaned.a2.json"))  # the dead one's job still moves
+
+
 def test_a_heartbeat_file_speaks_only_for_the_worker_it_is_named_after(share: Share) -> None:
     """A frozen copy of a live worker's heartbeat ("live - Copy.json") does not make it look dead, and a file
     whose ``worker`` is "../queue" does not turn the queue into a dead worker's running folder."""
