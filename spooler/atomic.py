@@ -45,6 +45,30 @@ def replace_with_retry(src: Path, dst: Path, deadline_s: float = REPLACE_RETRY_S
         delay = min(delay * 2, 0.2)
 
 
+def place_new(src: Path, dst: Path) -> bool:
+    """Give ``src`` the name ``dst`` only if no file has it; False, ``src`` left as it was, when one has.
+    ``os.rename`` replaces on POSIX, so a check before it leaves a race in which a second writer's file silently
+    takes the place of the first. A hard link fails on an existing name, atomically; Windows' rename already
+    refuses to replace. A share that allows no links (some SMB servers) gets the checked rename, race and all."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        raise
+    except OSError:  # no links here (EPERM, EOPNOTSUPP, ...): the checked rename
+        if dst.exists():
+            return False
+        try:
+            os.rename(src, dst)
+        except FileExistsError:  # Windows
+            return False
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(src)
+    return True
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable. Not possible on Windows or some network filesystems; best effort."""
     if sys.platform == "win32":

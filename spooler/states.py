@@ -273,11 +273,8 @@ def _finalize(share: Share, folder: Path, pending: Path) -> None:
                 # The job is committed: an odd output (a file where a folder was made) must not keep its result
                 # from ever being written, and every submitter waiting on it with it.
                 log.warning("job %s: %s not moved: %s: %s", folder.name, name, type(e).__name__, e)
-    final = folder / "result.json"
-    if final.exists():
-        return
     with contextlib.suppress(FileNotFoundError):  # another process completed it first
-        os.rename(pending, final)
+        atomic.place_new(pending, folder / "result.json")  # write-once: a later conclusion never replaces it
     atomic.fsync_dir(folder)
 
 

@@ -69,7 +69,9 @@ def drop(share: Share, job_file: Path, check_inputs: bool = True) -> str:
         os.fsync(f.fileno())
     with contextlib.suppress(OSError):
         os.chmod(tmp, share.file_mode)
-    os.rename(tmp, dest)
+    if not atomic.place_new(tmp, dest):  # a second submit of this id, at this very moment, got there first
+        tmp.unlink()
+        raise SubmitError(f"inbox/{dest.name} is already waiting to be taken; set a new \"id\" in the job file")
     atomic.fsync_dir(share.inbox)
     return spec.id
 

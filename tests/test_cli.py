@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from schemas.export import DEFAULT_DIR, RECORDS, schema_text
 from schemas.settings import ShareSettings
 from spooler.share import Share, read_model
-from tests.conftest import Procs, drop, wait_for
+from tests.conftest import Procs, drop, make_share, wait_for
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -149,6 +151,42 @@ def test_submit_refuses_a_used_id(share: Share, tmp_path: Path) -> None:
     job.write_text(json.dumps({"kind": "probe"}))
     out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")
     assert out.returncode == 2 and "already used" in out.stderr
+
+
+def _submit_at_the_barrier(root: str, job: str, barrier: Any, said: Any) -> None:
+    from spooler.submit import SubmitError, drop
+
+    share = Share.open(root)
+    barrier.wait()
+    try:
+        said.put((job, drop(share, Path(job), check_inputs=False)))
+    except SubmitError as e:
+        said.put((job, f"refused: {e}"))
+
+
+def test_two_submits_of_one_id_at_one_moment_never_replace_each_other(tmp_path: Path) -> None:
+    """Two people submit two files with the same id at the same moment: submit checked that inbox/<id>.json was
+    free, then renamed onto it, which replaces on POSIX, so both were told "submitted" and one job was gone
+    (29 of 30 tries, two processes on a barrier). Exactly one may win; the inbox holds its bytes."""
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(6):
+        share = make_share(tmp_path / f"share{trial}")
+        jobs = {}
+        for who in ("alice", "bob"):
+            jobs[who] = tmp_path / f"{who}{trial}.json"
+            jobs[who].write_text(json.dumps({"id": "nightly", "kind": "probe", "priority": len(who)}))
+        barrier, said = ctx.Barrier(2), ctx.Queue()
+        racers = [ctx.Process(target=_submit_at_the_barrier, args=(str(share.root), str(j), barrier, said))
+                  for j in jobs.values()]
+        for p in racers:
+            p.start()
+        answers = dict(said.get(timeout=30) for _ in racers)
+        for p in racers:
+            p.join(30)
+        won = [job for job, answer in answers.items() if answer == "nightly"]
+        assert len(won) == 1, answers
+        assert (share.inbox / "nightly.json").read_bytes() == Path(won[0]).read_bytes()
+        assert [p.name for p in share.inbox.iterdir()] == ["nightly.json"]  # no temp file left behind
 
 
 def test_submit_refuses_an_id_a_pending_cancel_would_end(share: Share, tmp_path: Path) -> None:
