@@ -34,7 +34,9 @@ def id_problem(value: str) -> str | None:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No infinities or NaN: JSON has none, but Python's parser reads 1e999 and Infinity, and an infinite lora.alpha
+    # trained to a NaN loss that blamed the model files instead of naming the field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # A registered adapter version, NAME/VERSION: ``support/v2``. The name follows the job id's rule.

@@ -48,6 +48,10 @@ BAD_FILES = [
     ("nanweight.json", json.dumps({"kind": "merge", "merge": {"adapters": ["a/v1", "b/v1"], "into": "adapter",
                                                               "weights": [1, float("nan")]}}).encode(),
      "merge.weights.1", "finite"),
+    ("infalpha.json", json.dumps({**GOOD, "lora": {"alpha": 1.5}}).encode().replace(b"1.5", b"1e999"), "lora.alpha",
+     "finite"),
+    ("infminutes.json", json.dumps({**GOOD, "training": {"checkpoint_every_minutes": 1.5}}).encode().replace(
+        b"1.5", b"Infinity"), "training.checkpoint_every_minutes", "finite"),
     ("mergeout.json", json.dumps({"kind": "merge", "merge": {"adapters": ["a/v1"], "into": "base",
                                                              "output": "results/other"}}).encode(),
      "merge.output", "not under models/"),
