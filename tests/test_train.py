@@ -1289,7 +1289,20 @@ def _config_with(**sizes: object) -> Any:
     return breakage
 
 
+def _gpt2_names(folder: Path, outside: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("num_hidden_layers")
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "n_layer": 2000}))
+
+
+def _bad_tokenizer(folder: Path, outside: Path) -> None:
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["model"]["type"] = "Nope"
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
 @pytest.mark.parametrize(("breakage", "expected"), [
+    (_gpt2_names, "config.json: n_layer is 2000, more than the"),  # GPT-2's own name for num_hidden_layers
     (_config_with(vocab_size=10**15), "vocab_size is 1000000000000000, more than all the numbers the weight files"),
     (_config_with(vocab_size=10**5), "vocab_size x hidden_size (100000 x 64) is more numbers than"),
     (_config_with(vocab_size=1e15), "config.json: vocab_size is 1000000000000000.0, not a positive whole number"),
@@ -1317,6 +1330,26 @@ def test_bad_model_folder_is_refused_before_loading(tmp_path: Path, tiny_model_d
     assert e.value.field == "base_model" and expected in e.value.problem, e.value.problem
     if breakage is _link_outside:
         assert "outside the share" in e.value.problem
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [
+    (_config_with(num_attention_heads=3), "(StrictDataclassClassValidationError: "),
+    (_config_with(tie_word_embeddings="yes"), "(StrictDataclassFieldValidationError: "),
+    (_config_with(pad_token_id=10**6), "(AssertionError: Padding_idx must be within num_embeddings"),
+    (_bad_tokenizer, "its tokenizer does not load (Exception: data did not match any variant"),
+])
+def test_a_config_or_tokenizer_the_libraries_refuse_is_a_rejection(tmp_path: Path, tiny_model_dir: Path,
+                                                                   breakage: Any, expected: str) -> None:
+    """transformers 5 checks a config with huggingface_hub's validators, the tokenizers library raises a bare
+    Exception, an embedding asserts: none of them a ValueError or an OSError, so each of these ended the job
+    failed, as if the worker had a bug, instead of rejected with base_model named."""
+    root = tmp_path / "share"
+    shutil.copytree(tiny_model_dir, root / "models" / "odd")
+    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=8)
+    breakage(root / "models" / "odd", tmp_path)
+    with pytest.raises(Rejected) as e:
+        train(root, make_job("odd", model="models/odd"))
+    assert e.value.field == "base_model" and expected in e.value.problem, e.value.problem
 
 
 def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(

@@ -277,6 +277,7 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     t = req.job.training
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device, req.cpu_quantization)
+    check_targets(req.model_dir, req.job.lora.target_modules)  # first: it reads config.json, and names it
     tokenizer = load_tokenizer(req.model_dir)
     cache = tokencache.for_dataset(req.share_root, data.file_labels(req.datasets), tokenizer, req.file_mode,
                                    write=main)
@@ -284,7 +285,6 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
                               cache)
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
                            for p in req.datasets]
-    check_targets(req.model_dir, req.job.lora.target_modules)
     return plan, tokenizer, splits
 
 
@@ -358,8 +358,8 @@ def load_tokenizer(model_dir: Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise Rejected("base_model", f"its tokenizer does not load ({type(e).__name__}: {e}); save the tokenizer "
+    except Exception as e:  # noqa: BLE001 - whatever the folder's files make the libraries raise is theirs
+        raise Rejected("base_model", f"its tokenizer does not load ({brief(e)}); save the tokenizer "
                                      "into the model folder with tokenizer.save_pretrained") from e
 
 
@@ -371,7 +371,7 @@ def meta_model(model_dir: Path) -> torch.nn.Module:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - config checks raise their own kinds (huggingface_hub's, asserts)
         raise Rejected("base_model", f"is not a causal language model this transformers version can build "
                                      f"({brief(e)})") from e
 
