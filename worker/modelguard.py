@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,22 +195,23 @@ def _check_sizes(config: dict, stored: Stored) -> None:
     it is not known (no model.safetensors)."""
     numbers = stored.numbers
     text = config.get("text_config")
-    for where, section in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
+    for where, raw in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
+        section, named = _common_names(raw)
         for key in SIZE_KEYS:
             value = section.get(key)
             values = value if isinstance(value, list) else [value]
             if value is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
                 continue
-            raise Rejected("base_model", f"config.json: {where}{key} is {str(value)[:60]}, not a positive whole "
-                                         "number; copy the model's own config.json again")
+            raise Rejected("base_model", f"config.json: {where}{named(key)} is {str(value)[:60]}, not a positive "
+                                         "whole number; copy the model's own config.json again")
         for key in (*SIZE_KEYS, *EXPERT_KEYS) if numbers else ():
             value = section.get(key)
             if isinstance(value, int) and value > numbers:
-                raise Rejected("base_model", f"config.json: {where}{key} is {value}, more than all the numbers the "
-                                             f"weight files hold ({numbers}); copy the model's own config.json")
+                raise Rejected("base_model", f"config.json: {where}{named(key)} is {value}, more than all the numbers "
+                                             f"the weight files hold ({numbers}); copy the model's own config.json")
         layers = section.get("num_hidden_layers")
         if numbers and isinstance(layers, int) and layers > stored.tensors:
-            raise Rejected("base_model", f"config.json: {where}num_hidden_layers is {layers}, more than the "
+            raise Rejected("base_model", f"config.json: {where}{named('num_hidden_layers')} is {layers}, more than the "
                                          f"{stored.tensors} tensors the weight files hold, so this config.json does "
                                          "not belong to these weights; copy the model's own config.json")
         vocab, hidden = section.get("vocab_size"), section.get("hidden_size")
@@ -217,6 +219,29 @@ def _check_sizes(config: dict, stored: Stored) -> None:
             raise Rejected("base_model", f"config.json: {where}vocab_size x hidden_size ({vocab} x {hidden}) is more "
                                          f"numbers than the weight files hold ({numbers}), so this config.json does "
                                          "not belong to these weights; copy the model's own config.json")
+
+
+def _common_names(section: dict) -> tuple[dict, Callable[[str], str]]:
+    """``section`` with its sizes also under transformers' common names, and the name the file itself uses for
+    each. GPT-2 writes n_layer, n_embd and n_head; its config class maps them (``attribute_map``) to
+    num_hidden_layers, hidden_size and num_attention_heads, so the bounds above, read by the common names alone,
+    never saw them: a 60,000-layer GPT-2 config built for minutes, unrefused."""
+    own = _attribute_map(section.get("model_type"))
+    common = {**section, **{c: section[o] for c, o in own.items() if c not in section and o in section}}
+    return common, lambda key: own[key] if key not in section and key in own else key
+
+
+def _attribute_map(model_type: Any) -> dict[str, str]:
+    """transformers' common name -> this model type's own name; {} for a type it does not know."""
+    if not isinstance(model_type, str):
+        return {}
+    try:
+        from transformers import CONFIG_MAPPING
+
+        mapping = getattr(CONFIG_MAPPING[model_type], "attribute_map", None) or {}
+    except Exception:  # noqa: BLE001 - an unknown or odd model_type: it is refused where the model is built
+        return {}
+    return {c: o for c, o in mapping.items() if isinstance(c, str) and isinstance(o, str)}
 
 
 def _index_shards(folder: Path) -> list[str]:
