@@ -24,7 +24,8 @@ class ShareSettings(BaseModel):
     dir_mode: str = Field("0775", description="Octal mode for folders the system makes.")
     max_job_bytes: int = Field(256 * 1024, ge=1024, description="Larger job files are rejected unread.")
     settle_seconds: float = Field(
-        3.0, ge=0, description="An inbox file that fails to parse is only rejected once unchanged this long."
+        3.0, ge=0, description="An inbox file that fails to parse is only rejected once unchanged this long; ten "
+                               "times this long when it looks cut short (its JSON stops at the end of the file)."
     )
     confirm_seconds: float = Field(
         0.3, ge=0, le=10,

@@ -18,10 +18,15 @@ from schemas.result import Result, Terminal
 from spooler import states
 from spooler.clock import Clock, iso
 from spooler.errors import Rejected
-from spooler.jobfile import looks_temporary, parse_spec, read_limited
+from spooler.jobfile import CutShort, looks_temporary, parse_spec, read_limited
 from spooler.share import Share
 
 log = logging.getLogger(__name__)
+
+# A file whose JSON stops early (or runs into NUL bytes) is rejected only after it stayed unchanged this many times
+# settle_seconds: a copy over a slow link can pause for longer than a settle, and one rejected mid-copy had its
+# rest written into the rejected record, a whole and valid job marked rejected.
+CUT_SHORT_SETTLE = 10
 
 
 @dataclass
@@ -98,13 +103,15 @@ class Intake:
             st = path.stat()
         except FileNotFoundError:
             return False
-        limit = self.share.settings.max_job_bytes
+        limit, settle = self.share.settings.max_job_bytes, self.share.settings.settle_seconds
         if st.st_size <= limit:
             try:
                 parse_spec(path.read_bytes(), path.name, limit)
                 return True
             except OSError:
                 return False
+            except CutShort:
+                settle *= CUT_SHORT_SETTLE
             except Rejected as e:
                 if e.field != "file":
                     return True  # it parsed whole, so it is complete; its content is what is wrong
@@ -113,7 +120,7 @@ class Intake:
         if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
             self._seen[path.name] = _Seen(st.st_size, st.st_mtime_ns, now)
             return False
-        return now - seen.since >= self.share.settings.settle_seconds
+        return now - seen.since >= settle
 
     def take(self, inbox_file: Path) -> str | None:
         """Grab one inbox file and see it to queued or rejected. Returns the job id, or None if lost."""

@@ -76,6 +76,11 @@ def peek_id(path: Path, max_bytes: int) -> str:
     return named if isinstance(named, str) else path.stem
 
 
+class CutShort(Rejected):
+    """The JSON stops where the file does, or where only NUL bytes follow: what a copy still under way looks
+    like (Windows sets a copy's size first). Rejected all the same, but the intake waits longer for it."""
+
+
 def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
     """The JSON object in ``data``, or Rejected("file", ...)."""
     if len(data) > max_bytes:
@@ -93,8 +98,16 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
         raise
     except json.JSONDecodeError as e:
         if e.pos >= len(text.rstrip()):  # the line and column after the last newline would point at nothing
-            raise Rejected("file", f"not valid JSON: {e.msg} at the end of the file, which stops before the JSON "
+            raise CutShort("file", f"not valid JSON: {e.msg} at the end of the file, which stops before the JSON "
                                    "does (cut short?); copy the whole file again") from None
+        if e.msg.startswith("Unterminated string"):  # the scanner found no closing quote before the end
+            raise CutShort("file", f"not valid JSON: the string at line {e.lineno} column {e.colno} runs to the end "
+                                   "of the file, which stops before the JSON does (cut short?); copy the whole file "
+                                   "again") from None
+        if not text[e.pos:].strip("\x00 \t\r\n"):
+            raise CutShort("file", f"not valid JSON: only NUL bytes from line {e.lineno} column {e.colno} on, as a "
+                                   "copy that set the file's size first leaves it (cut short?); copy the whole file "
+                                   "again") from None
         raise Rejected("file", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:  # defence in depth; the depth check should have caught it
         raise Rejected("file", "nested too deeply to parse") from None

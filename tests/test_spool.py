@@ -65,6 +65,28 @@ def test_half_copied_file_is_waited_for_not_rejected(share: Share, procs: Procs)
     assert not list(share.results.glob("rejected-slowcopy-*"))
 
 
+@pytest.mark.parametrize("preallocated", [False, True], ids=["appended", "size-set-first"])
+def test_a_copy_that_pauses_longer_than_a_settle_is_not_rejected(share: Share, procs: Procs,
+                                                                 preallocated: bool) -> None:
+    """A copy over a slow link stops for longer than settle_seconds halfway: the JSON then ends inside a string
+    (or runs into the NUL bytes of a copy that set its size first). It was rejected mid-copy, and the rest of
+    the bytes landed in the rejected record: a whole, valid job marked rejected. Such a file waits longer."""
+    procs.worker(share, "w1")
+    data = json.dumps({"kind": "probe", "priority": 3, "id": "paused"}).encode()
+    half = data.index(b'"paused') + 4  # inside the id's string
+    path = share.inbox / "paused.json"
+    with open(path, "wb") as f:
+        if preallocated:
+            f.truncate(len(data))
+        f.write(data[:half])
+        f.flush()
+        time.sleep(3 * share.settings.settle_seconds)
+        f.write(data[half:])
+    r = wait_result(share, "paused", 30)
+    assert r.status.value == "succeeded", r.error
+    assert not list(share.results.glob("rejected-paused-*"))
+
+
 def test_temporary_names_are_never_taken(share: Share, procs: Procs) -> None:
     procs.worker(share, "w1")
     for name in (".hidden.json", "job.json.tmp", "~job.json", "job.json.part", "job.part.json", "notes.txt"):
