@@ -1320,6 +1320,14 @@ def _bad_tokenizer(folder: Path, outside: Path) -> None:
 ])
 def test_bad_model_folder_is_refused_before_loading(tmp_path: Path, tiny_model_dir: Path, breakage: Any,
                                                     expected: str, no_loading: None) -> None:
+    refusal = _refusal(tmp_path, tiny_model_dir, breakage)
+    assert refusal.field == "base_model" and expected in refusal.problem, refusal.problem
+    if breakage is _link_outside:
+        assert "outside the share" in refusal.problem
+
+
+def _refusal(tmp_path: Path, tiny_model_dir: Path, breakage: Any) -> Rejected:
+    """How a train job on a copy of the tiny model, changed by ``breakage``, is refused."""
     root, outside = tmp_path / "share", tmp_path / "elsewhere"
     outside.mkdir()
     shutil.copytree(tiny_model_dir, root / "models" / "bad")
@@ -1327,9 +1335,7 @@ def test_bad_model_folder_is_refused_before_loading(tmp_path: Path, tiny_model_d
     breakage(root / "models" / "bad", outside)
     with pytest.raises(Rejected) as e:
         train(root, make_job("bad", model="models/bad"))
-    assert e.value.field == "base_model" and expected in e.value.problem, e.value.problem
-    if breakage is _link_outside:
-        assert "outside the share" in e.value.problem
+    return e.value
 
 
 @pytest.mark.parametrize(("breakage", "expected"), [
@@ -1343,13 +1349,8 @@ def test_a_config_or_tokenizer_the_libraries_refuse_is_a_rejection(tmp_path: Pat
     """transformers 5 checks a config with huggingface_hub's validators, the tokenizers library raises a bare
     Exception, an embedding asserts: none of them a ValueError or an OSError, so each of these ended the job
     failed, as if the worker had a bug, instead of rejected with base_model named."""
-    root = tmp_path / "share"
-    shutil.copytree(tiny_model_dir, root / "models" / "odd")
-    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=8)
-    breakage(root / "models" / "odd", tmp_path)
-    with pytest.raises(Rejected) as e:
-        train(root, make_job("odd", model="models/odd"))
-    assert e.value.field == "base_model" and expected in e.value.problem, e.value.problem
+    refusal = _refusal(tmp_path, tiny_model_dir, breakage)
+    assert refusal.field == "base_model" and expected in refusal.problem, refusal.problem
 
 
 def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
