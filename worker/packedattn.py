@@ -207,10 +207,11 @@ def dropout_of(config: Any) -> float:
     return max(float(getattr(config, name, 0.0) or 0.0) for name in ("attention_dropout", "attn_pdrop"))
 
 
-def two_documents(ids: torch.Tensor) -> torch.Tensor:
-    """Position ids that split the single row ``ids`` into two documents, the second a little the longer."""
+def two_documents(ids: torch.Tensor, first: int | None = None) -> torch.Tensor:
+    """Position ids that split the single row ``ids`` into two documents, the first ``first`` tokens long (by
+    default the second is a little the longer)."""
     n = ids.shape[-1]
-    first = max(1, n // 2 - 3)
+    first = max(1, n // 2 - 3) if first is None else first
     return torch.cat([torch.arange(first), torch.arange(n - first)]).to(ids.device).unsqueeze(0)
 
 
@@ -292,7 +293,7 @@ def audit_rows(kernel: Varlen, lm: torch.nn.Module, ids: torch.Tensor, length: i
     if length <= ids.shape[-1]:
         return None  # check saw rows this long
     row = ids.repeat(1, -(-length // ids.shape[-1]))[:, :length]
-    positions = torch.cat([torch.arange(length - 3), torch.arange(3)]).to(ids.device).unsqueeze(0)
+    positions = two_documents(row, first=length - 3)
     audit = _Audit()
     last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
     try:
