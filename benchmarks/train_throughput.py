@@ -554,9 +554,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def _worker_row(rows: list[Row], ddp: bool) -> Row | None:
+    """The worker's row with a rate: the one-process run, or the DDP one of the scaling run."""
+    return next((r for r in rows if r.recipe == "worker" and r.real_tok_s and bool(r.ranks) == ddp), None)
+
+
 def speedups(rows: list[Row]) -> list[str]:
     """The worker's real tokens/s over each other recipe that produced a rate."""
-    worker = next((r for r in rows if r.recipe == "worker" and r.real_tok_s and not r.ranks), None)
+    worker = _worker_row(rows, ddp=False)
     if worker is None:
         return []
     return [f"worker vs {r.label}: {worker.real_tok_s / r.real_tok_s:.2f}x real tok/s"
@@ -576,8 +581,7 @@ def scaling_ranks(args: argparse.Namespace) -> int:
 
 def scaling(rows: list[Row]) -> list[str]:
     """The DDP worker's rate against the one-process worker's: weak scaling, each rank with the one's batch."""
-    one = next((r for r in rows if r.recipe == "worker" and r.real_tok_s and not r.ranks), None)
-    many = next((r for r in rows if r.recipe == "worker" and r.real_tok_s and r.ranks), None)
+    one, many = _worker_row(rows, ddp=False), _worker_row(rows, ddp=True)
     if one is None or many is None or not many.ranks:
         return []
     ratio = many.real_tok_s / one.real_tok_s
