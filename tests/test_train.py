@@ -1373,6 +1373,65 @@ def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
     assert e.value.field == "base_model" and "config.json describes a model of" in e.value.problem, e.value.problem
 
 
+@pytest.fixture(scope="module")
+def gpt2_share(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A GPT-2 of 128 learned positions, with the tiny model's tokenizer: past 128 its position table ends."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("gpt2-share")
+    config = AutoConfig.for_model("gpt2", vocab_size=512, n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "models" / "g")
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, root / "models" / "g")
+    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=16)
+    return root
+
+
+@pytest.mark.parametrize(("max_length", "probe", "field", "says"), [
+    (256, "Hi", "training.max_length", "is 256, more than this model's context of 128 tokens"),
+    (64, "word " * 80, "probes.0", "with its 64-token answer it passes this model's context of 128 tokens"),
+])
+def test_rows_or_probes_past_the_models_context_are_refused_before_loading(
+        gpt2_share: Path, monkeypatch: pytest.MonkeyPatch, max_length: int, probe: str, field: str,
+        says: str) -> None:
+    """Both ended in an IndexError from GPT-2's position table, the job failed as if the worker had a bug."""
+    import transformers
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights were loaded before the lengths were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    job = make_job("long", model="models/g", targets=("c_attn",), max_steps=2, max_length=max_length)
+    with pytest.raises(Rejected) as e:
+        train(gpt2_share, job.model_copy(update={"probes": [probe]}))
+    assert e.value.field == field and says in e.value.problem, e.value.problem
+
+
+def test_rows_and_probes_within_the_context_train_and_answer(gpt2_share: Path) -> None:
+    job = make_job("fits", model="models/g", targets=("c_attn",), max_steps=2, max_length=128)
+    outcome = train(gpt2_share, job.model_copy(update={"probes": ["word " * 10]}))
+    assert outcome.metrics.steps == 2 and len(outcome.probes) == 1
+
+
+def test_a_jobs_checks_load_and_verification_build_the_models_structure_once(
+        share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target names, the context, the parameter count and the reload each read the structure without
+    weights: seconds each on an 8B model. It was built three times a job, and the context check made four."""
+    import transformers
+
+    from worker import engine
+
+    built = []
+    real = transformers.AutoModelForCausalLM.from_config
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda *a, **kw: built.append(1) or real(*a, **kw))
+    engine._meta_model.cache_clear()
+    train(share_root, make_job("once", max_steps=1))
+    assert len(built) == 1
+
+
 @pytest.mark.parametrize(("entries", "data", "says"), [
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "overlapping or gapped"),

@@ -9,6 +9,7 @@ untouched base, before a checkpoint is loaded, so they mean the same on a resume
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -37,7 +38,7 @@ from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings, unco
 from worker.modelguard import stored_weights
 from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
 from worker.packprobe import packing_problem
-from worker.probes import generate_answers, pair
+from worker.probes import check_prompts, generate_answers, pair
 from worker.train import TrainRequest, every_second
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,7 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     plan = plan_for(req.job.quantization, req.device, req.cpu_quantization)
     check_targets(req.model_dir, req.job.lora.target_modules)  # first: it reads config.json, and names it
     tokenizer = load_tokenizer(req.model_dir)
+    check_lengths(req.model_dir, tokenizer, req.job)
     cache = tokencache.for_dataset(req.share_root, data.file_labels(req.datasets), tokenizer, req.file_mode,
                                    write=main)
     splits = data.load_splits(req.datasets, tokenizer, t, every_second(report, req.job.id or "job", "preparing"),
@@ -364,16 +366,44 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def meta_model(model_dir: Path) -> torch.nn.Module:
-    """The model's structure with no weights (on the meta device): module names in a second, not a load."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """The model's structure with no weights (on the meta device): module names in a second, not a load. Built
+    once per config.json for a job's checks, its load and its verification: seconds each on an 8B model."""
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        config_json = (Path(model_dir) / "config.json").read_bytes()
+        return _meta_model(str(model_dir), config_json)
     except Exception as e:  # noqa: BLE001 - config checks raise their own kinds (huggingface_hub's, asserts)
         raise Rejected("base_model", f"is not a causal language model this transformers version can build "
                                      f"({brief(e)})") from e
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_model(model_dir: str, config_json: bytes) -> torch.nn.Module:
+    """Keyed by the config's bytes too: a folder whose config.json was replaced is built again. Nobody changes
+    the result: it is read for names, shapes and sizes only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
+def model_context(config: Any) -> int | None:
+    """The longest sequence the model was built for, when its config says."""
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
+
+
+def check_lengths(model_dir: Path, tokenizer: Any, job: JobSpec) -> None:
+    """Refuse rows and probes longer than the model's context. Past it, learned positions (GPT-2's) end in an
+    IndexError deep inside a step, after the load; rotary ones run on, on positions the model never learned."""
+    context = model_context(meta_model(model_dir).config)
+    if context is None:
+        return
+    if job.training.max_length > context:
+        raise Rejected("training.max_length", f"is {job.training.max_length}, more than this model's context of "
+                                              f"{context} tokens (max_position_embeddings in config.json); set it "
+                                              f"to {context} or less")
+    check_prompts(tokenizer, job.probes, context)
 
 
 def check_parameters(model_dir: Path) -> None:

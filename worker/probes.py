@@ -12,8 +12,11 @@ from typing import Any
 import torch
 
 from schemas.result import ProbeOutput
+from spooler.errors import Rejected
 from worker.data import ALPACA_PROMPT
 from worker.loop import evaluating
+
+ANSWER_TOKENS = 64  # each answer's length: enough to read what the adapter learned, short beside training
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -23,7 +26,7 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], device: str,
-                     max_new_tokens: int = 64) -> list[str]:
+                     max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
     """Greedy answers, one prompt at a time: no padding, so no dependence on the tokenizer's padding side.
     The model's train/eval mode is restored afterwards, since the 'before' probe runs ahead of training."""
     with evaluating(model):
@@ -37,6 +40,16 @@ def _answer(model: Any, tokenizer: Any, prompt: str, device: str, max_new_tokens
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad, use_cache=True)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def check_prompts(tokenizer: Any, prompts: list[str], context: int) -> None:
+    """Refuse, before any weights are read, a prompt whose answer would run past the model's context."""
+    for i, prompt in enumerate(prompts):
+        n = len(prompt_ids(tokenizer, prompt))
+        if n + ANSWER_TOKENS > context:
+            raise Rejected(f"probes.{i}", f"is {n} tokens; with its {ANSWER_TOKENS}-token answer it passes this "
+                                          f"model's context of {context} tokens: shorten it to "
+                                          f"{max(0, context - ANSWER_TOKENS)} tokens or less")
 
 
 def pair(prompts: list[str], base_answers: list[str], adapted_answers: list[str]) -> list[ProbeOutput]:
