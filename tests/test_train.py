@@ -1078,7 +1078,9 @@ def test_a_cuda_fault_counts_as_a_crash_that_resumes_not_as_the_jobs_failure() -
     bare = outcome(torch.OutOfMemoryError())  # no text at all: still the job's own failure, still said what to do
     assert bare.error == ("out of GPU memory (OutOfMemoryError): lower training.batch_size or training.max_length, "
                           "or set quantization to \"4bit\"") and bare.kind == "failed"
-    assert outcome(ValueError("a bug")).kind == "failed"
+    bug = outcome(ValueError("a bug\n" + "tried: CPU, CUDA, Meta, ...\n" * 500))  # torch's dispatcher runs to pages
+    assert bug.kind == "failed" and bug.error == ("ValueError: a bug (the whole error and its traceback: the "
+                                                  "attempt's train.log, or the worker log)"), bug.error
     assert outcome(torch.AcceleratorError("CUDA error: device-side assert triggered")).kind == "failed"  # the job's
 
 
@@ -1129,6 +1131,8 @@ def test_non_finite_loss_is_a_clear_error(share_root: Path, monkeypatch: pytest.
     monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
     with pytest.raises(RuntimeError, match=r"nan at step 1 .*lower training.learning_rate"):
         train(share_root, make_job("diverge"))
+    said = (share_root / "results" / "diverge" / "attempts" / "a1-w" / "train.log").read_text()
+    assert "ERROR worker.outputs: training stopped by RuntimeError | Traceback" in said, said[-2000:]
 
 
 def test_non_finite_gradient_is_a_clear_error(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

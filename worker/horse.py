@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from schemas.heartbeat import Progress
-from spooler.errors import first_line
+from spooler.errors import brief, first_line
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _report_of(e: BaseException, trace: str) -> tuple:
     # A device-side assert is the job's own (a token id past the embedding, a label out of range): not retried.
     if (type(e).__name__ == "AcceleratorError" or text.startswith("CUDA error")) and \
             "out of memory" not in text.lower() and "device-side assert" not in text:
-        return ("died", f"the GPU failed: {_describe(e)}")
+        return ("died", f"the GPU failed: {brief(e)}")
     return ("failed", _describe(e), trace)
 
 
@@ -180,7 +180,9 @@ def _describe(e: BaseException) -> str:
     if name == "OutOfMemoryError" or "out of memory" in str(e).lower():
         return (f"out of GPU memory ({first_line(e, 200) or name}): lower training.batch_size or "
                 "training.max_length, or set quantization to \"4bit\"")
-    return f"{name}: {e}"
+    # A torch error runs to pages (every dispatch key it tried): the result says which, in a line; the whole
+    # text and its traceback go to the worker log and the attempt's train.log.
+    return f"{brief(e, 500)} (the whole error and its traceback: the attempt's train.log, or the worker log)"
 
 
 def run(request: dict[str, Any], on_progress: Callable[[Progress], None],
@@ -263,7 +265,7 @@ def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
         return HorseResult("unfit", error=msg[1])
     if kind == "died":  # DDP ranks killed or crashed, or a CUDA fault
         return HorseResult("died", error=msg[1], stop_reason=stop_reason, killed=True)
-    log.debug("training process traceback:\n%s", msg[2])
+    log.error("the training process failed: %s\n%s", msg[1], msg[2])
     return HorseResult("failed", error=msg[1])
 
 

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from schemas.checkpoint import MetricsLine
 from spooler.atomic import fsync_dir, open_append, write_bytes
+from spooler.errors import Cancelled, ClaimLost, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ class TrainLog:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         root = logging.getLogger()
+        if exc is not None and not isinstance(exc, (Rejected, Cancelled, ClaimLost, KeyboardInterrupt, SystemExit)):
+            log.error("training stopped by %s", type(exc).__name__, exc_info=(exc_type, exc, tb))
         if self._handler is not None:
             root.removeHandler(self._handler)
             self._handler.close()
