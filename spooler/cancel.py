@@ -49,7 +49,7 @@ def _cancel_queued(share: Share, path: Path, key: states.QueueKey, me: str, cloc
     result = Result(id=key.job_id, status=Terminal.cancelled, error=f"cancelled by a person ({me}) while queued",
                     attempts=key.attempt - 1, finished_at=now, kind=_kind(share, path, key.job_id))
     try:
-        states.conclude(share, path, result)
+        states.conclude(share, path, result, by=me)
     except ClaimLost:
         return f"job {key.job_id} was just claimed by a worker; it will stop at its next step"
     file_request(share, key.job_id)

@@ -155,7 +155,7 @@ class Intake:
         now = iso(self.clock.wall())
         result = Result(id=job_id, status=Terminal.rejected, error=str(why), worker=self.worker,
                         started_at=now, finished_at=now, source_file=states.source_name(grabbed))
-        states.conclude(self.share, grabbed, result)
+        states.conclude(self.share, grabbed, result, by=self.worker)
         log.warning("job %s rejected: %s [worker %s]", job_id, why, self.worker)
         return job_id
 

@@ -123,7 +123,7 @@ def release(share: Share, running_file: Path, me: str, clock: Clock, why: str, c
     result = Result(id=key.job_id, status=Terminal.failed, error=error, worker=owner, attempts=key.attempt,
                     finished_at=now)
     try:
-        states.conclude(share, running_file, result)
+        states.conclude(share, running_file, result, by=me)
         log.error("job %s failed: %s [worker %s]", key.job_id, error, me)
     except ClaimLost:
         pass  # another observer got there first

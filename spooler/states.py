@@ -52,6 +52,7 @@ class JobState(str, Enum):
 KEY = re.compile(r"^(?P<pri>\d{4})_(?P<stamp>\d{17})_(?P<id>[A-Za-z0-9][A-Za-z0-9._-]*)\.a(?P<attempt>\d+)\.json$")
 TOKEN_SEP = "__"
 ORIGIN = "origin.json"
+_SAFE = re.compile(r"[^A-Za-z0-9_-]")  # a concluder's name in a file name
 PENDING_SUFFIX = ".pending"
 
 
@@ -176,7 +177,7 @@ def attempt_dir(share: Share, job_id: str, attempt: int, worker: str) -> Path:
 OUTPUTS = ("adapter", "metrics.jsonl", "loss.png", "train.log")
 
 
-def conclude(share: Share, src: Path, result: Result) -> None:
+def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
     """accepting|queued|running → terminal. Raises ClaimLost if ``src`` is no longer ours.
 
     Three steps, each atomic: (1) the result is written beside its final name as a pending file; (2) the job
@@ -184,9 +185,11 @@ def conclude(share: Share, src: Path, result: Result) -> None:
     presumed dead while it was only slow; (3) the attempt's outputs (adapter, metrics, loss plot, log) and the
     pending result are renamed into place.
     A crash after (2) leaves a pending file that ``complete_pending`` finishes; it never leaves two results.
+    ``by``: the process concluding, named in the pending file: a reaper failing a job for its worker writes the
+    same attempt and worker as that worker's own result, and only the concluder tells the two apart.
     """
     folder = share.makedirs(share.result_dir(result.id))
-    pending = folder / f".result.{uuid.uuid4().hex[:12]}.json{PENDING_SUFFIX}"
+    pending = folder / f".result.{uuid.uuid4().hex[:12]}.{_SAFE.sub('_', by)}.json{PENDING_SUFFIX}"
     share.write_json(pending, result)
     job_json = folder / "job.json"
     if job_json.exists():  # never overwrite a person's bytes; cannot happen unless ids were reused by hand
@@ -217,11 +220,10 @@ def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool
             return "result.json" in names
         if "result.json" in names:  # another attempt's result is out, and ours still pending: not ours
             return False
-        mine = (_attempts_of(pending), read_json_object(pending).get("worker"))
+        mine = (_attempts_of(pending), _concluder_of(pending))
         others = [p for p in folder.glob(f".result.*.json{PENDING_SUFFIX}") if p.name != pending.name]
-        # Strictly the latest attempt; a tie counts only for our own worker's retry of one outcome.
-        return all(_attempts_of(o) < mine[0] or (_attempts_of(o), read_json_object(o).get("worker")) == mine
-                   for o in others)
+        # Strictly the latest attempt; a tie counts only for our own retry of one outcome.
+        return all(_attempts_of(o) < mine[0] or (_attempts_of(o), _concluder_of(o)) == mine for o in others)
 
     return _confirmed(share, done, folder)
 
@@ -233,6 +235,12 @@ def _committed_pending(folder: Path) -> Path | None:
     one attempt are one worker's retries of one outcome)."""
     pendings = sorted(folder.glob(f".result.*.json{PENDING_SUFFIX}"))
     return max(pendings, key=_attempts_of, default=None)
+
+
+def _concluder_of(pending: Path) -> str:
+    """Who wrote a pending result: ``.result.<random>.<concluder>.json.pending`` ("" in an older name)."""
+    middle = pending.name.removeprefix(".result.").removesuffix(f".json{PENDING_SUFFIX}")
+    return middle.split(".", 1)[1] if "." in middle else ""
 
 
 def _attempts_of(pending: Path) -> int:

@@ -220,7 +220,7 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
         result = Result(id=job_id, status=Terminal.succeeded, worker="w1", attempts=1)
         if job_id == "lost-reply":
             monkeypatch.setattr(states.os, "rename", lost_reply)
-            states.conclude(share, running, result)
+            states.conclude(share, running, result, by="w1")
             monkeypatch.setattr(states.os, "rename", real_rename)
             assert json.loads((share.result_dir(job_id) / "result.json").read_text())["status"] == "succeeded"
         else:
@@ -231,16 +231,48 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
                 monkeypatch.setattr(states.os, "rename", real_rename)
                 other = Result(id=requeued.name.split("_")[2].split(".a")[0], status=Terminal.failed, worker="w2",
                                attempts=2)
-                states.conclude(share, requeued, other)
+                states.conclude(share, requeued, other, by="w2")
                 real_rename(src, dst)
 
             if job_id == "finished-by-another":
                 monkeypatch.setattr(states.os, "rename", finished_meanwhile)
             with pytest.raises(ClaimLost):
-                states.conclude(share, running, result)
+                states.conclude(share, running, result, by="w1")
             assert not list(share.result_dir(job_id).glob(".result.*"))
             if job_id == "finished-by-another":
                 assert json.loads((share.result_dir(job_id) / "result.json").read_text())["worker"] == "w2"
+
+
+def test_a_reaper_that_loses_the_commit_to_the_slow_worker_publishes_nothing(
+        share: Share, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker was judged dead on its last attempt while only slow. It commits its success just before the
+    reaper's commit of "failed" (whose rename then finds no file), and is slow again before its last rename. Both
+    pending results said (attempt 3, worker w1), and a tie was taken for one concluder's retry: the reaper
+    published its failure over the success that committed (audit, suspected at states.py:223, now proven)."""
+    from schemas.result import Result, Terminal
+    from spooler.clock import SystemClock
+    from spooler.reaper import release
+
+    last = share.settings.max_attempts
+    share.makedirs(share.running("w1"))
+    running = share.running("w1") / states.QueueKey(0, "20260101000000000", "slow", last).name
+    running.write_text('{"kind": "probe"}')
+    real_rename, real_finalize = states.os.rename, states._finalize
+
+    def worker_commits_first(src: str | Path, dst: str | Path) -> None:
+        monkeypatch.setattr(states.os, "rename", real_rename)
+        monkeypatch.setattr(states, "_finalize", lambda *args: None)  # slow between its commit and its last rename
+        states.conclude(share, Path(src), Result(id="slow", status=Terminal.succeeded, worker="w1", attempts=last),
+                        by="w1")
+        monkeypatch.setattr(states, "_finalize", real_finalize)
+        real_rename(src, dst)  # the reaper's own commit: the file is gone
+
+    monkeypatch.setattr(states.os, "rename", worker_commits_first)
+    release(share, running, "w2", SystemClock(), "its heartbeat went stale", count_attempt=True)
+    folder = share.result_dir("slow")
+    assert not (folder / "result.json").exists()
+    assert states.complete_pending(share, "slow")  # what the worker, or any start-up pass, finishes
+    assert json.loads((folder / "result.json").read_text())["status"] == "succeeded"
 
 
 def test_conclude_moves_no_output_through_a_planted_link(share: Share, tmp_path: Path) -> None:
@@ -258,7 +290,7 @@ def test_conclude_moves_no_output_through_a_planted_link(share: Share, tmp_path:
     attempts = share.result_dir("planted") / "attempts"
     attempts.mkdir(parents=True)
     (attempts / "a1-w1").symlink_to(victim, target_is_directory=True)
-    states.conclude(share, running, Result(id="planted", status=Terminal.failed, worker="w1", attempts=1))
+    states.conclude(share, running, Result(id="planted", status=Terminal.failed, worker="w1", attempts=1), by="w1")
     assert json.loads((share.result_dir("planted") / "result.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in victim.iterdir()) == ["metrics.jsonl", "train.log"]
     assert not (share.result_dir("planted") / "train.log").exists()
@@ -274,7 +306,8 @@ def test_an_odd_attempts_entry_does_not_keep_a_committed_job_from_its_result(sha
     running.write_text('{"kind": "probe"}')
     share.result_dir("oddfile").mkdir(parents=True)
     (share.result_dir("oddfile") / "attempts").write_text("not a folder")
-    states.conclude(share, running, Result(id="oddfile", status=Terminal.failed, worker="w1", attempts=1))
+    states.conclude(share, running, Result(id="oddfile", status=Terminal.failed, worker="w1", attempts=1),
+                    by="w1")
     assert json.loads((share.result_dir("oddfile") / "result.json").read_text())["status"] == "failed"
 
 

@@ -299,7 +299,7 @@ class Worker:
 
     def _deliver(self, running_file: Path, key: states.QueueKey, result: Result, retry: bool) -> None:
         try:
-            states.conclude(self.share, running_file, result)
+            states.conclude(self.share, running_file, result, by=self.id)
         except ClaimLost as e:
             log.warning("job %s outcome dropped: %s [worker %s]", key.job_id, e, self.id)
             self.outbox.delivered(running_file.name)
