@@ -259,7 +259,9 @@ def run_worker(args: argparse.Namespace) -> Row:
     packedattn.USE_FLASH = not args.no_varlen
     batch = args.worker_batch or args.batch
     ranks = f"{args.ranks} DDP ranks x " if args.ranks else ""
-    label = f"worker ({ranks}batch {batch}, quantization {args.quantization}{', compile' if args.compile else ''})"
+    cap = f", {args.gpu_memory_gib:g} GiB cap" if args.gpu_memory_gib else ""
+    label = (f"worker ({ranks}batch {batch}, quantization {args.quantization}{', compile' if args.compile else ''}"
+             f"{cap})")
     row = Row("worker", label, args.shape, args.device, ranks=args.ranks)
     model_dir, rows = _shapes.paths(args.cache, args.shape)
     total = args.warmup + args.steps
@@ -271,7 +273,8 @@ def run_worker(args: argparse.Namespace) -> Row:
         model, dataset = make_share(root, model_dir, rows, args.shape)
         req = TrainRequest(job=worker_job(args), model_dir=model, datasets=[dataset], share_root=root,
                            out_dir=root / "results" / "bench" / "attempts" / "a1", device=args.device,
-                           file_mode=0o664, cpu_quantization="bitsandbytes")  # on CPU, as --quantization says
+                           file_mode=0o664, cpu_quantization="bitsandbytes",  # on CPU, as --quantization says
+                           gpu_memory_gib=args.gpu_memory_gib)
         outcome = run_training(req, clock.report, should_stop=lambda: False)
     row.compile_s = outcome.metrics.compile_seconds
     notes = list(outcome.notes)
@@ -484,6 +487,7 @@ def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
     return [sys.executable, __file__, "--one", recipe, "--shape", args.shape, "--device", args.device,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             *(["--worker-batch", str(args.worker_batch)] if args.worker_batch else []),
+            *(["--gpu-memory-gib", str(args.gpu_memory_gib)] if args.gpu_memory_gib else []),
             *(["--ranks", str(args.ranks)] if args.ranks else []),
             *(["--profile", str(args.profile)] if args.profile and recipe == "worker" else []),
             "--quantization", args.quantization, "--sampler", args.sampler, "--cache", str(args.cache),
@@ -628,6 +632,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-varlen", action="store_true",
                     help="worker recipe on cuda: transformers' masked SDPA for packed rows even where torch has the "
                          "flash varlen kernel")
+    ap.add_argument("--gpu-memory-gib", type=float, default=None,
+                    help="worker recipe: the worker's gpu_memory_gib, to train as on a smaller card (a 12 GiB cap "
+                         "on an 80 GiB GPU plans and allocates as a 12 GiB card would)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/loraspool-bench"))
     ap.add_argument("--json", type=Path, help="also append the JSON lines to this file")
     ap.add_argument("--profile", type=Path,

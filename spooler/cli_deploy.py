@@ -19,8 +19,8 @@ from pathlib import Path
 Command = Callable[[argparse.Namespace], int]
 
 WORKER_FLAGS = ("config", "share", "id", "device", "watch", "devices", "max_concurrent_jobs", "allowed_model_roots",
-                "cache_dir", "cache_models", "log_file", "quiet_hours", "stall_minutes", "cpu_quantization", "only_job",
-                "fallback")
+                "cache_dir", "cache_models", "log_file", "quiet_hours", "stall_minutes", "cpu_quantization",
+                "gpu_memory_gib", "only_job", "fallback")
 
 
 def worker_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,8 @@ def worker_args(p: argparse.ArgumentParser) -> None:
                    help="end a job whose training reports no progress for this long (default 60; 0: never)")
     p.add_argument("--cpu-quantization", choices=["plain", "bitsandbytes"],
                    help="on CPU, train 4bit/8bit jobs as plain LoRA (default) or quantized with bitsandbytes")
+    p.add_argument("--gpu-memory-gib", type=float,
+                   help="use at most this much of each GPU's memory (default: all of it)")
     p.add_argument("--only", dest="only_job", help=argparse.SUPPRESS)
     p.add_argument("--fallback", action="store_true", default=None, help=argparse.SUPPRESS)
 

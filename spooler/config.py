@@ -36,7 +36,8 @@ ENV = {"share": "LORASPOOL_SHARE", "id": "LORASPOOL_WORKER_ID", "device": "LORAS
        "cache_dir": "LORASPOOL_CACHE_DIR", "cache_models": "LORASPOOL_CACHE_MODELS",
        "log_file": "LORASPOOL_LOG_FILE", "log_max_bytes": "LORASPOOL_LOG_MAX_BYTES",
        "log_backups": "LORASPOOL_LOG_BACKUPS", "quiet_hours": "LORASPOOL_QUIET_HOURS",
-       "stall_minutes": "LORASPOOL_STALL_MINUTES", "cpu_quantization": "LORASPOOL_CPU_QUANTIZATION"}
+       "stall_minutes": "LORASPOOL_STALL_MINUTES", "cpu_quantization": "LORASPOOL_CPU_QUANTIZATION",
+       "gpu_memory_gib": "LORASPOOL_GPU_MEMORY_GIB"}
 CONFIG_ENV = "LORASPOOL_CONFIG"
 # Only for a worker that a submitter starts for one job; never a machine's standing setting.
 FLAG_ONLY = ("fallback", "only_job")
@@ -91,6 +92,11 @@ class WorkerSettings(BaseModel):
                              'base (fastest on CPU; the result says so). "bitsandbytes": loads the base quantized, '
                              "with bitsandbytes' CPU kernels, as the job asked: a quarter of the memory for 4bit, "
                              "slower; for a machine whose memory cannot hold the fp32 base.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Use at most this much of each GPU's memory, as a card of this size would: the rest stays free "
+                    "for the person at the desk. Training plans for it (gradient checkpointing by the estimate) and "
+                    "PyTorch's allocator refuses past it. Unset: the whole GPU.")
     fallback: bool = Field(False, description="Run by a submitter because no worker was live.")
     only_job: str | None = Field(None, description="Claim only this job, and exit once it has a result.")
 

@@ -120,6 +120,10 @@ def test_env_values_are_parsed() -> None:
     assert cfg.cache_models is False and cfg.log_max_bytes == 1048576 and cfg.quiet_hours == "09:05-17:30"
     assert src["devices"] == "env LORASPOOL_DEVICES"
     assert resolve({"devices": "all"}, env, **NO_FILE)[0].devices is None
+    assert resolve({}, {**env, "LORASPOOL_GPU_MEMORY_GIB": "10.5"}, **NO_FILE)[0].gpu_memory_gib == 10.5
+    for bad in ("0", "nan", "lots"):
+        with pytest.raises(ConfigError, match="LORASPOOL_GPU_MEMORY_GIB"):
+            resolve({}, {**env, "LORASPOOL_GPU_MEMORY_GIB": bad}, **NO_FILE)
 
 
 @pytest.mark.parametrize(("value", "problem"), [("0,0", "distinct"), ("-1", "distinct"), ("7-9", "GPU numbers"),

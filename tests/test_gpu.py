@@ -30,13 +30,13 @@ def gpu_share(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     return root
 
 
-def _train(root: Path, job_id: str, quantization: str, **training: object):
+def _train(root: Path, job_id: str, quantization: str, gpu_memory_gib: float | None = None, **training: object):
     job = JobSpec(id=job_id, kind="train", base_model="models/tiny", dataset="datasets/alpaca.jsonl",
                   quantization=quantization, lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
                   training={"max_steps": 40, "batch_size": 8, "learning_rate": 3e-3, "max_length": 64, **training})
     req = TrainRequest(job=job, model_dir=root / "models" / "tiny", datasets=[root / "datasets" / "alpaca.jsonl"],
                        share_root=root, out_dir=root / "results" / job_id / "attempts" / "a1-w", device="cuda",
-                       file_mode=0o664)
+                       file_mode=0o664, gpu_memory_gib=gpu_memory_gib)
     return run_training(req, lambda p: None, lambda: False)
 
 
@@ -49,6 +49,30 @@ def test_cuda_learns(gpu_share: Path, quantization: str) -> None:
     assert m.eval_loss_after < m.eval_loss_before, m
     assert (outcome.adapter_dir / "adapter_model.safetensors").is_file()
     assert not [n for n in outcome.notes if "plain LoRA" in n], outcome.notes
+
+
+def test_the_workers_gpu_memory_cap_is_enforced_and_planned_for(gpu_share: Path) -> None:
+    """gpu_memory_gib: the allocator refuses past it, the checkpointing estimate plans for it as for a card that
+    size, and the result says so."""
+    from types import SimpleNamespace
+
+    from schemas.job import Quantization
+    from worker import engine
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28))
+    tokens = 1024  # about 1.8 GB of activations by the estimate: under the whole GPU, over a quarter GiB
+    try:
+        plan = engine.plan_for(Quantization.none, "cuda")
+        assert not engine.wants_checkpointing("auto", plan, model, tokens)
+        plan.memory_cap = engine.cap_gpu_memory(plan, 0.25)
+        assert plan.notes[-1].startswith("GPU memory held to 0.25 of ")
+        assert engine.wants_checkpointing("auto", plan, model, tokens)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2**29, dtype=torch.uint8, device="cuda")
+        outcome = _train(gpu_share, "cuda-capped", "none", gpu_memory_gib=1.0, max_steps=5)
+        assert any(n.startswith("GPU memory held to 1 of ") for n in outcome.notes), outcome.notes
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def test_cuda_packed_compiled_checkpointed(gpu_share: Path) -> None:

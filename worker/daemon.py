@@ -340,7 +340,8 @@ class Worker:
         request = {"job": spec, "model_dir": model_dir, "datasets": datasets, "share_root": self.share.root,
                    "out_dir": out_dir, "device": self.device, "file_mode": self.share.file_mode,
                    "cache_dir": self.cfg.cache_dir if self._caches_models() else None, "gpus": self.gpus,
-                   "cpu_quantization": self.cfg.cpu_quantization}
+                   "cpu_quantization": self.cfg.cpu_quantization,
+                   "gpu_memory_gib": self.cfg.gpu_memory_gib}
         t0 = time.monotonic()
         outcome = horse.run(request, self._on_progress, lambda: self._should_stop(running_file, key.job_id),
                             stall_seconds=60 * self.cfg.stall_minutes or None)

@@ -62,6 +62,7 @@ class Plan:
     dtype: torch.dtype
     quantization: Quantization
     notes: list[str]
+    memory_cap: int | None = None  # bytes of the GPU this process may use (the worker's gpu_memory_gib)
 
 
 @dataclass
@@ -263,7 +264,9 @@ def wants_checkpointing(setting: bool | str, plan: Plan, model: torch.nn.Module,
 
 def _free_bytes(plan: Plan) -> float:
     if plan.device == "cuda":  # the driver's free memory, plus what torch's allocator holds but does not use
-        return float(torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
+        allocated = torch.cuda.memory_allocated()
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - allocated
+        return float(free if plan.memory_cap is None else min(free, plan.memory_cap - allocated))
     import psutil
 
     return float(psutil.virtual_memory().available)
@@ -278,6 +281,7 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     t = req.job.training
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device, req.cpu_quantization)
+    plan.memory_cap = cap_gpu_memory(plan, req.gpu_memory_gib)
     check_targets(req.model_dir, req.job.lora.target_modules)  # first: it reads config.json, and names it
     tokenizer = load_tokenizer(req.model_dir)
     check_lengths(req.model_dir, tokenizer, req.job)
@@ -288,6 +292,20 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
                            for p in req.datasets]
     return plan, tokenizer, splits
+
+
+def cap_gpu_memory(plan: Plan, gib: float | None) -> int | None:
+    """Hold this process to the worker's ``gpu_memory_gib`` before anything is loaded: past it PyTorch's
+    allocator raises the OOM a result names, and ``wants_checkpointing`` plans for the cap as it would for a card
+    of that size. The desktop's owner keeps the rest; a benchmark on a big GPU measures a small card's choices."""
+    if gib is None or plan.device != "cuda":
+        return None
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = min(int(gib * 2**30), total)
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    plan.notes.append(f"GPU memory held to {cap / 2**30:.3g} of {total / 2**30:.3g} GiB (the worker's gpu_memory_gib)")
+    return cap
 
 
 def _stop_if(should_stop: Callable[[], bool]) -> None:

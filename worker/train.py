@@ -42,6 +42,7 @@ class TrainRequest:
     parent_dir: Path | None = None  # the registered adapter job.parent names; set by check_inputs
     cache_dir: Path | None = None  # this machine's model cache; None: read the base from the share
     cpu_quantization: str = "plain"  # on CPU, a 4bit/8bit job: "plain" LoRA, or "bitsandbytes" as asked
+    gpu_memory_gib: float | None = None  # the worker's cap on each GPU's memory; None: all of it
 
 
 @dataclass
