@@ -10,7 +10,8 @@ Clocks of different machines disagree, so no decision compares one machine's tim
   clients, so their difference is an age on one clock. Some clients (rclone, sshfs with some options) stamp
   mtimes with their own clock instead: when the heartbeat's mtime equals the writer's own ``written_at``, or our
   probe's mtime equals our own clock, the answer may rest on two clocks agreeing, and ``confidence`` says so.
-  Only a share-clock answer seeds ``Liveness``.
+  Only a share-clock answer seeds ``Liveness``, and a worker the seed calls dead is watched for about one of
+  its intervals before that is believed: a client may cache a file's metadata, and show it older than it is.
 """
 
 from __future__ import annotations
@@ -158,6 +159,10 @@ class Liveness:
             return WorkerView(wid, hb, True, None, OBSERVED, "the worker said it stopped")
         stale = silent >= stale_after
         watched = now - (self._first or now)
+        if stale and track.seeded and hb is not None and watched < _seed_check(hb, stale_after):
+            return WorkerView(wid, hb, False, silent, STARTING,
+                              f"the share's clock says seq {hb.seq} is {silent:.1f}s old; watching it advance before "
+                              "believing that")
         if hb is None:
             reason = f"no heartbeat file for {silent:.0f}s"
         elif stale:
@@ -176,6 +181,14 @@ class Liveness:
         for view in snapshot(self.share, self.clock, beats).values():
             if view.heartbeat and view.age is not None and view.confidence == SHARE_CLOCK:
                 self._tracks[view.id] = _Track(view.heartbeat.seq, now - view.age, seeded=True)
+
+
+def _seed_check(hb: Heartbeat, stale_after: float) -> float:
+    """How long a fresh observer watches a worker that file times call dead before it believes them. A client
+    may show a heartbeat's metadata cached for seconds (NFS actimeo, SMB leases), older than the file is: a live
+    worker's seq advances within about one of its intervals, a dead one's does not. Never longer than
+    ``stale_after``, whatever interval a heartbeat file claims."""
+    return min(1.5 * max(hb.interval, 0.0) + 0.5, stale_after)
 
 
 def read_heartbeats(share: Share) -> dict[str, Heartbeat]:

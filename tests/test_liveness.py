@@ -217,6 +217,38 @@ def test_an_observer_whose_client_stamps_its_own_files_seeds_no_verdict(share: S
     assert not views["smb"].stale and running.exists(), views["smb"].reason
 
 
+@pytest.mark.parametrize("alive", [True, False])
+def test_a_fresh_observer_watches_before_believing_a_cached_old_file_time(share: Share, alive: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server stamps mtimes (its clock 30 s ahead of ours, simulated as the self-stamping test does), and a
+    live worker's heartbeat shows a file time three stale_afters old: metadata a client cached (NFS actimeo, SMB
+    leases). A fresh reaper took that age as the truth and requeued the live worker's job at its first look. Now
+    it watches the seq for about one interval: a live worker keeps its job, a dead one loses it, still far sooner
+    than stale_after of watching would allow."""
+    from spooler import heartbeat
+
+    running = fake_dead_worker(share, "cached", "busy-job")
+    monkeypatch.setattr(heartbeat, "share_now", lambda share: time.time() + 30)
+
+    def cached_old() -> None:
+        old = time.time() + 30 - 3 * share.settings.stale_after
+        os.utime(share.heartbeat_file("cached"), (old, old))
+
+    cached_old()
+    clock = HandClock()
+    live = Liveness(share, clock)
+    first = reap(share, live, "observer", clock)["cached"]
+    assert not first.stale and running.exists(), first.reason
+    if alive:
+        beat = json.loads(share.heartbeat_file("cached").read_text())
+        share.write_json(share.heartbeat_file("cached"), {**beat, "seq": beat["seq"] + 1})
+        cached_old()
+    clock.now += 1.5 * share.settings.heartbeat_interval + 0.6
+    second = reap(share, live, "observer", clock)["cached"]
+    assert second.stale is not alive and running.exists() is alive, second.reason
+    assert 1.5 * share.settings.heartbeat_interval + 0.6 < share.settings.stale_after
+
+
 def test_job_fails_after_max_attempts(share: Share, procs: Procs) -> None:
     fake_dead_worker(share, "gone", "unlucky", attempt=share.settings.max_attempts)
     procs.worker(share, "w2")
