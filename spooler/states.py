@@ -191,13 +191,14 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
     folder = share.makedirs(share.result_dir(result.id))
     pending = folder / f".result.{uuid.uuid4().hex[:12]}.{_SAFE.sub('_', by)}.json{PENDING_SUFFIX}"
     share.write_json(pending, result)
+    ours = pending.read_bytes()
     job_json = folder / "job.json"
     if job_json.exists():  # never overwrite a person's bytes; cannot happen unless ids were reused by hand
         job_json = folder / f"job.{uuid.uuid4().hex[:8]}.json"
     try:
         os.rename(src, job_json)
     except OSError as e:
-        if not (isinstance(e, FileNotFoundError) and _committed(share, folder, job_json.name, pending)):
+        if not (isinstance(e, FileNotFoundError) and _committed(share, folder, job_json.name, pending, ours)):
             with contextlib.suppress(OSError):
                 os.unlink(pending)  # our own record of an outcome that is not committed
             if isinstance(e, FileNotFoundError):
@@ -207,7 +208,7 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
     _finalize(share, folder, pending)
 
 
-def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool:
+def _committed(share: Share, folder: Path, job_json: str, pending: Path, ours: bytes) -> bool:
     """After ENOENT from the commit: did it happen anyway? NFS retransmits a rename whose reply was lost, and
     the retry fails although the first one won. It did if the job file is in place, no other attempt's result
     is out, and ours is the latest attempt's pending result (the only one that can commit; see
@@ -216,8 +217,8 @@ def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool
         names = os.listdir(folder)
         if job_json not in names:
             return False
-        if pending.name not in names:  # a start-up's complete_pending already finished it: ours was the latest
-            return "result.json" in names
+        if pending.name not in names:  # someone's complete_pending finished the job meanwhile: with ours?
+            return "result.json" in names and _read_bytes(folder / "result.json") == ours
         if "result.json" in names:  # another attempt's result is out, and ours still pending: not ours
             return False
         mine = (_attempts_of(pending), _concluder_of(pending))
@@ -231,10 +232,26 @@ def _committed(share: Share, folder: Path, job_json: str, pending: Path) -> bool
 def _committed_pending(folder: Path) -> Path | None:
     """The pending result of the attempt that committed, among those an earlier concluder left after a crash.
     Only the job's latest attempt can commit: a new attempt exists only once the previous one's file was moved
-    away, and a committed job file is never requeued. So it is the pending file with the most attempts (two of
-    one attempt are one worker's retries of one outcome)."""
+    away, and a committed job file is never requeued. So it is a pending file with the most attempts. Two of one
+    attempt are one concluder's retries of one outcome, or the worker's own and a reaper's that failed the job
+    for it while it looked dead, their commits racing; their names cannot say which won. The worker's own
+    outcome is then the one finished: a trained, verified adapter is not thrown away for a guess that the worker
+    had died (the reaper that lost cleans up its file; one left by a crash is never published over it)."""
     pendings = sorted(folder.glob(f".result.*.json{PENDING_SUFFIX}"))
-    return max(pendings, key=_attempts_of, default=None)
+    return max(pendings, key=lambda p: (_attempts_of(p), _by_its_worker(p)), default=None)
+
+
+def _by_its_worker(pending: Path) -> bool:
+    """Whether a pending result was concluded by the worker that ran the attempt, not for it."""
+    worker = read_json_object(pending).get("worker")
+    return isinstance(worker, str) and _concluder_of(pending) == _SAFE.sub("_", worker)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _concluder_of(pending: Path) -> str:

@@ -243,12 +243,18 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
                 assert json.loads((share.result_dir(job_id) / "result.json").read_text())["worker"] == "w2"
 
 
+@pytest.mark.parametrize("observer_meanwhile", [False, True])
 def test_a_reaper_that_loses_the_commit_to_the_slow_worker_publishes_nothing(
-        share: Share, monkeypatch: pytest.MonkeyPatch) -> None:
+        share: Share, monkeypatch: pytest.MonkeyPatch, observer_meanwhile: bool) -> None:
     """The worker was judged dead on its last attempt while only slow. It commits its success just before the
     reaper's commit of "failed" (whose rename then finds no file), and is slow again before its last rename. Both
     pending results said (attempt 3, worker w1), and a tie was taken for one concluder's retry: the reaper
-    published its failure over the success that committed (audit, suspected at states.py:223, now proven)."""
+    published its failure over the success that committed (audit, suspected at states.py:223, now proven).
+    ``observer_meanwhile``: another process finishes the job (complete_pending) while the reaper pauses to
+    confirm, its pending file named to sort first (review: the pick among equal attempts went by name)."""
+    import uuid
+    from types import SimpleNamespace
+
     from schemas.result import Result, Terminal
     from spooler.clock import SystemClock
     from spooler.reaper import release
@@ -257,7 +263,9 @@ def test_a_reaper_that_loses_the_commit_to_the_slow_worker_publishes_nothing(
     share.makedirs(share.running("w1"))
     running = share.running("w1") / states.QueueKey(0, "20260101000000000", "slow", last).name
     running.write_text('{"kind": "probe"}')
-    real_rename, real_finalize = states.os.rename, states._finalize
+    real_rename, real_finalize, real_confirmed = states.os.rename, states._finalize, states._confirmed
+    names = iter([uuid.UUID(int=0), uuid.UUID(int=2**128 - 1)])  # the reaper's pending sorts first
+    monkeypatch.setattr(states, "uuid", SimpleNamespace(uuid4=lambda: next(names)))
 
     def worker_commits_first(src: str | Path, dst: str | Path) -> None:
         monkeypatch.setattr(states.os, "rename", real_rename)
@@ -267,12 +275,19 @@ def test_a_reaper_that_loses_the_commit_to_the_slow_worker_publishes_nothing(
         monkeypatch.setattr(states, "_finalize", real_finalize)
         real_rename(src, dst)  # the reaper's own commit: the file is gone
 
+    def another_finishes_it(*args: object) -> bool:
+        states.complete_pending(share, "slow")
+        return real_confirmed(*args)  # type: ignore[arg-type]
+
     monkeypatch.setattr(states.os, "rename", worker_commits_first)
+    if observer_meanwhile:
+        monkeypatch.setattr(states, "_confirmed", another_finishes_it)
     release(share, running, "w2", SystemClock(), "its heartbeat went stale", count_attempt=True)
     folder = share.result_dir("slow")
-    assert not (folder / "result.json").exists()
+    assert (folder / "result.json").exists() is observer_meanwhile
     assert states.complete_pending(share, "slow")  # what the worker, or any start-up pass, finishes
     assert json.loads((folder / "result.json").read_text())["status"] == "succeeded"
+    assert not list(folder.glob(f".result.*{states.PENDING_SUFFIX}"))
 
 
 def test_conclude_moves_no_output_through_a_planted_link(share: Share, tmp_path: Path) -> None:
