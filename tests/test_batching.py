@@ -143,3 +143,13 @@ def test_the_probe_tells_models_that_keep_packed_rows_apart_from_those_that_mix_
     assert (problem is None) == keeps_apart, problem
     assert problem is None or "attend to the rows before it" in problem
     assert model.training, "the probe left the model in eval mode"
+
+
+def test_a_packed_rows_padded_tail_never_takes_a_position_past_the_longest_row() -> None:
+    """The tail counted 0, 1, 2... to its end: with max_length 256 and rows of at most 36 tokens a GPT-2 of 128
+    learned positions looked up position 136 and died in an IndexError (found by the length check's test)."""
+    rows = [Example(list(range(3, 3 + n)), [IGNORE] + list(range(4, 3 + n))) for n in (36, 20, 12, 30)]
+    batcher = Batcher(rows, 2, 256, 0, 0, packed=True)
+    for index in range(batcher.steps_per_epoch()):
+        batch = batcher.batch(0, index)
+        assert batch.position_ids is not None and int(batch.position_ids.max()) < 36

@@ -1379,7 +1379,8 @@ def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
 
 @pytest.fixture(scope="module")
 def gpt2_share(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A GPT-2 of 128 learned positions, with the tiny model's tokenizer: past 128 its position table ends."""
+    """A GPT-2 of 128 learned positions, with the tiny model's tokenizer: past 128 its position table ends. Short
+    alpaca rows, and one text file whose row runs to 400 words."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("gpt2-share")
@@ -1390,15 +1391,17 @@ def gpt2_share(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         if "token" in f.name:
             shutil.copy(f, root / "models" / "g")
     write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=16)
+    (root / "datasets" / "long.jsonl").write_text("".join(json.dumps({"text": "word " * n}) + "\n"
+                                                          for n in (400, 10, 12, 14, 16, 18, 20, 22)))
     return root
 
 
-@pytest.mark.parametrize(("max_length", "probe", "field", "says"), [
-    (256, "Hi", "training.max_length", "is 256, more than this model's context of 128 tokens"),
-    (64, "word " * 80, "probes.0", "with its 64-token answer it passes this model's context of 128 tokens"),
+@pytest.mark.parametrize(("dataset", "max_length", "probe", "field", "says"), [
+    ("long", 256, "Hi", "training.max_length", "rows of up to 256 tokens pass this model's 128 learned positions"),
+    ("alpaca", 64, "word " * 80, "probes.0", "with its 64-token answer it passes this model's context of 128 tokens"),
 ])
-def test_rows_or_probes_past_the_models_context_are_refused_before_loading(
-        gpt2_share: Path, monkeypatch: pytest.MonkeyPatch, max_length: int, probe: str, field: str,
+def test_rows_or_probes_past_a_learned_position_table_are_refused_before_loading(
+        gpt2_share: Path, monkeypatch: pytest.MonkeyPatch, dataset: str, max_length: int, probe: str, field: str,
         says: str) -> None:
     """Both ended in an IndexError from GPT-2's position table, the job failed as if the worker had a bug."""
     import transformers
@@ -1407,16 +1410,43 @@ def test_rows_or_probes_past_the_models_context_are_refused_before_loading(
         raise AssertionError("weights were loaded before the lengths were checked")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-    job = make_job("long", model="models/g", targets=("c_attn",), max_steps=2, max_length=max_length)
+    job = make_job("long", model="models/g", dataset=f"datasets/{dataset}.jsonl", targets=("c_attn",), max_steps=2,
+                   max_length=max_length)
     with pytest.raises(Rejected) as e:
         train(gpt2_share, job.model_copy(update={"probes": [probe]}))
     assert e.value.field == field and says in e.value.problem, e.value.problem
 
 
-def test_rows_and_probes_within_the_context_train_and_answer(gpt2_share: Path) -> None:
-    job = make_job("fits", model="models/g", targets=("c_attn",), max_steps=2, max_length=128)
-    outcome = train(gpt2_share, job.model_copy(update={"probes": ["word " * 10]}))
+def test_rows_and_probes_within_the_position_table_train_and_answer(gpt2_share: Path) -> None:
+    """max_length past the table is no problem while every row fits it: packing starts positions again at each
+    row (review: the first check refused the setting, not the rows). The longest prompt that fits is answered."""
+    from worker.probes import ANSWER_TOKENS, prompt_ids
+
+    tokenizer = _tokenizer_of(gpt2_share / "models" / "g")
+    words = 1
+    while len(prompt_ids(tokenizer, "word " * (words + 1))) <= 128 - ANSWER_TOKENS + 1:
+        words += 1
+    job = make_job("fits", model="models/g", targets=("c_attn",), max_steps=2, max_length=256)
+    outcome = train(gpt2_share, job.model_copy(update={"probes": ["word " * words]}))
     assert outcome.metrics.steps == 2 and len(outcome.probes) == 1
+
+
+def test_rows_past_a_rotary_models_context_train_with_a_note(share_root: Path, tmp_path: Path) -> None:
+    """Rotary positions have no end: such rows are not refused, and the note says they pass what the model
+    was pretrained on."""
+    root = tmp_path / "share"
+    shutil.copytree(share_root / "models" / "tiny", root / "models" / "short")
+    config = json.loads((root / "models" / "short" / "config.json").read_text())
+    (root / "models" / "short" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=16)
+    outcome = train(root, make_job("rope", model="models/short", max_steps=2, max_length=64))
+    assert any("past this model's max_position_embeddings of 32" in n for n in outcome.notes), outcome.notes
+
+
+def _tokenizer_of(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def test_a_jobs_checks_load_and_verification_build_the_models_structure_once(

@@ -78,6 +78,9 @@ class Batcher:
         self._cache: tuple[int, list[list[list[int]]]] | None = None
         self._targets: tuple[int, float] | None = None  # (epoch, mean targets per step)
         self._target_counts: list[int] | None = None
+        # The padded tail of a packed row restarts its positions every this many tokens: never past a real row's,
+        # so a model with a learned position table of the longest row's length takes any max_length.
+        self._tail_span = max((len(e.input_ids) for e in examples), default=1) or 1
 
     def steps_per_epoch(self) -> int:
         return len(self.epoch_plan(0))
@@ -187,7 +190,7 @@ class Batcher:
                 positions[r, at:at + n] = torch.arange(n)
                 at += n
             real += at
-            positions[r, at:] = torch.arange(self.max_length - at)  # the padded tail is a sequence of its own
+            positions[r, at:] = torch.arange(self.max_length - at) % self._tail_span  # sequences of their own
         return Batch(ids, labels, None, positions, real, ids.numel())
 
 

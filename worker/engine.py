@@ -284,13 +284,14 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     plan.memory_cap = cap_gpu_memory(plan, req.gpu_memory_gib)
     check_targets(req.model_dir, req.job.lora.target_modules)  # first: it reads config.json, and names it
     tokenizer = load_tokenizer(req.model_dir)
-    check_lengths(req.model_dir, tokenizer, req.job)
     cache = tokencache.for_dataset(req.share_root, data.file_labels(req.datasets), tokenizer, req.file_mode,
                                    write=main)
     splits = data.load_splits(req.datasets, tokenizer, t, every_second(report, req.job.id or "job", "preparing"),
                               cache)
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
                            for p in req.datasets]
+    if note := check_lengths(req.model_dir, tokenizer, req.job, splits):
+        splits.notes.append(note)
     return plan, tokenizer, splits
 
 
@@ -411,17 +412,33 @@ def model_context(config: Any) -> int | None:
     return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
 
 
-def check_lengths(model_dir: Path, tokenizer: Any, job: JobSpec) -> None:
-    """Refuse rows and probes longer than the model's context. Past it, learned positions (GPT-2's) end in an
-    IndexError deep inside a step, after the load; rotary ones run on, on positions the model never learned."""
-    context = model_context(meta_model(model_dir).config)
+def _learned_positions(model: torch.nn.Module, context: int) -> bool:
+    """Whether the model looks positions up in a table of ``context`` rows (GPT-2's wpe; OPT's has 2 more)."""
+    words = model.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not words and context <= m.num_embeddings <= context + 2
+               for m in model.modules())
+
+
+def check_lengths(model_dir: Path, tokenizer: Any, job: JobSpec, splits: data.Splits) -> str | None:
+    """Refuse rows and probes past a learned position table: there GPT-2 and its kind end in an IndexError deep
+    inside a step or a generate, after the load. Rows are cut to max_length and packing starts the positions
+    again at each row, so the longest row counts, not max_length. Rotary and ALiBi models have no such end; past
+    max_position_embeddings they run on positions they never learned, which the returned note says."""
+    structure = meta_model(model_dir)
+    context = model_context(structure.config)
     if context is None:
-        return
-    if job.training.max_length > context:
-        raise Rejected("training.max_length", f"is {job.training.max_length}, more than this model's context of "
-                                              f"{context} tokens (max_position_embeddings in config.json); set it "
-                                              f"to {context} or less")
+        return None
+    longest = max((len(e.input_ids) for e in (*splits.train, *splits.eval)), default=0)
+    if not _learned_positions(structure, context):
+        return None if longest <= context else (
+            f"rows of up to {longest} tokens, past this model's max_position_embeddings of {context}: it trains on "
+            "positions it was not pretrained on")
+    if longest > context:
+        raise Rejected("training.max_length", f"rows of up to {longest} tokens pass this model's {context} learned "
+                                              "positions (max_position_embeddings in config.json); set "
+                                              f"training.max_length to {context} or less")
     check_prompts(tokenizer, job.probes, context)
+    return None
 
 
 def check_parameters(model_dir: Path) -> None:

@@ -43,13 +43,15 @@ def _answer(model: Any, tokenizer: Any, prompt: str, device: str, max_new_tokens
 
 
 def check_prompts(tokenizer: Any, prompts: list[str], context: int) -> None:
-    """Refuse, before any weights are read, a prompt whose answer would run past the model's context."""
+    """Refuse, before any weights are read, a prompt whose answer would run past the model's context. The last
+    answer token is never fed back: a prompt of n tokens reaches position n + ANSWER_TOKENS - 2."""
+    fits = context - ANSWER_TOKENS + 1
     for i, prompt in enumerate(prompts):
         n = len(prompt_ids(tokenizer, prompt))
-        if n + ANSWER_TOKENS > context:
+        if n > fits:
             raise Rejected(f"probes.{i}", f"is {n} tokens; with its {ANSWER_TOKENS}-token answer it passes this "
-                                          f"model's context of {context} tokens: shorten it to "
-                                          f"{max(0, context - ANSWER_TOKENS)} tokens or less")
+                                          f"model's context of {context} tokens: shorten it to {max(0, fits)} "
+                                          "tokens or less")
 
 
 def pair(prompts: list[str], base_answers: list[str], adapted_answers: list[str]) -> list[ProbeOutput]:
