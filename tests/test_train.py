@@ -1060,7 +1060,8 @@ def test_a_checkpoint_saved_with_two_gpus_visible_resumes_on_a_worker_with_one(m
     assert len(seen) == 1 and torch.equal(seen[0], torch.ones(3))
 
 
-def test_a_cuda_fault_counts_as_a_crash_that_resumes_not_as_the_jobs_failure() -> None:
+def test_a_cuda_fault_counts_as_a_crash_that_resumes_not_as_the_jobs_failure(caplog: pytest.LogCaptureFixture
+                                                                             ) -> None:
     """An illegal address or a GPU off the bus failed the job for good; now, like a killed training process, it
     costs an attempt and the next resumes from its checkpoint. Out of memory stays the job's own failure."""
     import torch
@@ -1072,6 +1073,7 @@ def test_a_cuda_fault_counts_as_a_crash_that_resumes_not_as_the_jobs_failure() -
 
     fault = outcome(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
     assert (fault.kind, fault.killed) == ("died", True)
+    assert "GPU failed" in caplog.text and "traceback" in caplog.text  # the whole of it goes to the worker log
     assert fault.error == "the GPU failed: AcceleratorError: CUDA error: an illegal memory access was encountered"
     oom = outcome(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert oom.kind == "failed" and "lower training.batch_size" in (oom.error or "")

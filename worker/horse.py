@@ -171,7 +171,7 @@ def _report_of(e: BaseException, trace: str) -> tuple:
     # A device-side assert is the job's own (a token id past the embedding, a label out of range): not retried.
     if (type(e).__name__ == "AcceleratorError" or text.startswith("CUDA error")) and \
             "out of memory" not in text.lower() and "device-side assert" not in text:
-        return ("died", f"the GPU failed: {brief(e)}")
+        return ("died", f"the GPU failed: {brief(e)}", trace)
     return ("failed", _describe(e), trace)
 
 
@@ -263,7 +263,9 @@ def _final(msg: tuple, stop_reason: str | None) -> HorseResult:
         return HorseResult("cancelled", error=stop_reason)
     if kind == "unfit":  # the worker's GPU is gone: the daemon gives the job back and stops
         return HorseResult("unfit", error=msg[1])
-    if kind == "died":  # DDP ranks killed or crashed, or a CUDA fault
+    if kind == "died":  # DDP ranks killed or crashed, or a CUDA fault (with its traceback)
+        if len(msg) > 2:
+            log.error("the training process's GPU failed: %s\n%s", msg[1], msg[2])
         return HorseResult("died", error=msg[1], stop_reason=stop_reason, killed=True)
     log.error("the training process failed: %s\n%s", msg[1], msg[2])
     return HorseResult("failed", error=msg[1])
