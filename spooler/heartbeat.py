@@ -252,9 +252,11 @@ def snapshot(share: Share, clock: Clock, beats: dict[str, Heartbeat] | None = No
 
 
 def watch_briefly(share: Share, clock: Clock, views: dict[str, WorkerView], limit: float) -> dict[str, WorkerView]:
-    """For workers whose one-shot verdict rests on clocks agreeing and says stale, watch seq for about one
-    heartbeat interval: an advancing seq proves the worker live far sooner than ``stale_after`` could."""
-    doubtful = {w: v for w, v in views.items() if v.stale and v.confidence == CLOCKS_AGREE and v.heartbeat}
+    """For workers whose one-shot verdict from file times says stale, watch seq for about one heartbeat
+    interval: an advancing seq proves the worker live far sooner than ``stale_after`` could. A verdict on the
+    share's clock is watched too: a client may show a heartbeat's metadata cached, older than the file is."""
+    doubtful = {w: v for w, v in views.items()
+                if v.stale and v.confidence in (CLOCKS_AGREE, SHARE_CLOCK) and v.heartbeat}
     if not doubtful:
         return views
     wait = min(limit, 1.5 * max(v.heartbeat.interval for v in doubtful.values() if v.heartbeat) + 0.5)

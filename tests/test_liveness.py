@@ -249,6 +249,28 @@ def test_a_fresh_observer_watches_before_believing_a_cached_old_file_time(share:
     assert 1.5 * share.settings.heartbeat_interval + 0.6 < share.settings.stale_after
 
 
+def test_a_one_shot_verdict_on_the_shares_clock_is_watched_before_it_says_dead(share: Share) -> None:
+    """status and submit's fallback choice take one look at file times. A share-clock age was believed at once,
+    but a client may show a heartbeat's metadata cached, older than it is (review): a live worker was counted
+    dead, and submit started a CPU fallback beside it. Its seq is watched first now, as a clocks-agree one is."""
+    import threading
+
+    from spooler.heartbeat import SHARE_CLOCK, WorkerView, watch_briefly
+
+    fake_dead_worker(share, "cached", "busy-job")
+    hb = read_model(share.heartbeat_file("cached"), Heartbeat)
+    assert hb is not None
+    views = {"cached": WorkerView("cached", hb, True, 3 * share.settings.stale_after, SHARE_CLOCK, "old, by the share")}
+    beats = threading.Timer(0.3, lambda: share.write_json(share.heartbeat_file("cached"), hb.model_copy(
+        update={"seq": hb.seq + 1})))
+    beats.start()
+    try:
+        view = watch_briefly(share, SystemClock(), views, limit=share.settings.stale_after / 2)["cached"]
+    finally:
+        beats.join()
+    assert not view.stale and view.confidence == "observed", view.reason
+
+
 def test_job_fails_after_max_attempts(share: Share, procs: Procs) -> None:
     fake_dead_worker(share, "gone", "unlucky", attempt=share.settings.max_attempts)
     procs.worker(share, "w2")
