@@ -119,8 +119,10 @@ def result_of(share: Share, job_id: str) -> Result | None:
     return read_model(share.result_dir(job_id) / "result.json", Result)
 
 
-def wait_result(share: Share, job_id: str, timeout: float = 60) -> Result:
-    return wait_for(lambda: result_of(share, job_id), timeout, f"result of {job_id}")  # type: ignore[return-value]
+def wait_result(share: Share, job_id: str, timeout: float = 60,
+                explain: Callable[[], str] | None = None) -> Result:
+    return wait_for(lambda: result_of(share, job_id), timeout, f"result of {job_id}",  # type: ignore[return-value]
+                    explain=explain)
 
 
 def drop(share: Share, name: str, job: dict | bytes) -> Path:
