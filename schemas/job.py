@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # A job id becomes a folder name on SMB, NFS and NTFS alike: keep to the characters all three accept,
 # and refuse the names Windows reserves whatever their extension.
@@ -20,6 +29,9 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would let
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", "conin$", "conout$",
                     *(f"{d}{i}" for d in ("com", "lpt") for i in (*range(10), "\u00b9", "\u00b2", "\u00b3"))}
 ID_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+# A probe is a question a person reads the answers to, not a document: this bounds what a job file can make the
+# worker generate from (on a rotary model no position table would refuse it), on the CPU fallback too.
+PROBE_CHARS = 4000
 
 
 def id_problem(value: str) -> str | None:
@@ -223,8 +235,10 @@ class JobSpec(Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     quantization: Quantization = Quantization.none
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
-    probes: list[str] = Field(default_factory=list, max_length=8,
-                              description="Up to 8 prompts, answered greedily by the base and the adapted model.")
+    probes: list[Annotated[str, StringConstraints(max_length=PROBE_CHARS)]] = Field(
+        default_factory=list, max_length=8,
+        description=f"Up to 8 prompts of {PROBE_CHARS} characters at most, answered greedily by the base and the "
+                    "adapted model.")
     devices: Literal["auto", "all"] = Field(
         "auto", description="auto: one GPU (or the CPU). all: one job across every GPU of the worker (DDP).")
     parent: str | None = Field(

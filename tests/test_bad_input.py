@@ -43,6 +43,7 @@ BAD_FILES = [
     ("longpath.json", json.dumps({**GOOD, "dataset": "datasets/" + "a/" * 2100 + "x"}).encode(), "dataset",
      "1024 bytes at most"),
     ("dupkey.json", b'{"kind": "probe", "id": "first", "id": "second"}', "id", "appears twice"),
+    ("longprobe.json", json.dumps({**GOOD, "probes": ["Why? " * 801]}).encode(), "probes.0", "at most 4000 characters"),
     ("surrogate.json", json.dumps({**GOOD, "probes": ["\ud800"]}).encode(), "file", "half of a UTF-16 pair"),
     ("seed.json", json.dumps({**GOOD, "training": {"seed": 2**64}}).encode(), "training.seed", "less than"),
     ("nanweight.json", json.dumps({"kind": "merge", "merge": {"adapters": ["a/v1", "b/v1"], "into": "adapter",
