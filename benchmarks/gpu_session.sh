@@ -11,7 +11,10 @@
 # Seen on one H100 (2026-11-24, torch 2.11, transformers 5.17), warm machine: tests 139 s; qwen ~190 s; one
 # compiled worker run at batch 32 ~280 s (most of it compiling; a compiled batch-16 run with liger and varlen did
 # not finish in 200 s). Run targets first: it is the side-by-side run the targets of #6 name. A warm machine keeps
-# /tmp (the built model, the wheels) between calls; a fresh one builds again.
+# /tmp (the built model, the wheels) between calls; a fresh one builds again. With 30 minutes of a lent GPU, one
+# phase per call, each call made as soon as the last returns (an idle machine goes back after 30 s): targets,
+# llama4bit (never run: its build writes 16 GB; a rerun after a time-out reuses a finished build), quality, tests
+# (the gpu_memory_gib test has not run), profile.
 # Wheels the machine lacks are installed from .whl/ when that folder exists. Fetch them on a machine with pip:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
