@@ -82,7 +82,7 @@ transformers.__version__, "peft", peft.__version__)'
       "$py" .anchors/gpu_lora_plain.py --rows 32 --chunked-loss --compile ;;
     llama4bit)  # the worker held to 12 GiB, as on the seed users' smaller cards, beside the QLoRA Trainer
       "$py" "${bench[@]}" --shape llama-8b --quantization 4bit --recipes worker,qlora --steps 10 --warmup 2 \
-        --gpu-memory-gib 12 ${flags[@]+"${flags[@]}"} ;;
+        --gpu-memory-gib 12 --stop-after-timed ${flags[@]+"${flags[@]}"} ;;
     quality)
       "$py" benchmarks/train_quality.py --device cuda --json "$out/quality.json" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;

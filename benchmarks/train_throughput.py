@@ -179,7 +179,8 @@ def worker_job(args: argparse.Namespace) -> Any:
     return JobSpec(id="bench", kind="train", base_model=f"models/{args.shape}", dataset="datasets/rows.jsonl",
                    quantization=args.quantization, devices="all" if args.ranks else "auto",
                    lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-                   training={"max_steps": args.warmup + args.steps + (PROFILE_STEPS if args.profile else 0),
+                   training={"max_steps": args.warmup + args.steps + (PROFILE_STEPS if args.profile else 0)
+                             + (1 if args.stop_after_timed else 0),  # a step to stop at, before evaluating
                              "batch_size": (args.worker_batch or args.batch) * (args.ranks or 1),
                              "max_length": _shapes.MAX_LENGTH, "eval_fraction": 0.002,
                              "checkpoint_every_steps": 10**9, "checkpoint_every_minutes": 1e9,
@@ -225,10 +226,12 @@ class WorkerClock:
         self.window, self.total, self.profile = window, total, profile
         self.job_total = total + (PROFILE_STEPS if profile else 0)
         self.estimated = False
+        self.done = False  # every step the job was given for timing (and profiling) has been reported
 
     def report(self, progress: Any) -> None:
         if progress.phase != "training" or progress.step <= 0:
             return
+        self.done = self.done or progress.step >= self.job_total
         if progress.step > self.total:
             if self.profile is not None:
                 self.profile.at(progress.step)
@@ -253,7 +256,7 @@ class WorkerClock:
 
 def run_worker(args: argparse.Namespace) -> Row:
     from worker import headloss, packedattn
-    from worker.train import TrainRequest, run_training
+    from worker.train import TrainRequest
 
     headloss.USE_LIGER = not args.no_liger
     packedattn.USE_FLASH = not args.no_varlen
@@ -275,9 +278,11 @@ def run_worker(args: argparse.Namespace) -> Row:
                            out_dir=root / "results" / "bench" / "attempts" / "a1", device=args.device,
                            file_mode=0o664, cpu_quantization="bitsandbytes",  # on CPU, as --quantization says
                            gpu_memory_gib=args.gpu_memory_gib)
-        outcome = run_training(req, clock.report, should_stop=lambda: False)
-    row.compile_s = outcome.metrics.compile_seconds
-    notes = list(outcome.notes)
+        outcome = _train(req, clock, args.stop_after_timed)
+        notes = list(outcome.notes) if outcome else [
+            "ended after the timed steps (--stop-after-timed): not evaluated, saved or verified",
+            *_plan_lines(req.out_dir / "train.log")]
+    row.compile_s = outcome.metrics.compile_seconds if outcome else None
     if clock.estimated:
         notes.append("tokens estimated from tokens_per_second (progress.tokens not set)")
     if not any(s.padded is not None for s in window.samples):
@@ -289,6 +294,31 @@ def run_worker(args: argparse.Namespace) -> Row:
     if args.ranks:
         row.peak_gib = None
     return row
+
+
+def _train(req: Any, clock: WorkerClock, stop_after_timed: bool) -> Any:
+    """The job as the worker runs it; with ``stop_after_timed`` it is cancelled once the timed steps are done,
+    as a person would cancel it: the evaluation, save and verification reload that follow take minutes on an 8B
+    base and time nothing. The worker's choices (checkpointing, kernels, the memory cap) are then read from its
+    train.log (``_plan_lines``)."""
+    from spooler.errors import Cancelled
+    from worker.train import run_training
+
+    if not stop_after_timed:
+        return run_training(req, clock.report, should_stop=lambda: False)
+    try:
+        return run_training(req, clock.report, should_stop=lambda: clock.done)
+    except Cancelled:
+        return None
+
+
+def _plan_lines(train_log: Path) -> list[str]:
+    """What the training process logged of its plan, from the attempt's train.log."""
+    try:
+        lines = train_log.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [line.split(" plan: ", 1)[1] for line in lines if " plan: " in line]
 
 
 # ── the Hugging Face Trainer recipes ─────────────────────────────────────────────────────────────────────
@@ -488,6 +518,7 @@ def child_args(args: argparse.Namespace, recipe: str) -> list[str]:
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             *(["--worker-batch", str(args.worker_batch)] if args.worker_batch else []),
             *(["--gpu-memory-gib", str(args.gpu_memory_gib)] if args.gpu_memory_gib else []),
+            *(["--stop-after-timed"] if args.stop_after_timed else []),
             *(["--ranks", str(args.ranks)] if args.ranks else []),
             *(["--profile", str(args.profile)] if args.profile and recipe == "worker" else []),
             "--quantization", args.quantization, "--sampler", args.sampler, "--cache", str(args.cache),
@@ -635,6 +666,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-gib", type=float, default=None,
                     help="worker recipe: the worker's gpu_memory_gib, to train as on a smaller card (a 12 GiB cap "
                          "on an 80 GiB GPU plans and allocates as a 12 GiB card would)")
+    ap.add_argument("--stop-after-timed", action="store_true",
+                    help="worker recipe: cancel the job after its timed (and profiled) steps instead of evaluating, "
+                         "saving and verifying it, which takes minutes on an 8B base")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/loraspool-bench"))
     ap.add_argument("--json", type=Path, help="also append the JSON lines to this file")
     ap.add_argument("--profile", type=Path,

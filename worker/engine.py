@@ -161,6 +161,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
         plan.notes.append(f"gradient checkpointing {'on' if recompute else 'off'}, "
                           f"{f'packed batches with {attention}' if packed else 'padded batches'}, "
                           f"LM head loss: {loss_kernel}")
+        log.info("plan: %s", plan.notes[-1])
     return model, loop
 
 
@@ -306,6 +307,7 @@ def cap_gpu_memory(plan: Plan, gib: float | None) -> int | None:
     cap = min(int(gib * 2**30), total)
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
     plan.notes.append(f"GPU memory held to {cap / 2**30:.3g} of {total / 2**30:.3g} GiB (the worker's gpu_memory_gib)")
+    log.info("plan: %s", plan.notes[-1])
     return cap
 
 
