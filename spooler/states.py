@@ -189,7 +189,9 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
     same attempt and worker as that worker's own result, and only the concluder tells the two apart.
     """
     folder = share.makedirs(share.result_dir(result.id))
-    pending = folder / f".result.{uuid.uuid4().hex[:12]}.{_SAFE.sub('_', by)}.json{PENDING_SUFFIX}"
+    key = QueueKey.parse(src.name)  # the attempt of the file committed: a queued job cancelled has not run it
+    tag = f"a{key.attempt if key else 0}.{_SAFE.sub('_', by)}"
+    pending = folder / f".result.{uuid.uuid4().hex[:12]}.{tag}.json{PENDING_SUFFIX}"
     share.write_json(pending, result)
     ours = pending.read_bytes()
     job_json = folder / "job.json"
@@ -198,7 +200,12 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
     try:
         os.rename(src, job_json)
     except OSError as e:
-        if not (isinstance(e, FileNotFoundError) and _committed(share, folder, job_json.name, pending, ours)):
+        # Whatever the error (ENOENT, EIO, a dropped session), the rename may have happened: an error is not a "no".
+        try:
+            committed = _committed(share, folder, job_json.name, pending, ours)
+        except OSError:
+            raise e from None  # cannot tell now: the pending file stays, and complete_pending settles it later
+        if not committed:
             with contextlib.suppress(OSError):
                 os.unlink(pending)  # our own record of an outcome that is not committed
             if isinstance(e, FileNotFoundError):
@@ -254,13 +261,24 @@ def _read_bytes(path: Path) -> bytes | None:
         return None
 
 
+def _name_parts(pending: Path) -> list[str]:
+    """``.result.<random>.a<attempt>.<concluder>.json.pending`` as [random, a<attempt>, concluder]; an older name
+    (``.result.<random>[.<concluder>].json.pending``) gives fewer parts."""
+    return pending.name.removeprefix(".result.").removesuffix(f".json{PENDING_SUFFIX}").split(".", 2)
+
+
 def _concluder_of(pending: Path) -> str:
-    """Who wrote a pending result: ``.result.<random>.<concluder>.json.pending`` ("" in an older name)."""
-    middle = pending.name.removeprefix(".result.").removesuffix(f".json{PENDING_SUFFIX}")
-    return middle.split(".", 1)[1] if "." in middle else ""
+    """Who wrote a pending result ("" in an older name)."""
+    return _name_parts(pending)[-1] if len(_name_parts(pending)) > 1 else ""
 
 
 def _attempts_of(pending: Path) -> int:
+    """The attempt of the job file its concluder committed, from its name: a job cancelled while queued for its
+    attempt N has run N - 1 (the result's ``attempts``), and must outrank attempt N - 1's own leftover result.
+    An older name gives the result's ``attempts``."""
+    parts = _name_parts(pending)
+    if len(parts) == 3 and re.fullmatch(r"a\d{1,6}", parts[1]):
+        return int(parts[1][1:])
     attempts = read_json_object(pending).get("attempts")
     return attempts if isinstance(attempts, int) else 0
 

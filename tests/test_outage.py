@@ -6,13 +6,16 @@ share, the folders and the outcome files are real.
 
 from __future__ import annotations
 
+import errno
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from schemas.heartbeat import Heartbeat
 from schemas.result import Result
-from spooler import claim
+from spooler import claim, states
 from spooler.clock import SkewedClock
 from spooler.config import WorkerSettings
 from spooler.share import Share, read_model
@@ -64,6 +67,31 @@ def test_outcome_written_while_the_share_refuses_is_kept_locally_and_delivered_o
     assert result is not None and result.status.value == "succeeded"
     assert (result.started_at, result.finished_at) == (first.started_at, first.finished_at), "not run again"
     assert not job.exists() and not list((tmp_path / "cache" / "outbox" / "w1").glob("*"))
+
+
+def test_an_outcome_kept_after_its_commit_is_finished_by_the_live_worker(share: Share, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share dropped after the commit, at the last rename (audit, proven): the job file had left the running
+    folder, so no held file brought the kept outcome back to perform, and result.json waited for some worker's
+    restart while submitters waited on it. The live worker's loop now finishes it from the pending result."""
+    w = _worker(share, tmp_path / "cache")
+    drop(share, "cut.json", {"kind": "probe"})
+    w.intake.scan()
+    job = claim.next_job(share, "w1")
+    assert job is not None
+
+    def outage(src: Path, dst: Path) -> bool:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    monkeypatch.setattr(states.atomic, "place_new", outage)
+    w.perform(job)
+    monkeypatch.undo()
+    folder = share.result_dir("cut")
+    assert not job.exists() and (folder / "job.json").exists() and not (folder / "result.json").exists()
+    w.maintenance()
+    result = read_model(folder / "result.json", Result)
+    assert result is not None and result.status.value == "succeeded"
+    assert not list((tmp_path / "cache" / "outbox" / "w1").glob("*"))
 
 
 def test_a_worker_stopped_while_it_holds_an_outcome_does_not_give_its_job_away(share: Share,

@@ -290,6 +290,75 @@ def test_a_reaper_that_loses_the_commit_to_the_slow_worker_publishes_nothing(
     assert not list(folder.glob(f".result.*{states.PENDING_SUFFIX}"))
 
 
+@pytest.mark.parametrize("renamed", [True, False])
+def test_a_commit_that_reports_an_io_error_is_judged_by_what_the_share_lists(
+        share: Share, monkeypatch: pytest.MonkeyPatch, renamed: bool) -> None:
+    """EIO from the commit rename (a dropped SMB session, a lost reply) deleted the pending result whether or not
+    the rename had happened (audit, proven): a commit with no pending file and no result, which nothing could
+    ever finish. Now any error is checked as ENOENT was: committed, it is finished; not, the error is raised and
+    the job file is where it was."""
+    import errno
+    import os
+
+    from schemas.result import Result, Terminal
+
+    share.makedirs(share.running("w1"))
+    running = share.running("w1") / states.QueueKey(0, "20260101000000000", "eio", 1).name
+    running.write_text('{"kind": "probe"}')
+    real_rename = os.rename
+
+    def eio(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).name == "job.json" and renamed:
+            real_rename(src, dst)
+        if Path(dst).name == "job.json":
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(states.os, "rename", eio)
+    result = Result(id="eio", status=Terminal.succeeded, worker="w1", attempts=1)
+    folder = share.result_dir("eio")
+    if renamed:
+        states.conclude(share, running, result, by="w1")
+        assert json.loads((folder / "result.json").read_text())["status"] == "succeeded"
+    else:
+        with pytest.raises(OSError, match="Input/output"):
+            states.conclude(share, running, result, by="w1")
+        assert running.exists() and not list(folder.glob(".result.*")) and not (folder / "job.json").exists()
+
+
+def test_a_job_cancelled_while_queued_outranks_a_dead_attempts_leftover_result(share: Share,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker A died between writing its result and its commit; the job was requeued as attempt 2 and a person
+    cancelled it there. The cancel's record said attempts 1 (it never ran attempt 2), tied with A's leftover, and
+    a tie went to the worker's own outcome: any complete_pending before the cancel's last rename (a start-up pass,
+    the cancel killed) published A's uncommitted "succeeded" (audit, proven). Ranks come from the attempt of the
+    file committed now."""
+    from schemas.result import Result, Terminal
+    from spooler import cancel
+    from spooler.clock import SystemClock
+
+    share.makedirs(share.running("A"))
+    running = share.running("A") / states.QueueKey(0, "20260101000000000", "left", 1).name
+    running.write_text('{"kind": "probe"}')
+    real_rename = states.os.rename
+
+    def killed_at_commit(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).name == "job.json":
+            raise KeyboardInterrupt("kill -9 of worker A at its commit")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(states.os, "rename", killed_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        states.conclude(share, running, Result(id="left", status=Terminal.succeeded, worker="A", attempts=1), by="A")
+    monkeypatch.setattr(states.os, "rename", real_rename)
+    assert states.requeue(share, running, 2) is not None
+    monkeypatch.setattr(states, "_finalize", lambda *args: None)  # the cancel is killed after its commit
+    cancel.request_cancel(share, "left", SystemClock())
+    monkeypatch.undo()
+    assert states.complete_pending(share, "left")  # a worker's start-up pass
+    assert json.loads((share.result_dir("left") / "result.json").read_text())["status"] == "cancelled"
+
+
 def test_conclude_moves_no_output_through_a_planted_link(share: Share, tmp_path: Path) -> None:
     """The attempt's folder replaced by a link to a teammate's run: concluding would have moved her train.log
     and metrics into this job's results. The result is written; her files stay where they are."""

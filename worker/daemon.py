@@ -209,6 +209,7 @@ class Worker:
     def _deliver_kept(self) -> list[str]:
         """One last try at the outcomes kept while the share was away; the ids of those still held."""
         held = []
+        self._finish_kept_commits()
         try:
             for path in claim.held(self.share, self.id):
                 key, result = states.QueueKey.parse(path.name), self.outbox.kept(path.name)
@@ -236,6 +237,24 @@ class Worker:
         except Exception as e:  # reaping is housekeeping: it must never stop this worker
             log.warning("could not check other workers' heartbeats: %s: %s [worker %s]", type(e).__name__, e,
                         self.id)
+        self._finish_kept_commits()
+
+    def _finish_kept_commits(self) -> None:
+        """Outcomes kept locally whose job file has left our running folder for ``results/<id>/job.json``: the
+        commit happened, and the share failed after it (a reply lost, then the last rename refused). No held file
+        brings such a job back to ``perform``: finish it here, from the pending result the share keeps."""
+        for path in sorted(self.outbox.folder.glob("*.result.json")):
+            running_name = path.name.removesuffix(".result.json")
+            key = states.QueueKey.parse(running_name)
+            try:
+                if key is None or (self.share.running(self.id) / running_name).exists() or \
+                        not (self.share.result_dir(key.job_id) / "job.json").exists():
+                    continue
+                if states.complete_pending(self.share, key.job_id):
+                    self.outbox.delivered(running_name)
+                    log.info("job %s: its committed outcome is delivered [worker %s]", key.job_id, self.id)
+            except OSError:
+                return  # the share is still away: the next pass tries again
 
     # ── one job ─────────────────────────────────────────────────────────────────────────────────────
     def perform(self, running_file: Path) -> None:
