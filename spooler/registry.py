@@ -554,10 +554,18 @@ def _read_job(share: Share, path: Path, as_name: str) -> JobSpec | None:
         return None
 
 
-def _job_names(spec: JobSpec) -> list[str]:
-    """What a job will load that gc could remove: a train job's parent, a verify job's adapter (when it is
-    NAME/VERSION, not a folder), a merge job's inputs, and the base model folder (a merged model may be one)."""
-    named = [spec.parent, spec.verify.adapter if spec.verify else None, *(spec.merge.adapters if spec.merge else [])]
+def _job_names(spec: JobSpec, keys: list[str]) -> list[str]:
+    """What a job will load that gc could remove: a train job's parent; a verify job's adapter, as NAME/VERSION
+    or as a registered version's folder (or a folder in it), and every version of a verify job's chain; a merge
+    job's inputs; and the base model folder (a merged model may be one). ``keys``: every NAME/VERSION there is."""
+    named = [spec.parent, *(spec.merge.adapters if spec.merge else [])]
+    verify = spec.verify
+    if verify is not None and verify.adapter is not None:
+        folder = canonical(verify.adapter).lower()
+        named += [verify.adapter, *(k for k in keys if folder == f"{ADAPTERS}/{k}".lower()
+                                    or folder.startswith(f"{ADAPTERS}/{k}/".lower()))]
+    if verify is not None and verify.chain is not None:
+        named += [k for k in keys if k.split("/", 1)[0].lower() == verify.chain.lower()]
     refs = [r for r in named if r is not None and ref_problem(r) is None]
     return refs + ([canonical(spec.base_model)] if spec.base_model else [])
 
@@ -570,7 +578,7 @@ def _named_by_jobs(share: Share, keys: list[str]) -> dict[str, str]:
     for state, as_name, path in _unfinished_jobs(share):
         spec = _read_job(share, path, as_name)
         if spec is not None:
-            for key in _job_names(spec):
+            for key in _job_names(spec, keys):
                 found.setdefault(key.lower(), []).append(f"job {spec.id} ({state})")
         elif state in ARRIVING:
             for key in _mentioned(share, path, keys):

@@ -752,6 +752,18 @@ def test_gc_keeps_the_versions_unfinished_jobs_name(share: Share, trained: dict)
     assert registry.numbers(share, "pinned") == [1, 2, 3, 4]
 
 
+def test_gc_keeps_a_version_a_verify_job_names_by_its_folder_or_its_chain(share: Share, trained: dict) -> None:
+    """verify.adapter may be a version's folder, and verify.chain reads every version of a name: gc counted
+    only NAME/VERSION, and removed what those queued jobs would load (audit, proven)."""
+    _register_copies(share, trained, "byfolder", [[], []])
+    _register_copies(share, trained, "bychain", [[], []])
+    _enqueue(share, {"id": "gc-folder", "kind": "verify", "verify": {"adapter": "adapters\\byfolder\\v1\\"}})
+    _enqueue(share, {"id": "gc-chain", "kind": "verify", "verify": {"chain": "bychain"}})
+    report = registry.gc(share, ["byfolder/v1", "bychain/v1"])
+    assert report.removed == [] and report.refused == {
+        "byfolder/v1": "kept: named by job gc-folder (queued)", "bychain/v1": "kept: named by job gc-chain (queued)"}
+
+
 def test_gc_removes_a_version_once_the_job_naming_it_has_finished(share: Share, trained: dict) -> None:
     from spooler.cancel import request_cancel
 
