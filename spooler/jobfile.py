@@ -88,6 +88,9 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        if e.reason == "unexpected end of data" or not data[e.end:].strip(b"\x00"):  # a character cut in two
+            raise CutShort("file", f"not valid UTF-8 at the end of the file (offset {e.start}), which stops inside a "
+                                   "character (cut short?); copy the whole file again") from None
         raise Rejected("file", f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                        "save it as UTF-8") from None
     if (depth := _nesting_depth(text)) > MAX_DEPTH:
@@ -104,6 +107,9 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
             raise CutShort("file", f"not valid JSON: the string at line {e.lineno} column {e.colno} runs to the end "
                                    "of the file, which stops before the JSON does (cut short?); copy the whole file "
                                    "again") from None
+        if CUT_VALUE.fullmatch(text[e.pos:].rstrip("\x00 \t\r\n")):
+            raise CutShort("file", f"not valid JSON: the file stops inside a value at line {e.lineno} column "
+                                   f"{e.colno} (cut short?); copy the whole file again") from None
         if not text[e.pos:].strip("\x00 \t\r\n"):
             raise CutShort("file", f"not valid JSON: only NUL bytes from line {e.lineno} column {e.colno} on, as a "
                                    "copy that set the file's size first leaves it (cut short?); copy the whole file "
@@ -121,6 +127,8 @@ def decode(data: bytes, max_bytes: int) -> dict[str, Any]:
     return value
 
 
+# What is left where json stops, when a copy stopped inside a number ("0.", "1e") or a literal ("tr", "nul").
+CUT_VALUE = re.compile(r"[-+.0-9eE]{1,32}|[a-z]{1,4}")
 LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spooler.errors import Rejected
-from spooler.jobfile import parse_spec
+from spooler.jobfile import CutShort, parse_spec
 from spooler.share import Share
 from tests.conftest import Procs, drop, log_of, rejected_for, result_of, wait_for, wait_result
 
@@ -20,6 +20,9 @@ GOOD = {"kind": "train", "base_model": "models/tiny", "dataset": "datasets/alpac
 BAD_FILES = [
     ("notjson.json", b"{'kind': 'probe'}", "file", "not valid JSON"),
     ("cut.json", b'{"kind": "probe", "priority": \n', "file", "at the end of the file, which stops before the JSON"),
+    ("cututf8.json", '{"kind": "probe", "id": "caf\xe9'.encode()[:-1], "file", "stops inside a character"),
+    ("cutnum.json", b'{"kind": "probe", "priority": 0.', "file", "stops inside a value"),
+    ("cuttrue.json", b'{"kind": "probe", "training": {"compile": tr', "file", "stops inside a value"),
     ("latin1.json", '{"kind": "probe", "id": "caf\xe9"}'.encode("latin-1"), "file", "not UTF-8"),
     ("huge.json", b'{"kind": "probe", "pad": "' + b"x" * 300_000 + b'"}', "file", "over the"),
     ("deep.json", b'{"kind": "probe", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "file", "nested 10001 levels"),
@@ -65,6 +68,7 @@ def test_parse_names_field_and_problem(name: str, data: bytes, field: str, words
         parse_spec(data, name, max_bytes=256 * 1024)
     assert e.value.field == field
     assert words in str(e.value), str(e.value)
+    assert isinstance(e.value, CutShort) is name.startswith("cut"), "a copy still arriving waits 10x longer"
 
 
 def test_worker_rejects_every_bad_file_and_goes_on(share: Share, procs: Procs, tmp_path: Path) -> None:
