@@ -107,7 +107,7 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
         # good. Two takers left then are settled by the confirmation below, as two mkdirs that both "won".
         for pause in (0.0, share.settings.stale_after):
             time.sleep(pause)
-            origin = read_json_object(folder / ORIGIN)
+            origin = _origin(folder)
             if origin or not unfinished_reservation(folder):
                 return origin.get("token") == intake_file.name  # ours: our own grab, resumed after a crash
     with contextlib.suppress(OSError):
@@ -116,7 +116,18 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
                                        "accepted_by": worker})
     # rclone's SMB client reports "already exists" as success, so two racing mkdirs can both "win". The last
     # origin.json written is the reservation: look again after a pause, and yield if it is not ours.
-    return _confirmed(share, lambda: read_json_object(folder / ORIGIN).get("token") == intake_file.name, folder)
+    return _confirmed(share, lambda: _origin(folder).get("token") == intake_file.name, folder)
+
+
+def _origin(folder: Path) -> dict:
+    """origin.json's object; {} when it is missing or not a JSON object. A read that fails otherwise (EIO, a
+    dropped session) raises: not knowing is not a "no", and the intake tries the file again on its next pass,
+    rather than reject a valid job, its id used up, as taken by another."""
+    try:
+        value = json.loads((folder / ORIGIN).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def unfinished_reservation(folder: Path) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spooler import states
+from spooler import claim, states
 from spooler.share import Share
 from tests.conftest import Procs, drop, log_of, result_of, wait_for, wait_result
 
@@ -357,6 +357,39 @@ def test_a_job_cancelled_while_queued_outranks_a_dead_attempts_leftover_result(s
     monkeypatch.undo()
     assert states.complete_pending(share, "left")  # a worker's start-up pass
     assert json.loads((share.result_dir("left") / "result.json").read_text())["status"] == "cancelled"
+
+
+def test_an_unreadable_origin_is_not_another_jobs_reservation(share: Share, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share failed after the id was reserved and before the enqueue; the next pass, resuming its own intake,
+    got EIO reading its own origin.json and took that for another job's reservation: a valid job rejected, its
+    id used up for good (audit, proven). Now the file waits, and the pass after that queues it."""
+    import errno
+    from pathlib import Path as PathClass
+
+    from spooler.clock import SystemClock
+    from spooler.intake import Intake
+
+    drop(share, "good.json", {"kind": "probe"})
+    intake = Intake(share, "w1", SystemClock())
+    real_enqueue, real_read = states.enqueue, PathClass.read_bytes
+
+    def hiccup(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "share hiccup")
+
+    def eio_on_origin(self: PathClass) -> bytes:
+        if self.name == states.ORIGIN:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self)
+
+    monkeypatch.setattr(states, "enqueue", hiccup)
+    intake.scan()
+    monkeypatch.setattr(states, "enqueue", real_enqueue)
+    monkeypatch.setattr(PathClass, "read_bytes", eio_on_origin)
+    intake.scan()
+    monkeypatch.setattr(PathClass, "read_bytes", real_read)
+    assert not (share.result_dir("good") / "result.json").exists()
+    intake.scan()
+    assert [key.job_id for key, _ in claim.queued(share)] == ["good"]
 
 
 def test_conclude_moves_no_output_through_a_planted_link(share: Share, tmp_path: Path) -> None:
