@@ -157,6 +157,9 @@ def loadable(share: Share, text: str, field: str) -> tuple[Ref, Path]:
     if not (folder / "adapter_model.safetensors").is_file():
         raise Rejected(field, f"{ref} has no adapter_model.safetensors, and a pickle is never loaded; see what is "
                               f"wrong with: loraspool verify {ref}")
+    if read_manifest(share, ref) is None:  # its base, its lineage and its files' hashes all come from it
+        raise Rejected(field, f"{ref}'s manifest.json does not parse as a version's manifest; see what is wrong "
+                              f"with: loraspool verify {ref}")
     return ref, folder
 
 
@@ -197,9 +200,11 @@ def publish(share: Share, staged: Path, manifest: Manifest) -> Ref:
         try:
             os.rename(staged, target)
         except OSError as e:
-            if not (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY)):
+            # EEXIST/ENOTEMPTY: another registration won v<number>. ENOTDIR: a file or a dangling link someone
+            # left under that name, which is no version but would block every registration of the name for good.
+            if not (isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR)):
                 raise
-            number = max([number, *numbers(share, manifest.name)]) + 1  # another registration won v<number>
+            number = max([number, *numbers(share, manifest.name)]) + 1
             continue
         _confirm(target, manifest)
         fsync_dir(name_dir)

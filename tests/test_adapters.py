@@ -30,6 +30,7 @@ from spooler.clock import SystemClock
 from spooler.errors import Rejected
 from spooler.intake import Intake
 from spooler.jobfile import parse_spec
+from spooler.paths import PlantedLink
 from spooler.share import Share, read_model
 from tests.conftest import drop, make_share, result_of, train_job
 from worker.train import TrainOutcome, TrainRequest, run_training
@@ -220,6 +221,81 @@ def test_a_version_whose_weights_are_a_pickle_is_never_loaded(share: Share, trai
         with pytest.raises(Rejected, match="no adapter_model.safetensors, and a pickle is never loaded") as e:
             run(share, job)
         assert e.value.field == field
+
+
+def test_a_version_whose_manifest_does_not_parse_is_refused_by_name(share: Share, trained: dict) -> None:
+    """Anyone can write a version's manifest.json. Unparseable, it crashed a merge (AttributeError) and a train
+    job with that parent (AssertionError), both ending failed; and a verify passed, the files and base checks
+    skipped for want of it (audit, proven). Each now refuses the version, naming the field."""
+    folder = registry.root(share) / "garbled" / "v1"
+    shutil.copytree(version(share, "support/v1"), folder)
+    (folder / "manifest.json").write_text("{ this is not a manifest")
+    try:
+        for job, field in ((_job("p-garbled", parent="garbled/v1"), "parent"),
+                           (JobSpec(id="m-garbled", kind="merge", merge={"adapters": ["garbled/v1"], "into": "base"}),
+                            "merge.adapters"),
+                           (JobSpec(id="v-garbled", kind="verify", verify={"adapter": "garbled/v1"}),
+                            "verify.adapter")):
+            with pytest.raises(Rejected, match="garbled/v1's manifest.json does not parse") as e:
+                run(share, job)
+            assert e.value.field == field
+    finally:
+        shutil.rmtree(folder.parent)  # the module's share stays one whose manifests all parse
+
+
+def test_a_chain_verify_checks_each_versions_folder_as_a_single_verify_does(share: Share, trained: dict,
+                                                                           tmp_path: Path) -> None:
+    """verify {chain} skipped the folder check that {adapter} makes: a link in a version to a file outside the
+    share was read, and a name from it showed up in the error; a FIFO would block the job for good (audit)."""
+    outside = tmp_path / "private.safetensors"
+    outside.write_bytes(b"secret")
+    _register_copies(share, trained, "linked", [[]])
+    (version(share, "linked/v1") / "zz.safetensors").symlink_to(outside)
+    try:
+        with pytest.raises(Rejected, match="'zz.safetensors' is a symlink to .*outside the share") as e:
+            run(share, JobSpec(id="v-linked", kind="verify", verify={"chain": "linked"}))
+        assert e.value.field == "verify.chain"
+    finally:
+        (version(share, "linked/v1") / "zz.safetensors").unlink()
+
+
+def test_a_file_named_like_a_version_does_not_block_a_name(share: Share, trained: dict) -> None:
+    """A file (or a dangling link) at adapters/NAME/v1 is no version, but the rename onto it failed ENOTDIR and
+    every registration of NAME failed with it, merges and train jobs alike (audit, proven)."""
+    (registry.root(share) / "blocked").mkdir()
+    (registry.root(share) / "blocked" / "v1").write_text("not a version")
+    _register_copies(share, trained, "blocked", [])
+    source = trained["b1"].adapter_dir
+    template = registry.read_manifest(share, registry.Ref("billing", 1))
+    assert template is not None
+    m = template.model_copy(update={"job_id": "blocked-1", "token": "blocked1", "parents": []})
+    assert str(registry.register(share, "blocked", source, m)) == "blocked/v2"
+    (registry.root(share) / "blocked" / "v1").unlink()
+
+
+def test_a_merge_writes_nothing_through_a_planted_link(share: Share, trained: dict, tmp_path: Path) -> None:
+    """merge.output a dangling link: exists() said no, and the job failed ENOTDIR at its last rename. tmp/ a link
+    out of the share: a merge into an adapter staged its weights there, outside (audit, proven)."""
+    (share.root / "models" / "merged").mkdir(exist_ok=True)
+    (share.root / "models" / "merged" / "dangle").symlink_to("gone-folder")  # in the share, and missing
+    with pytest.raises(Rejected, match="already exists") as e:
+        run(share, JobSpec(id="m-dangle", kind="merge",
+                           merge={"adapters": ["billing/v1"], "into": "base", "output": "models/merged/dangle"}))
+    assert e.value.field == "merge.output"
+    (share.root / "models" / "merged" / "dangle").unlink()
+    outside = tmp_path / "outside-tmp"
+    outside.mkdir()
+    kept = share.root / "tmp-kept"
+    share.tmp.rename(kept)
+    share.tmp.symlink_to(outside, target_is_directory=True)
+    try:
+        with pytest.raises(PlantedLink, match="tmp is a link"):
+            run(share, JobSpec(id="m-tmplink", kind="merge",
+                               merge={"adapters": ["billing/v1", "support/v1"], "into": "adapter"}))
+    finally:
+        share.tmp.unlink()
+        kept.rename(share.tmp)
+    assert list(outside.iterdir()) == []
 
 
 # ── verification: a good adapter, and each corruption caught for its reason ──────────────────────────────

@@ -20,7 +20,7 @@ from schemas.job import ADAPTER_REF, JobSpec
 from schemas.result import Result, Terminal
 from schemas.verify import ChainReport, CheckStatus, VerifyReport
 from spooler.errors import Cancelled, Rejected
-from spooler.paths import outside_share
+from spooler.paths import outside_share, refuse_links
 from worker.modelguard import check_adapter_dir
 
 if TYPE_CHECKING:
@@ -217,7 +217,9 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
                                     "it by hand: submit the merge again under a new id")
         return AdapterJobOutcome("merge", True, registered=str(done), notes=["registered by an earlier attempt"])
     weights = spec.weights or [1.0] * len(inputs)
+    refuse_links(share.root, share.tmp)  # a linked tmp/ would take the merged weights out of the share
     staged = share.makedirs(share.tmp) / f".merge-{req.job.id or 'cli'}-{uuid.uuid4().hex[:8]}.tmp"
+    refuse_links(share.root, staged.parent)
     try:
         combine(inputs, base_dir, base.path, weights, spec.combination, spec.density, staged, req.device)
         # Verified before it is registered: a bad merge must never become the newest version of a name.

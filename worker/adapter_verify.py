@@ -31,8 +31,8 @@ import torch
 from schemas.adapter import MANIFEST, Manifest
 from schemas.job import TrainingSpec
 from schemas.verify import ChainReport, Check, CheckStatus, VerifyReport
-from spooler.errors import brief
-from worker.modelguard import PICKLE_SUFFIXES, read_header
+from spooler.errors import Rejected, brief
+from worker.modelguard import PICKLE_SUFFIXES, check_adapter_dir, read_header
 from worker.verify import base_identity, compare_files
 
 if TYPE_CHECKING:
@@ -465,6 +465,10 @@ def registered_target(share: Share, text: str, field: str = "adapter", base: Pat
 
     ref, folder = registry.resolve(share, text, field)
     manifest = registry.read_manifest(share, ref)
+    if manifest is None:  # without it the files, base and lineage checks would be skipped, and a version pass
+        raise Rejected(field, f"{ref}'s manifest.json does not parse as a version's manifest: the registry cannot "
+                              "vouch for its files; register the adapter again (loraspool register), or verify its "
+                              "folder by path")
     return _target(str(ref), folder, manifest, share, base, dataset, tolerance, rehash)
 
 
@@ -502,6 +506,8 @@ def verify_chain(share: Share, name: str, device: str = "cpu", dataset: list[Pat
     by_ref = {str(r): m for r, m in found.items()}
     mine = [str(registry.Ref(name, n)) for n in registry.numbers(share, name)]
     lineage = sorted({*mine, *(a for r in mine for a in registry.ancestors(r, by_ref) if a in by_ref)})
+    for ref in lineage:  # as a verify of one version checks it: no link out of the share, no FIFO to block on
+        check_adapter_dir(registry.resolve(share, ref, "verify.chain")[1], share.root, "verify.chain")
     bases = Bases()
     reports = [verify(registered_target(share, ref, "chain", None, dataset, tolerance, rehash), device, bases)
                for ref in lineage]

@@ -119,7 +119,7 @@ def _notes(adapter: Input, dtype: torch.dtype) -> list[str]:
 
 
 def _refuse_existing(out_dir: Path, file_mode: int) -> None:
-    if out_dir.exists():
+    if os.path.lexists(out_dir):  # a dangling link too: exists() says no, and the rename onto it then fails
         parts = out_dir.parts  # merge.output is under models/: name it from there, as the person wrote it
         shown = "/".join(parts[len(parts) - 1 - parts[::-1].index("models"):]) if "models" in parts else out_dir.name
         raise Rejected("merge.output", f"{shown!r} already exists; a merge never replaces a folder: name "
@@ -159,7 +159,7 @@ def _publish(staged: Path, out_dir: Path, file_mode: int) -> None:
     try:
         os.rename(staged, out_dir)
     except OSError as e:
-        if isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        if isinstance(e, FileExistsError) or e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
             raise Rejected("merge.output", f"{out_dir.name!r} appeared while merging (another merge?); nothing "
                                            "was replaced: name another output") from None
         raise
