@@ -297,6 +297,11 @@ def not_made_by_job(share: Share, ref: Ref, origin: str, base_sha256: str,
     return problems[0] if problems else None
 
 
+def _shas(ref: Ref, share: Share) -> dict[str, str] | None:
+    manifest = read_manifest(share, ref)
+    return None if manifest is None else {name: entry.sha256 for name, entry in manifest.files.items()}
+
+
 def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Metrics, data: DataReport | None,
                      quantization: str = "none", notes: list[str] | None = None,
                      expected: dict[str, str] | None = None) -> Ref:
@@ -304,7 +309,12 @@ def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Me
     name = name_for(spec)
     assert spec.base_model is not None
     if (done := registered_by(share, name, str(spec.id))) is not None:
-        if (forged := not_made_by_job(share, done, "train", base_identity_of(share, spec.base_model).sha256)) is None:
+        forged = not_made_by_job(share, done, "train", base_identity_of(share, spec.base_model).sha256)
+        if forged is None and expected is not None and _shas(done, share) != expected:
+            # Its folder holds its manifest's files, but not these: a planted copy of another adapter that names
+            # this job (or an earlier attempt's other weights). The result must name what this attempt trained.
+            forged = "its files are not this adapter's"
+        if forged is None:
             return done
         # Hours of training are not thrown away over someone else's folder: it gets a version of its own.
         log.warning("adapter %s names job %s but is not its earlier registration (%s); registering anew", done,

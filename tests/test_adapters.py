@@ -143,6 +143,27 @@ def test_registration_is_once_per_job(share: Share, trained: dict) -> None:
     assert str(again) == "billing/v1" and registry.numbers(share, "billing") == [1]
 
 
+def test_a_planted_copy_naming_the_job_does_not_take_its_registration(share: Share, trained: dict) -> None:
+    """A copy of billing/v1 planted as hijack/v1 with a manifest naming job "hj" (origin train, this base): its
+    folder held exactly its manifest's files, so the idempotency check took it for the job's earlier
+    registration, and the result named billing's weights (audit, proven). The trained files decide now."""
+    import json
+
+    from worker.verify import hash_folder
+
+    planted = registry.root(share) / "hijack" / "v1"
+    shutil.copytree(version(share, "billing/v1"), planted)
+    manifest = json.loads((planted / "manifest.json").read_text())
+    (planted / "manifest.json").write_text(json.dumps({**manifest, "name": "hijack", "version": "v1", "job_id": "hj",
+                                                       "origin": "train"}))
+    o = trained["s1"]
+    ref = registry.register_trained(share, _job("hj", register_as="hijack"), o.adapter_dir, o.metrics, o.data,
+                                    expected=hash_folder(o.adapter_dir)[0])
+    assert str(ref) == "hijack/v2"
+    weights = "adapter_model.safetensors"
+    assert hash_folder(version(share, "hijack/v2"))[0][weights] == hash_folder(o.adapter_dir)[0][weights]
+
+
 def test_racing_registrations_each_get_their_own_version(share: Share, trained: dict) -> None:
     """Eight threads register at once: the rename onto a taken v<N> fails, so each gets a distinct version."""
     source = trained["b1"].adapter_dir
