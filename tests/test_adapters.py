@@ -319,6 +319,49 @@ def test_a_merge_writes_nothing_through_a_planted_link(share: Share, trained: di
     assert list(outside.iterdir()) == []
 
 
+def test_a_version_changed_since_it_was_registered_is_not_merged_or_continued(share: Share, trained: dict) -> None:
+    """Its weights swapped for another adapter's: a merge used them, and recorded the manifest's hashes as what
+    it merged (audit, proven). A parent or a merge input must now hold the files its manifest recorded."""
+    _register_copies(share, trained, "swapped", [[]])
+    shutil.copyfile(version(share, "support/v1") / "adapter_model.safetensors",
+                    version(share, "swapped/v1") / "adapter_model.safetensors")
+    try:
+        for job, field in ((_job("p-swapped", parent="swapped/v1"), "parent"),
+                           (JobSpec(id="m-swapped", kind="merge", merge={"adapters": ["swapped/v1"], "into": "base"}),
+                            "merge.adapters")):
+            with pytest.raises(Rejected, match=r"swapped/v1 is not what was registered \(adapter_model.safetensors") \
+                    as e:
+                run(share, job)
+            assert e.value.field == field
+    finally:
+        shutil.rmtree(version(share, "swapped/v1").parent)
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ({"peft_type": "IA3", "r": 4, "target_modules": ["q_proj"]}, "peft_type is 'IA3', not LORA"),
+    ({"peft_type": "LORA", "r": "four", "target_modules": ["q_proj"]}, "r is 'four'"),
+    ({"peft_type": "LORA", "r": 4, "target_modules": []}, "target_modules is []"),
+    ([1, 2], "not a JSON object"),
+    ("deep", "does not parse (RecursionError)"),
+])
+def test_a_lora_config_peft_would_misread_is_named(tmp_path: Path, config: Any, says: str) -> None:
+    """A config forged to match its manifest still has to be a LoRA config: another peft_type dropped the adapter
+    from a merge without a word, and the rest failed inside peft (audit, proven)."""
+    from worker.modelguard import lora_config_problem
+
+    text = "[" * 100_000 + "]" * 100_000 if config == "deep" else json.dumps(config)
+    (tmp_path / "adapter_config.json").write_text(text)
+    assert says in (lora_config_problem(tmp_path) or ""), lora_config_problem(tmp_path)
+
+
+def test_a_config_nested_past_the_recursion_limit_fails_verification(share: Share, trained: dict,
+                                                                     tmp_path: Path) -> None:
+    folder = copy_of(share, "support/v1", tmp_path)
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    report = verify_folder(share, folder)
+    assert not report.ok and "RecursionError" in check(report, "load").reason
+
+
 # ── verification: a good adapter, and each corruption caught for its reason ──────────────────────────────
 def test_a_registered_adapter_passes_every_check(share: Share, trained: dict) -> None:
     from worker.adapter_verify import registered_target, verify

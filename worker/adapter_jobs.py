@@ -21,7 +21,7 @@ from schemas.result import Result, Terminal
 from schemas.verify import ChainReport, CheckStatus, VerifyReport
 from spooler.errors import Cancelled, Rejected
 from spooler.paths import outside_share, refuse_links
-from worker.modelguard import check_adapter_dir
+from worker.modelguard import check_adapter_dir, check_registered_adapter
 
 if TYPE_CHECKING:
     from spooler.share import Share
@@ -128,7 +128,10 @@ def inputs_of(share: Share, refs: list[str]) -> list[Input]:
     for text in refs:
         ref, folder = registry.loadable(share, text, "merge.adapters")
         check_adapter_dir(folder, share.root, "merge.adapters")
-        found.append(Input(str(ref), folder, registry.read_manifest(share, ref)))
+        manifest = registry.read_manifest(share, ref)
+        assert manifest is not None  # loadable checked it parses
+        check_registered_adapter(folder, manifest.files, str(ref), "merge.adapters")
+        found.append(Input(str(ref), folder, manifest))
     return found
 
 

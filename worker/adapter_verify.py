@@ -444,8 +444,8 @@ def adapter_config(folder: Path) -> dict[str, Any] | str:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "no adapter_config.json: not a PEFT adapter folder (save it with save_pretrained)"
-    except (OSError, ValueError) as e:
-        return f"adapter_config.json does not parse ({e})"
+    except (OSError, ValueError, RecursionError) as e:  # nested past Python's recursion limit: RecursionError
+        return f"adapter_config.json does not parse ({brief(e, 120)})"
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         return "adapter_config.json is not a LoRA adapter's config (peft_type must be LORA)"
     return config

@@ -62,6 +62,40 @@ def _inside(target: Path, root: Path) -> bool:
     return target == root or root in target.parents
 
 
+def check_registered_adapter(folder: Path, files: dict[str, Any], ref: str, field: str) -> None:
+    """A registered version about to be loaded (a parent, a merge input) holds the files its manifest recorded,
+    and a LoRA config peft can read. Weights swapped since would be merged or trained on silently, under the
+    manifest's hashes; a config of another peft_type drops the adapter from a merge without a word, and a
+    malformed one fails deep inside peft, as if the worker had a bug."""
+    from worker.verify import compare_files
+
+    if problems := compare_files(folder, files, skip=("manifest.json",)):
+        raise Rejected(field, f"{ref} is not what was registered ({problems[0]}); see: loraspool verify {ref}")
+    if problem := lora_config_problem(folder):
+        raise Rejected(field, f"{ref}: {problem}")
+
+
+def lora_config_problem(folder: Path) -> str | None:
+    """Why ``folder``'s adapter_config.json is not a LoRA config peft can load, or None."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        return f"adapter_config.json does not parse ({type(e).__name__})"
+    if not isinstance(config, dict):
+        return "adapter_config.json is not a JSON object"
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"adapter_config.json's peft_type is {config.get('peft_type')!r}, not LORA"
+    r, alpha, targets = config.get("r"), config.get("lora_alpha", 8), config.get("target_modules")
+    if not (isinstance(r, int) and not isinstance(r, bool) and 0 < r <= 65536):
+        return f"adapter_config.json's r is {r!r}, not a positive whole number"
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+        return f"adapter_config.json's lora_alpha is {alpha!r}, not a number"
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        return f"adapter_config.json's target_modules is {targets!r}, not module names"
+    return None
+
+
 def check_adapter_dir(folder: Path, share_root: Path, field: str) -> None:
     """An adapter folder from the share (a parent, a merge input, one to verify): every link stays in the share,
     and every entry is a folder or a regular file. A FIFO named adapter_config.json blocks the open that reads

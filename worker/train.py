@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from schemas.heartbeat import Progress
 from schemas.job import JobSpec
 from schemas.result import DataReport, Metrics, ProbeOutput
-from worker.modelguard import check_adapter_dir, check_dataset_file, check_model_dir
+from worker.modelguard import check_adapter_dir, check_dataset_file, check_model_dir, check_registered_adapter
 from worker.verify import hash_folder
 
 if TYPE_CHECKING:
@@ -144,7 +144,8 @@ def check_parent(req: TrainRequest) -> Path:
     ref, folder = registry.loadable(share, req.job.parent, "parent")
     check_adapter_dir(folder, share.root, "parent")
     manifest = registry.read_manifest(share, ref)
-    assert manifest is not None  # resolve checked it is there
+    assert manifest is not None  # loadable checked it parses
+    check_registered_adapter(folder, manifest.files, str(ref), "parent")
     base = registry.base_identity_of(share, req.job.base_model)
     if base.sha256 != manifest.base.sha256:
         raise Rejected("parent", f"{ref} was trained on {manifest.base.path} (sha256 {manifest.base.sha256[:12]}), "
