@@ -47,7 +47,7 @@ from spooler.atomic import chmod_tree, fsync_dir, fsync_tree
 from spooler.clock import iso
 from spooler.errors import Rejected
 from spooler.jobfile import looks_temporary, parse_spec, read_limited
-from spooler.paths import canonical, outside_share, resolve_in_share
+from spooler.paths import canonical, link_below, outside_share, resolve_in_share
 from spooler.share import TOKEN_CACHE, Share, read_model
 from spooler.states import JobState, source_name
 from worker.verify import base_identity, file_entries
@@ -775,9 +775,10 @@ def _gc_hidden(share: Share) -> Iterator[Path]:
             elif depth > 0 and not entry.name.startswith("."):
                 yield from hidden_in(Path(entry.path), depth - 1)
 
-    yield from hidden_in(share.root / "adapters", 1)
-    yield from hidden_in(share.root / "models", MERGED_DEPTH)
-    yield from hidden_in((share.root / TOKEN_CACHE).parent, 0)
+    for top, depth in ((share.root / ADAPTERS, 1), (share.root / "models", MERGED_DEPTH),
+                       ((share.root / TOKEN_CACHE).parent, 0)):
+        if link_below(share.root, top) is None:  # one linked out of the share: never remove anything through it
+            yield from hidden_in(top, depth)
 
 
 def _tree_bytes(folder: Path) -> int:

@@ -916,6 +916,21 @@ def test_gc_removes_a_version_once_the_job_naming_it_has_finished(share: Share, 
     assert report.removed == ["done/v1"] and report.refused == {} and registry.numbers(share, "done") == [2]
 
 
+def test_gc_removes_nothing_through_a_top_folder_linked_out_of_the_share(tmp_path: Path) -> None:
+    """gc's start-up pass finishes removals an earlier run decided: folders named like its own, under models/.
+    With models/ a link out of the share it deleted such folders out there (audit, suspected; shown here)."""
+    root = tmp_path / "share"
+    other = make_share(root)
+    elsewhere = tmp_path / "elsewhere"
+    victim = elsewhere / "merged" / ".gc-x-0123abcd.deleting.tmp"
+    victim.mkdir(parents=True)
+    (victim / "keep.txt").write_text("someone's file")
+    shutil.rmtree(other.root / "models", ignore_errors=True)
+    (other.root / "models").symlink_to(elsewhere, target_is_directory=True)
+    registry.gc(other)
+    assert (victim / "keep.txt").read_text() == "someone's file"
+
+
 def test_unreadable_job_files_do_not_stop_gc(share: Share, trained: dict) -> None:
     """Garbage, cut-short and invalid job files, a folder and a dangling link where job files lie: gc reads past
     each. None that could still be arriving mentions junk/v1, and queue/ and running/ are written whole by the
