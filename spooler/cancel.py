@@ -34,6 +34,8 @@ def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
     me = f"cancel-{socket.gethostname()}-{os.getpid()}"
     share.write_json(share.cancel_file(job_id), {"id": job_id, "by": me, "at": iso(clock.wall())})
     _accept_from_inbox(share, job_id, me, clock)
+    with contextlib.suppress(OSError):  # our intake folder, once empty: every reaper would watch it for good
+        share.intake(me).rmdir()
     for key, path in claim.queued(share):
         if key.job_id == job_id:
             return _cancel_queued(share, path, key, me, clock)

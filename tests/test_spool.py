@@ -150,6 +150,7 @@ def test_cancel_queued_job_at_once(share: Share, procs: Procs) -> None:
     assert r is not None and (r.status.value, r.kind) == ("cancelled", "probe")
     assert (share.result_dir("later") / "job.json").exists()
     assert (share.result_dir("later") / "cancel-request.json").exists()
+    assert not list(share.root.glob("intake/cancel-*")), "an empty intake folder per cancel, watched by every reaper"
 
 
 def test_cancel_leaves_a_copy_still_arriving_in_the_inbox(share: Share, procs: Procs) -> None:
