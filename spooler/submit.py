@@ -157,7 +157,7 @@ class Waiter:
         """Yields (state line, progress, result) until the result exists; the last item has the result."""
         try:
             with contextlib.suppress(OSError):  # the share just took the job; if it stops answering, _look says so
-                if self.fallback and not live_workers(self.share, self.clock):
+                if self.fallback and not live_workers(self.share, self.clock) and self.share.reachable():
                     self.start_fallback("no worker's heartbeat is fresh")
             while True:
                 try:
@@ -201,6 +201,9 @@ class Waiter:
         if result is not None:
             return "done", None, result
         views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)
+        if not self._any_live(views) and not self.share.reachable():  # the mount dropped while we looked: an
+            raise OSError(errno.ENOENT, "no settings file there; is the network drive mounted?",  # empty view
+                          str(self.share.root))  # is not an empty spool, and no reason for a fallback
         if self.fallback and self.proc is None and not self._any_live(views):
             self.start_fallback("every worker's heartbeat went stale")
         elif not self.fallback and not self.said_no_worker and not self._any_live(views):

@@ -271,6 +271,23 @@ def test_a_one_shot_verdict_on_the_shares_clock_is_watched_before_it_says_dead(s
     assert not view.stale and view.confidence == "observed", view.reason
 
 
+def test_a_mount_that_drops_while_the_waiter_looks_starts_no_fallback(share: Share,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share answered at the start of a look and dropped before the heartbeats were read: they read as none,
+    no worker looked live, and submit --fallback auto started a CPU worker beside the live GPU one (seen in a CI
+    run of test_smb's mount-drop test). An empty view from a share that no longer answers is an outage."""
+    from spooler.submit import Waiter
+
+    answers = iter([True, False])
+    monkeypatch.setattr(Share, "reachable", lambda self: next(answers, False))
+    waiter = Waiter(share, "mine", HandClock(), fallback=True)
+    started: list[str] = []
+    monkeypatch.setattr(waiter, "start_fallback", started.append)
+    with pytest.raises(OSError, match="is the network drive mounted"):
+        waiter._look()
+    assert started == []
+
+
 def test_job_fails_after_max_attempts(share: Share, procs: Procs) -> None:
     fake_dead_worker(share, "gone", "unlucky", attempt=share.settings.max_attempts)
     procs.worker(share, "w2")
