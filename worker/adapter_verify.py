@@ -16,7 +16,6 @@ here ever unpickles: pickle files are reported and never opened, and peft reads 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ from schemas.adapter import MANIFEST, Manifest
 from schemas.job import TrainingSpec
 from schemas.verify import ChainReport, Check, CheckStatus, VerifyReport
 from spooler.errors import Rejected, brief
-from worker.modelguard import PICKLE_SUFFIXES, check_adapter_dir, read_header
+from worker.modelguard import PICKLE_SUFFIXES, check_adapter_dir, read_header, read_lora_config
 from worker.verify import base_identity, compare_files
 
 if TYPE_CHECKING:
@@ -439,16 +438,8 @@ def find_base(folder: Path, manifest: Manifest | None, given: Path | None, share
 
 
 def adapter_config(folder: Path) -> dict[str, Any] | str:
-    """adapter_config.json as a dict, or why it cannot be used."""
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return "no adapter_config.json: not a PEFT adapter folder (save it with save_pretrained)"
-    except (OSError, ValueError, RecursionError) as e:  # nested past Python's recursion limit: RecursionError
-        return f"adapter_config.json does not parse ({brief(e, 120)})"
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        return "adapter_config.json is not a LoRA adapter's config (peft_type must be LORA)"
-    return config
+    """adapter_config.json as a dict, or why it cannot be used (``worker.modelguard.read_lora_config``)."""
+    return read_lora_config(folder)
 
 
 def _config_base(folder: Path) -> str | None:

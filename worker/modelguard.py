@@ -77,10 +77,19 @@ def check_registered_adapter(folder: Path, files: dict[str, Any], ref: str, fiel
 
 def lora_config_problem(folder: Path) -> str | None:
     """Why ``folder``'s adapter_config.json is not a LoRA config peft can load, or None."""
+    config = read_lora_config(folder)
+    return config if isinstance(config, str) else None
+
+
+def read_lora_config(folder: Path) -> dict[str, Any] | str:
+    """adapter_config.json as a dict, or why it is not a LoRA config peft can load. The one reading of it, for
+    verification and for loading a parent or a merge input alike."""
     try:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        return f"adapter_config.json does not parse ({type(e).__name__})"
+    except FileNotFoundError:
+        return "no adapter_config.json: not a PEFT adapter folder (save it with save_pretrained)"
+    except (OSError, ValueError, RecursionError) as e:  # nested past Python's recursion limit: RecursionError
+        return f"adapter_config.json does not parse ({type(e).__name__}): {str(e)[:120]}"
     if not isinstance(config, dict):
         return "adapter_config.json is not a JSON object"
     if config.get("peft_type", "LORA") != "LORA":
@@ -93,7 +102,7 @@ def lora_config_problem(folder: Path) -> str | None:
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                          and all(isinstance(t, str) for t in targets))):
         return f"adapter_config.json's target_modules is {targets!r}, not module names"
-    return None
+    return config
 
 
 def check_adapter_dir(folder: Path, share_root: Path, field: str) -> None:
