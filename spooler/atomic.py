@@ -114,7 +114,8 @@ def write_bytes(target: Path, data: bytes, mode: int = 0o664) -> None:
     fsync_dir(target.parent)
 
 
-def write_json(target: Path, record: BaseModel | dict[str, Any], mode: int = 0o664) -> None:
+def write_json(target: Path, record: BaseModel | dict[str, Any], mode: int = 0o664) -> bytes:
+    """Write ``record`` atomically; returns the bytes written, for a caller that compares them later."""
     if isinstance(record, BaseModel):
         try:
             text = record.model_dump_json(indent=2)
@@ -122,7 +123,9 @@ def write_json(target: Path, record: BaseModel | dict[str, Any], mode: int = 0o6
             text = json.dumps(_writable(record.model_dump(mode="json")), indent=2, ensure_ascii=False)
     else:
         text = json.dumps(record, indent=2, sort_keys=True)
-    write_bytes(target, (text + "\n").encode(), mode)
+    data = (text + "\n").encode()
+    write_bytes(target, data, mode)
+    return data
 
 
 def _writable(value: Any) -> Any:

@@ -281,11 +281,11 @@ def registered_by(share: Share, name: str, job_id: str) -> Ref | None:
 
 
 def not_made_by_job(share: Share, ref: Ref, origin: str, base_sha256: str,
-                    parents: list[str] | None = None) -> str | None:
+                    parents: list[str] | None = None, files: dict[str, str] | None = None) -> str | None:
     """Why a version whose manifest names a job is not what that job's earlier attempt registered, or None.
     Anyone can write a manifest.json: it must record this origin ("train" or "merge"), this base, these parents
-    (when given), and the folder must hold exactly its files. (A forgery consistent in all of that goes
-    unnoticed: the share has no secret to sign with.)"""
+    (when given), these files' hashes (``files``, when given), and the folder must hold exactly its files. (A
+    forgery consistent in all of that goes unnoticed: the share has no secret to sign with.)"""
     from worker.verify import compare_files
 
     manifest = read_manifest(share, ref)
@@ -293,13 +293,12 @@ def not_made_by_job(share: Share, ref: Ref, origin: str, base_sha256: str,
         return f"its manifest records no {origin} of these inputs"
     if manifest.base.sha256 != base_sha256:
         return f"its manifest records a base of sha256 {manifest.base.sha256[:12]}"
+    if files is not None and {name: entry.sha256 for name, entry in manifest.files.items()} != files:
+        # A planted copy of another adapter that names this job (or an earlier attempt's other weights): the
+        # result must name what this attempt trained.
+        return "its files are not this adapter's"
     problems = compare_files(version_dir(share, ref), manifest.files, skip=(MANIFEST,))
     return problems[0] if problems else None
-
-
-def _shas(ref: Ref, share: Share) -> dict[str, str] | None:
-    manifest = read_manifest(share, ref)
-    return None if manifest is None else {name: entry.sha256 for name, entry in manifest.files.items()}
 
 
 def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Metrics, data: DataReport | None,
@@ -309,11 +308,8 @@ def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Me
     name = name_for(spec)
     assert spec.base_model is not None
     if (done := registered_by(share, name, str(spec.id))) is not None:
-        forged = not_made_by_job(share, done, "train", base_identity_of(share, spec.base_model).sha256)
-        if forged is None and expected is not None and _shas(done, share) != expected:
-            # Its folder holds its manifest's files, but not these: a planted copy of another adapter that names
-            # this job (or an earlier attempt's other weights). The result must name what this attempt trained.
-            forged = "its files are not this adapter's"
+        forged = not_made_by_job(share, done, "train", base_identity_of(share, spec.base_model).sha256,
+                                 files=expected)
         if forged is None:
             return done
         # Hours of training are not thrown away over someone else's folder: it gets a version of its own.

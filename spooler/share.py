@@ -123,8 +123,8 @@ class Share:
             atomic.makedirs(path, self.dir_mode)
         return path
 
-    def write_json(self, target: Path, record: BaseModel | dict) -> None:
-        atomic.write_json(target, record, self.file_mode)
+    def write_json(self, target: Path, record: BaseModel | dict) -> bytes:
+        return atomic.write_json(target, record, self.file_mode)
 
     def write_bytes(self, target: Path, data: bytes) -> None:
         atomic.write_bytes(target, data, self.file_mode)

@@ -107,7 +107,7 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
         # good. Two takers left then are settled by the confirmation below, as two mkdirs that both "won".
         for pause in (0.0, share.settings.stale_after):
             time.sleep(pause)
-            origin = _origin(folder)
+            origin = read_json_object(folder / ORIGIN, strict=True)
             if origin or not unfinished_reservation(folder):
                 return origin.get("token") == intake_file.name  # ours: our own grab, resumed after a crash
     with contextlib.suppress(OSError):
@@ -116,18 +116,8 @@ def reserve(share: Share, job_id: str, intake_file: Path, worker: str) -> bool:
                                        "accepted_by": worker})
     # rclone's SMB client reports "already exists" as success, so two racing mkdirs can both "win". The last
     # origin.json written is the reservation: look again after a pause, and yield if it is not ours.
-    return _confirmed(share, lambda: _origin(folder).get("token") == intake_file.name, folder)
-
-
-def _origin(folder: Path) -> dict:
-    """origin.json's object; {} when it is missing or not a JSON object. A read that fails otherwise (EIO, a
-    dropped session) raises: not knowing is not a "no", and the intake tries the file again on its next pass,
-    rather than reject a valid job, its id used up, as taken by another."""
-    try:
-        value = json.loads((folder / ORIGIN).read_bytes())
-    except (FileNotFoundError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+    return _confirmed(share, lambda: read_json_object(folder / ORIGIN, strict=True).get("token") == intake_file.name,
+                      folder)
 
 
 def unfinished_reservation(folder: Path) -> bool:
@@ -203,8 +193,7 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
     key = QueueKey.parse(src.name)  # the attempt of the file committed: a queued job cancelled has not run it
     tag = f"a{key.attempt if key else 0}.{_SAFE.sub('_', by)}"
     pending = folder / f".result.{uuid.uuid4().hex[:12]}.{tag}.json{PENDING_SUFFIX}"
-    share.write_json(pending, result)
-    ours = pending.read_bytes()
+    ours = share.write_json(pending, result)
     job_json = folder / "job.json"
     if job_json.exists():  # never overwrite a person's bytes; cannot happen unless ids were reused by hand
         job_json = folder / f"job.{uuid.uuid4().hex[:8]}.json"
@@ -280,7 +269,8 @@ def _name_parts(pending: Path) -> list[str]:
 
 def _concluder_of(pending: Path) -> str:
     """Who wrote a pending result ("" in an older name)."""
-    return _name_parts(pending)[-1] if len(_name_parts(pending)) > 1 else ""
+    parts = _name_parts(pending)
+    return parts[-1] if len(parts) > 1 else ""
 
 
 def _attempts_of(pending: Path) -> int:
@@ -346,10 +336,18 @@ def read_origin(share: Share, job_id: str) -> dict:
     return read_json_object(share.result_dir(job_id) / ORIGIN)
 
 
-def read_json_object(path: Path) -> dict:
-    """The JSON object in ``path``; {} when it is missing, unreadable or not an object (anyone can write it)."""
+def read_json_object(path: Path, *, strict: bool = False) -> dict:
+    """The JSON object in ``path``; {} when it is missing, unreadable or not an object (anyone can write it).
+    ``strict``: a read that fails otherwise than "missing" (EIO, a dropped session) raises, where not knowing
+    must not count as a "no": the id reservation, whose "not ours" would reject a valid job, its id used up."""
     try:
         value = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        if strict:
+            raise
+        return {}
+    except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

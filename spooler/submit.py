@@ -196,14 +196,13 @@ class Waiter:
     def _look(self) -> tuple[str, Progress | None, Result | None]:
         """One round: the result if it exists, else reap, fall back if no worker is live, and say where the job is."""
         if not self.share.reachable():  # a dropped mount shows an empty spool: no worker, no job, no result
-            raise OSError(errno.ENOENT, "no settings file there; is the network drive mounted?", str(self.share.root))
+            raise _unmounted(self.share)
         result = find_result(self.share, self.job_id) or self._finish_committed()
         if result is not None:
             return "done", None, result
         views = reap(self.share, self.liveness, self.me, self.clock, adopt=False)
-        if not self._any_live(views) and not self.share.reachable():  # the mount dropped while we looked: an
-            raise OSError(errno.ENOENT, "no settings file there; is the network drive mounted?",  # empty view
-                          str(self.share.root))  # is not an empty spool, and no reason for a fallback
+        if not self._any_live(views) and not self.share.reachable():
+            raise _unmounted(self.share)  # it dropped while we looked: an empty view is no reason for a fallback
         if self.fallback and self.proc is None and not self._any_live(views):
             self.start_fallback("every worker's heartbeat went stale")
         elif not self.fallback and not self.said_no_worker and not self._any_live(views):
@@ -251,6 +250,11 @@ class Waiter:
             if key.job_id == self.job_id:
                 return f"running on {worker}"
         return "waiting to be taken from the inbox"
+
+
+def _unmounted(share: Share) -> OSError:
+    """What a look at a dropped mount raises: an empty spool there is an outage, not a fact."""
+    return OSError(errno.ENOENT, "no settings file there; is the network drive mounted?", str(share.root))
 
 
 def wait_for(share: Share, job_id: str, clock: Clock, fallback: bool, show: bool = True) -> Result:
