@@ -211,6 +211,14 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
             if isinstance(e, FileNotFoundError):
                 raise ClaimLost(f"{src.name} was moved away (requeued by another worker?)") from None
             raise
+    else:
+        # A "yes" is not proof either: as with a claim, a racing rename of the same file (a claim of a job being
+        # cancelled, a requeue of one concluding) can be told it won too on SMB, and the file ends in its folder.
+        # Cannot tell (OSError): the pending file stays, and complete_pending settles it once job.json is seen.
+        if not _confirmed(share, lambda: job_json.name in os.listdir(folder), folder):
+            with contextlib.suppress(OSError):
+                os.unlink(pending)
+            raise ClaimLost(f"{src.name} was moved on by a racing rename (claimed or requeued meanwhile)")
     atomic.fsync_dir(folder)
     _finalize(share, folder, pending)
 
