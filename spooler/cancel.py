@@ -11,10 +11,12 @@ import contextlib
 import logging
 import os
 import socket
+import uuid
 from pathlib import Path
 
+from schemas.job import SAFE_ID
 from schemas.result import Result, Terminal
-from spooler import claim, states
+from spooler import atomic, claim, states
 from spooler.clock import Clock, iso
 from spooler.errors import ClaimLost, Rejected
 from spooler.intake import Intake
@@ -26,10 +28,7 @@ log = logging.getLogger(__name__)
 
 def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
     """Cancel ``job_id``; returns a sentence for the person saying what happened."""
-    with contextlib.suppress(OSError):  # committed by a worker that died before writing its result
-        states.complete_pending(share, job_id)
-    done = read_model(share.result_dir(job_id) / "result.json", Result)
-    if done is not None:
+    if (done := _ended(share, job_id)) is not None:
         return f"job {job_id} already ended: {done.status.value}"
     me = f"cancel-{socket.gethostname()}-{os.getpid()}"
     share.write_json(share.cancel_file(job_id), {"id": job_id, "by": me, "at": iso(clock.wall())})
@@ -41,9 +40,18 @@ def request_cancel(share: Share, job_id: str, clock: Clock) -> str:
             return _cancel_queued(share, path, key, me, clock)
     if any(key.job_id == job_id for _, key, _ in claim.running(share)):
         return f"job {job_id} is running; its worker will stop it at the next step"
+    if (done := _ended(share, job_id)) is not None:  # it ended while we looked: the request came too late
+        file_request(share, job_id)
+        return f"job {job_id} already ended: {done.status.value}"
     return (f"job {job_id} is not in the inbox, queued or running; the request stays in cancel/{job_id}.json, so a "
             "job still arriving under that id (a copy in progress, or one another machine wrote that this one does "
             f"not see yet) is cancelled before it starts. If the id was a typo, delete cancel/{job_id}.json")
+
+
+def _ended(share: Share, job_id: str) -> Result | None:
+    with contextlib.suppress(OSError):  # committed by a worker that died before writing its result
+        states.complete_pending(share, job_id)
+    return read_model(share.result_dir(job_id) / "result.json", Result)
 
 
 def _cancel_queued(share: Share, path: Path, key: states.QueueKey, me: str, clock: Clock) -> str:
@@ -69,9 +77,24 @@ def _kind(share: Share, path: Path, job_id: str) -> str | None:
 
 
 def file_request(share: Share, job_id: str) -> None:
-    """Move a handled request next to the result it caused, rather than delete it."""
+    """Move a request whose job has ended next to its result, rather than delete it: a person's file. One that came
+    too late stays a record that it was asked for. Never over an earlier request (two people, one job)."""
+    src, folder = share.cancel_file(job_id), share.result_dir(job_id)
     with contextlib.suppress(OSError):
-        os.rename(share.cancel_file(job_id), share.result_dir(job_id) / "cancel-request.json")
+        if not atomic.place_new(src, folder / "cancel-request.json"):
+            os.rename(src, folder / f"cancel-request.{uuid.uuid4().hex[:8]}.json")
+
+
+def file_finished(share: Share) -> None:
+    """File the requests whose job ended before a worker saw them (it finished first, or was rejected): left in
+    ``cancel/``, each would be checked at every pass, for good."""
+    try:
+        names = [e.name for e in os.scandir(share.cancel) if e.name.endswith(".json")]
+    except FileNotFoundError:
+        return
+    for job_id in (n.removesuffix(".json") for n in names):
+        if SAFE_ID.match(job_id) and (share.result_dir(job_id) / "result.json").exists():
+            file_request(share, job_id)
 
 
 def requested(share: Share, job_id: str) -> bool:

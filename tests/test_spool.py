@@ -170,6 +170,52 @@ def test_cancel_leaves_a_copy_still_arriving_in_the_inbox(share: Share, procs: P
     assert (r.status.value, r.error, r.kind) == ("cancelled", "cancelled before it started", "probe"), r
 
 
+def test_a_cancel_request_that_comes_too_late_is_filed_with_the_result(share: Share, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request for a job that ended first stayed in cancel/ for good (last note), each one looked at by every
+    pass, and ``cancel`` said the job was nowhere. Now it is moved next to the result, a record that it was asked
+    for: by the worker at its commit, by ``cancel`` when the job ends while it looks, by any worker's next pass
+    for one left from before, and never over an earlier request."""
+    from spooler import cancel
+    from spooler.clock import SystemClock
+    from spooler.config import WorkerSettings
+    from worker.daemon import Worker
+
+    w = Worker(share, WorkerSettings(share=share.root, id="w1", device="cpu", cache_dir=tmp_path / "cache"))
+    for job_id in ("late", "ends"):
+        drop(share, f"{job_id}.json", {"kind": "probe"})
+    w.intake.scan()
+    real_run, real_accept = w._run, cancel._accept_from_inbox
+
+    def request_after_the_run(*args: object) -> object:  # after the worker's last look, before its commit
+        out = real_run(*args)  # type: ignore[arg-type]
+        share.write_json(share.cancel_file("late"), {"id": "late", "by": "a person"})
+        return out
+
+    def ends_while_cancel_looks(*args: object) -> None:
+        real_accept(*args)  # type: ignore[arg-type]
+        job = claim.next_job(share, "w1")
+        assert job is not None
+        monkeypatch.setattr(cancel, "requested", lambda *a: False)  # the worker looked before the request came
+        monkeypatch.setattr(cancel, "file_request", lambda *a: None)
+        w.perform(job)
+        monkeypatch.undo()
+
+    monkeypatch.setattr(w, "_run", request_after_the_run)
+    w.perform(claim.next_job(share, "w1", only="late"))  # type: ignore[arg-type]
+    monkeypatch.undo()
+    monkeypatch.setattr(cancel, "_accept_from_inbox", ends_while_cancel_looks)
+    assert cancel.request_cancel(share, "ends", SystemClock()) == "job ends already ended: succeeded"
+    share.write_json(share.cancel_file("late"), {"id": "late", "by": "someone else, left from before"})
+    w.maintenance()
+    assert not list(share.cancel.iterdir())
+    assert [r.status.value for r in (result_of(share, "late"), result_of(share, "ends")) if r] == ["succeeded"] * 2
+    assert (share.result_dir("ends") / "cancel-request.json").exists()
+    late = sorted(p.name for p in share.result_dir("late").glob("cancel-request*.json"))
+    assert len(late) == 2 and json.loads((share.result_dir("late") / "cancel-request.json").read_text())["by"] == \
+        "a person", late
+
+
 def test_unfinished_conclude_is_completed_on_restart(share: Share, procs: Procs) -> None:
     """A worker that died between its commit rename and the result's rename leaves a pending file."""
     from schemas.result import Result, Terminal

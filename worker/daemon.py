@@ -237,6 +237,8 @@ class Worker:
         except Exception as e:  # reaping is housekeeping: it must never stop this worker
             log.warning("could not check other workers' heartbeats: %s: %s [worker %s]", type(e).__name__, e,
                         self.id)
+        with contextlib.suppress(OSError):  # the share is away: the next pass files them
+            cancel.file_finished(self.share)
         self._finish_kept_commits()
 
     def _finish_kept_commits(self) -> None:
@@ -333,8 +335,7 @@ class Worker:
         self._last_progress(key.job_id, result)
         if retry:
             log.info("job %s: the outcome kept locally is delivered [worker %s]", key.job_id, self.id)
-        if result.status is Terminal.cancelled:
-            cancel.file_request(self.share, key.job_id)
+        cancel.file_request(self.share, key.job_id)  # cancelled, or asked for too late: filed with the result
         log.info("job %s %s%s [worker %s]", key.job_id, result.status.value,
                  f": {result.error}" if result.error else "", self.id)
 
