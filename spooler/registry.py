@@ -331,14 +331,16 @@ def register_trained(share: Share, spec: JobSpec, adapter_dir: Path, metrics: Me
 
 
 def register_merged(share: Share, name: str, adapter_dir: Path, base: BaseIdentity, parents: list[str],
-                    merge: MergeInfo, job_id: str | None, notes: list[str]) -> Ref:
-    """Register an adapter made by combining registered ones; idempotent per job id."""
+                    merge: MergeInfo, job_id: str | None, notes: list[str],
+                    expected: dict[str, str] | None = None) -> Ref:
+    """Register an adapter made by combining registered ones; idempotent per job id. ``expected``: the hashes
+    of the files as verified, which the copy into the registry must match."""
     if job_id is not None and (done := registered_by(share, name, job_id)) is not None:
         return done
     manifest = Manifest(name=name, version="v0", origin="merge", job_id=job_id, created_at=iso(time.time()),
                         token=uuid.uuid4().hex, files={}, size_bytes=0, base=base,
                         lora=lora_shape(adapter_dir, "none"), parents=parents, merge=merge, notes=notes)
-    return register(share, name, adapter_dir, manifest)
+    return register(share, name, adapter_dir, manifest, expected)
 
 
 def register_from_result(share: Share, result: Result, spec: JobSpec) -> Ref:

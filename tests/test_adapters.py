@@ -30,7 +30,6 @@ from spooler.clock import SystemClock
 from spooler.errors import Rejected
 from spooler.intake import Intake
 from spooler.jobfile import parse_spec
-from spooler.paths import PlantedLink
 from spooler.share import Share, read_model
 from tests.conftest import drop, make_share, result_of, train_job
 from worker.train import TrainOutcome, TrainRequest, run_training
@@ -296,7 +295,8 @@ def test_a_file_named_like_a_version_does_not_block_a_name(share: Share, trained
 
 def test_a_merge_writes_nothing_through_a_planted_link(share: Share, trained: dict, tmp_path: Path) -> None:
     """merge.output a dangling link: exists() said no, and the job failed ENOTDIR at its last rename. tmp/ a link
-    out of the share: a merge into an adapter staged its weights there, outside (audit, proven)."""
+    out of the share: a merge into an adapter staged its weights there, outside (audit, proven). It now stages on
+    the worker's own disk, and writes nothing to tmp/ at all."""
     (share.root / "models" / "merged").mkdir(exist_ok=True)
     (share.root / "models" / "merged" / "dangle").symlink_to("gone-folder")  # in the share, and missing
     with pytest.raises(Rejected, match="already exists") as e:
@@ -310,13 +310,45 @@ def test_a_merge_writes_nothing_through_a_planted_link(share: Share, trained: di
     share.tmp.rename(kept)
     share.tmp.symlink_to(outside, target_is_directory=True)
     try:
-        with pytest.raises(PlantedLink, match="tmp is a link"):
-            run(share, JobSpec(id="m-tmplink", kind="merge",
-                               merge={"adapters": ["billing/v1", "support/v1"], "into": "adapter"}))
+        out = run(share, JobSpec(id="m-tmplink", kind="merge", register_as="tmplink",
+                                 merge={"adapters": ["billing/v1", "support/v1"], "into": "adapter"}))
+        assert out.verify.ok and out.registered == "tmplink/v1"
     finally:
         share.tmp.unlink()
         kept.rename(share.tmp)
+        shutil.rmtree(share.root / "adapters" / "tmplink", ignore_errors=True)
     assert list(outside.iterdir()) == []
+
+
+def test_a_merge_registers_the_weights_it_verified(share: Share, trained: dict,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge into an adapter was staged in the share's tmp/, which anyone can write: weights swapped there
+    between their verification and their registration were registered as the merge, manifest hashes and all
+    (last note: suspected; shown here). Simulated: someone swaps every staged merge in tmp/ for another adapter's
+    weights the moment its verification ends."""
+    import worker.adapter_verify as adapter_verify
+    from worker.verify import file_entries
+
+    real_verify, seen = adapter_verify.verify, {}
+    other = version(share, "support/v1") / "adapter_model.safetensors"
+
+    def swapped_after(target: Any, device: str) -> Any:
+        report = real_verify(target, device)
+        if target.label.startswith("merge of"):
+            seen.update({n: e.sha256 for n, e in file_entries(target.folder, skip=("manifest.json",)).items()})
+            for staged in share.tmp.glob(".merge-*"):
+                shutil.copyfile(other, staged / "adapter_model.safetensors")
+        return report
+
+    monkeypatch.setattr(adapter_verify, "verify", swapped_after)
+    try:
+        out = run(share, JobSpec(id="m-swap", kind="merge", register_as="swap",
+                                 merge={"adapters": ["billing/v1", "support/v1"], "into": "adapter"}))
+        registered = registry.read_manifest(share, registry.Ref("swap", 1))
+        assert out.registered == "swap/v1" and registered is not None
+        assert {n: e.sha256 for n, e in registered.files.items()} == seen, "registered what it did not verify"
+    finally:
+        shutil.rmtree(share.root / "adapters" / "swap", ignore_errors=True)
 
 
 def test_a_version_changed_since_it_was_registered_is_not_merged_or_continued(share: Share, trained: dict) -> None:

@@ -8,8 +8,7 @@ unpickles the outcome, and the daemon never imports torch. The heavy modules are
 from __future__ import annotations
 
 import logging
-import shutil
-import uuid
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from schemas.job import ADAPTER_REF, JobSpec
 from schemas.result import Result, Terminal
 from schemas.verify import ChainReport, CheckStatus, VerifyReport
 from spooler.errors import Cancelled, Rejected
-from spooler.paths import outside_share, refuse_links
+from spooler.paths import outside_share
 from worker.modelguard import check_adapter_dir, check_registered_adapter
 
 if TYPE_CHECKING:
@@ -210,6 +209,7 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
     from spooler import registry
     from worker.adapter_verify import folder_target, registered_target, verify
     from worker.merge import combine, merge_info
+    from worker.verify import file_entries
 
     spec = req.job.merge
     assert spec is not None
@@ -220,10 +220,10 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
                                     "it by hand: submit the merge again under a new id")
         return AdapterJobOutcome("merge", True, registered=str(done), notes=["registered by an earlier attempt"])
     weights = spec.weights or [1.0] * len(inputs)
-    refuse_links(share.root, share.tmp)  # a linked tmp/ would take the merged weights out of the share
-    staged = share.makedirs(share.tmp) / f".merge-{req.job.id or 'cli'}-{uuid.uuid4().hex[:8]}.tmp"
-    refuse_links(share.root, staged.parent)
-    try:
+    # Staged on this machine's own disk, not in the share's tmp/: anyone can write there, and weights swapped
+    # between their verification and their registration would be registered as this merge (last note).
+    with tempfile.TemporaryDirectory(prefix="loraspool-merge-") as scratch:
+        staged = Path(scratch) / "adapter"
         combine(inputs, base_dir, base.path, weights, spec.combination, spec.density, staged, req.device)
         # Verified before it is registered: a bad merge must never become the newest version of a name.
         staged_report = verify(folder_target(staged, f"merge of {name}", share, base=base_dir), req.device)
@@ -232,11 +232,10 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
                                      f"registered: {failures(staged_report)}", verify=staged_report)
         info = merge_info(spec.combination, weights, spec.density)
         _stop_if(should_stop)  # never register a version for a job that is ending or taken over
+        verified = {n: e.sha256 for n, e in file_entries(staged, skip=(registry.MANIFEST,)).items()}
         ref = registry.register_merged(share, name, staged, base, [i.label for i in inputs], info, req.job.id,
                                        [f"{spec.combination} of {', '.join(i.label for i in inputs)} with weights "
-                                        f"{weights}"])
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # our own scratch copy; the registered version is the result
+                                        f"{weights}"], expected=verified)
     report = verify(registered_target(share, str(ref)), req.device)  # as registered: hashes and manifest too
     error = None if report.ok else f"the merged adapter {ref} fails verification: {failures(report)}"
     return AdapterJobOutcome("merge", report.ok, error, verify=report, registered=str(ref))
