@@ -161,6 +161,8 @@ def test_a_rank_that_raises_fails_the_job_with_its_reason(root: Path, two_ranks:
                        lambda: None)
     assert result.kind == "failed", result
     assert "an epoch has no full batch for every process" in (result.error or ""), result
+    logged = (request(root, make_job("too-few")).out_dir / "train.log").read_text()
+    assert "rank 1 of 2 failed: Traceback" in logged, "a rank other than 0: its traceback only in the worker log"
 
 
 def test_a_killed_rank_is_a_died_result(root: Path, two_ranks: None) -> None:

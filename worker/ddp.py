@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import pickle
 import shutil
@@ -45,6 +46,8 @@ from typing import Any
 from schemas.heartbeat import Progress
 from spooler.errors import Cancelled, Rejected
 from worker.train import TrainOutcome, TrainRequest
+
+log = logging.getLogger(__name__)
 
 ENV_PROCS = "LORASPOOL_DDP_PROCS"
 POLL = 0.5
@@ -124,6 +127,9 @@ def launch(req: TrainRequest, world: int, report: Callable[[Progress], None],
         relay = _Relay(server, _torchrun(world, ticket, tmp / "torchrun"), world, ticket, report, should_stop)
         try:
             outcome = relay.run()
+        except RankFailed:
+            _log_other_ranks(req, relay.troubles, world)
+            raise
         finally:
             relay.close()
     finally:
@@ -285,6 +291,19 @@ def _kill_leftovers(pids: list[int], ticket: Path) -> None:
             proc = psutil.Process(pid)
             if str(ticket) in proc.cmdline():  # that rank still, not a new process that got its pid
                 proc.kill()
+
+
+def _log_other_ranks(req: TrainRequest, troubles: list[tuple[int, str, str]], world: int) -> None:
+    """Rank 0 logs its own traceback into the attempt's train.log, which only it keeps open: the other ranks'
+    go there too, so the log kept with the result says why the job failed, whichever rank raised."""
+    from worker.outputs import TrainLog
+
+    others = [(rank, tb) for rank, desc, tb in troubles if desc and rank != 0]
+    if not others:
+        return
+    with contextlib.suppress(OSError), TrainLog(req.out_dir, file_mode=req.file_mode):
+        for rank, tb in others:
+            log.error("rank %d of %d failed: %s", rank, world, tb.strip())
 
 
 def _outcome_of(msg: tuple) -> TrainOutcome:
