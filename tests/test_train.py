@@ -1252,6 +1252,71 @@ def test_dataset_file_checks(tmp_path: Path) -> None:
         assert e.value.field == "dataset"
 
 
+@pytest.mark.skipif(sys.platform == "win32" or not hasattr(os, "setuid"), reason="POSIX permissions")
+def test_files_the_workers_account_cannot_read_are_rejected_by_name(tiny_model_dir: Path) -> None:
+    """A dataset only its owner may read (safetensors and many tools write 0600), a model subfolder of mode 0700:
+    the checks passed them, and the read that followed raised PermissionError, which ended the job "failed", as
+    a worker fault (audit, proven). Root reads anything: as root, a forked child checks as nobody (uid 65534)."""
+    import tempfile
+
+    as_nobody = os.geteuid() == 0
+    root = Path(tempfile.mkdtemp(prefix="loraspool-perm-"))
+    try:
+        os.chmod(root, 0o755)
+        shutil.copytree(tiny_model_dir, root / "models" / "m")
+        (root / "models" / "m" / "private").mkdir()
+        write_dataset(root / "datasets" / "a.jsonl", "alpaca", rows=8)
+        for folder, _, files in os.walk(root):
+            os.chmod(folder, 0o755)
+            for name in files:
+                os.chmod(Path(folder) / name, 0o644)
+        os.chmod(root / "models" / "m" / "private", 0o700 if as_nobody else 0o000)
+        os.chmod(root / "datasets" / "a.jsonl", 0o600 if as_nobody else 0o000)
+        lines = _checked_as(65534 if as_nobody else None, root)
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("dataset | 'a.jsonl' cannot be read by the worker's account"), lines[0]
+        assert lines[1].startswith("base_model | 'private' cannot be read by the worker's account"), lines[1]
+    finally:
+        for folder, _, _ in os.walk(root):
+            os.chmod(folder, 0o755)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _checked_as(uid: int | None, root: Path) -> list[str]:
+    """The dataset and model checks' verdicts, from a forked child running as ``uid`` (this interpreter, with its
+    modules loaded: it may live where that user cannot read)."""
+    def verdicts() -> list[str]:
+        out = []
+        for check in (lambda: check_dataset_file(root / "datasets" / "a.jsonl"),
+                      lambda: check_model_dir(root / "models" / "m", root)):
+            try:
+                check()
+                out.append("passed")
+            except Rejected as e:
+                out.append(f"{e.field} | {e.problem}")
+            except Exception as e:  # noqa: BLE001 - what the worker would have ended "failed"
+                out.append(f"{type(e).__name__}: {e}")
+        return out
+
+    if uid is None:
+        return verdicts()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, check, report, and leave without running pytest's exit handlers
+        try:
+            os.close(read)
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write, json.dumps(verdicts()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        said = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(said or b"[]")
+
+
 # ── refusals before anything loads ───────────────────────────────────────────────────────────────────────
 def _pickle_only(folder: Path, outside: Path) -> None:
     (folder / "model.safetensors").unlink()
@@ -1281,6 +1346,22 @@ def _no_weights(folder: Path, outside: Path) -> None:
 def _cut_short(folder: Path, outside: Path) -> None:
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _shards_beside_a_cut_model_file(folder: Path, outside: Path) -> None:
+    """A whole sharded copy, and a model.safetensors cut short: from_pretrained reads model.safetensors."""
+    from worker.modelguard import read_header
+
+    weights = folder / "model.safetensors"
+    shutil.copyfile(weights, folder / "model-00001-of-00001.safetensors")
+    names = read_header(weights)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}))
+    _cut_short(folder, outside)
+
+
+def _renamed_weights(folder: Path, outside: Path) -> None:
+    (folder / "model.safetensors").rename(folder / "weights.safetensors")
 
 
 def _giant_number(folder: Path, outside: Path) -> None:
@@ -1316,6 +1397,11 @@ def _bad_tokenizer(folder: Path, outside: Path) -> None:
     (_config_with(num_hidden_layers="2"), "num_hidden_layers is 2, not a positive whole number"),
     (_config_with(num_local_experts=10**9), "num_local_experts is 1000000000, more than all the numbers the weight"),
     (_config_with(num_hidden_layers=2000), "num_hidden_layers is 2000, more than the"),
+    # Names other model types read (audit: a million num_layers built for hours): every layer-count name counts.
+    (_config_with(num_layers=10**6), "config.json: num_layers is 1000000, more than the"),
+    (_config_with(decoder={"num_decoder_layers": 10**6}), "config.json: decoder.num_decoder_layers is 1000000, more"),
+    (_shards_beside_a_cut_model_file, "model.safetensors: model.norm.weight: shape [64] or offsets"),
+    (_renamed_weights, "has weights.safetensors but neither model.safetensors nor"),
     (_pickle_only, "has only pickle weights (pytorch_model.bin)"),
     (_auto_map, "config.json has \"auto_map\""),
     (_link_outside, "'tokenizer.json' is a symlink to"),

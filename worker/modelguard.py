@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,16 @@ def check_dataset_file(path: Path) -> None:
     if path.stat().st_size == 0:
         raise Rejected("dataset", f"{path.name!r} is empty; it needs at least two JSONL rows (one to train, "
                                   "one to evaluate)")
+    try:
+        open(path, "rb").close()  # a file only its owner may read (safetensors writes 0600) fails later, as "failed"
+    except PermissionError as e:
+        raise unreadable("dataset", path.name, e) from None
+
+
+def unreadable(field: str, name: str, e: OSError) -> Rejected:
+    """A file or folder the worker's account may not read: input to fix, not a worker fault."""
+    return Rejected(field, f"{name!r} cannot be read by the worker's account ({e.strerror or e}); make it "
+                           "readable by everyone who uses the share (for example chmod -R a+rX), then submit again")
 
 
 def _inside(target: Path, root: Path) -> bool:
@@ -130,7 +141,11 @@ def _check_links(folder: Path, share_root: Path, field: str = "base_model", what
         if real in seen:
             continue
         seen.add(real)
-        for entry in os.scandir(current):
+        try:
+            entries = list(os.scandir(current))
+        except PermissionError as e:
+            raise unreadable(field, _rel(current, folder), e) from None
+        for entry in entries:
             if entry.is_symlink():
                 _check_link(Path(entry.path), folder, root, field, what)
             if entry.is_dir(follow_symlinks=True):
@@ -164,6 +179,8 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as e:
+        raise unreadable("base_model", path.name, e) from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, a 5000-digit integer
         raise Rejected("base_model", f"{path.name} is not usable JSON ({type(e).__name__}: {str(e)[:200]}); "
                                      "copy the model folder again") from None
@@ -199,7 +216,13 @@ def stored_weights(folder: Path) -> Stored:
     if not safe:
         raise Rejected("base_model", f"{folder.name!r} has no weights (no *.safetensors file); copy the model's "
                                      "safetensors files into the folder")
-    shards = _index_shards(folder)
+    # What from_pretrained reads: model.safetensors when it is there (an index beside it is then ignored), else
+    # the shards the index names. Any other name is never read, and checking it would check the wrong file.
+    shards = [] if "model.safetensors" in safe else _index_shards(folder)
+    if not shards and "model.safetensors" not in safe:
+        raise Rejected("base_model", f"{folder.name!r} has {', '.join(sorted(safe)[:3])} but neither model.safetensors "
+                                     f"nor {SAFETENSORS_INDEX}, the only names from_pretrained reads: copy the "
+                                     "model as save_pretrained wrote it")
     odd = [s for s in shards if os.path.isabs(s) or ".." in s.replace("\\", "/").split("/")]
     if odd:
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} names shard {odd[0]!r}, which is not a file in the "
@@ -208,11 +231,13 @@ def stored_weights(folder: Path) -> Stored:
     if missing:
         raise Rejected("base_model", f"{SAFETENSORS_INDEX} names {len(missing)} missing shard(s) "
                                      f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
-    loaded = shards or [n for n in safe if n == "model.safetensors"]  # what from_pretrained reads
+    loaded = shards or ["model.safetensors"]
     numbers = tensors = parameters = size_bytes = 0
     for name in loaded:  # the header only: a truncated copy or a hostile header fails here, not in a loader
         try:
             header = read_header(folder / name)
+        except PermissionError as e:
+            raise unreadable("base_model", name, e) from None
         except (OSError, ValueError) as e:
             raise Rejected("base_model", f"{name}: {e}; the file is broken or was cut short: copy it again") from None
         size_bytes += (folder / name).stat().st_size
@@ -234,8 +259,7 @@ def _check_sizes(config: dict, stored: Stored) -> None:
     """The model is built from config.json before a weight is read: a size no weight file could fill (a typo,
     a config copied from another model, a hostile 10^15 vocabulary) would fail deep in a loader, or try to
     allocate it. Each layer has tensors of its own, so there are no more layers than tensors; that also bounds
-    the time it takes to build the model's structure for ``check_parameters``. ``stored.numbers`` is 0 when
-    it is not known (no model.safetensors)."""
+    the time it takes to build the model's structure for ``check_parameters``."""
     numbers = stored.numbers
     text = config.get("text_config")
     for where, raw in (("", config), ("text_config.", text if isinstance(text, dict) else {})):
@@ -247,21 +271,39 @@ def _check_sizes(config: dict, stored: Stored) -> None:
                 continue
             raise Rejected("base_model", f"config.json: {where}{named(key)} is {str(value)[:60]}, not a positive "
                                          "whole number; copy the model's own config.json again")
-        for key in (*SIZE_KEYS, *EXPERT_KEYS) if numbers else ():
+        for key in (*SIZE_KEYS, *EXPERT_KEYS):
             value = section.get(key)
             if isinstance(value, int) and value > numbers:
                 raise Rejected("base_model", f"config.json: {where}{named(key)} is {value}, more than all the numbers "
                                              f"the weight files hold ({numbers}); copy the model's own config.json")
-        layers = section.get("num_hidden_layers")
-        if numbers and isinstance(layers, int) and layers > stored.tensors:
-            raise Rejected("base_model", f"config.json: {where}{named('num_hidden_layers')} is {layers}, more than the "
-                                         f"{stored.tensors} tensors the weight files hold, so this config.json does "
-                                         "not belong to these weights; copy the model's own config.json")
         vocab, hidden = section.get("vocab_size"), section.get("hidden_size")
-        if numbers and isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden > numbers:
+        if isinstance(vocab, int) and isinstance(hidden, int) and vocab * hidden > numbers:
             raise Rejected("base_model", f"config.json: {where}vocab_size x hidden_size ({vocab} x {hidden}) is more "
                                          f"numbers than the weight files hold ({numbers}), so this config.json does "
                                          "not belong to these weights; copy the model's own config.json")
+    for name, layers in _layer_counts(config):
+        if layers > stored.tensors:
+            raise Rejected("base_model", f"config.json: {name} is {layers}, more than the {stored.tensors} tensors the "
+                                         "weight files hold, so this config.json does not belong to these weights; "
+                                         "copy the model's own config.json")
+
+
+# A layer count, by any of the names model types use: num_hidden_layers, n_layer (GPT-2), num_layers,
+# decoder_layers, num_decoder_layers (ProphetNet), ..., in sub-configs too (text_config, decoder, ...).
+LAYER_KEY = re.compile(r"(?:^|_)(?:n_)?layers?$")
+
+
+def _layer_counts(config: dict, where: str = "", depth: int = 0) -> list[tuple[str, int]]:
+    """Every whole number config.json gives under a layer-count name, with where it is: a config class reads
+    its own names, and one the check did not know (num_layers, read by some model types) built a million layers
+    for hours before anything was refused (audit, proven)."""
+    found: list[tuple[str, int]] = []
+    for key, value in config.items() if depth < 8 else ():
+        if isinstance(value, dict):
+            found += _layer_counts(value, f"{where}{key}.", depth + 1)
+        elif isinstance(value, int) and not isinstance(value, bool) and LAYER_KEY.search(str(key)):
+            found.append((f"{where}{key}", value))
+    return found
 
 
 def _common_names(section: dict) -> tuple[dict, Callable[[str], str]]:
