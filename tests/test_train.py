@@ -1445,6 +1445,29 @@ def test_a_config_or_tokenizer_the_libraries_refuse_is_a_rejection(tmp_path: Pat
     assert refusal.field == "base_model" and expected in refusal.problem, refusal.problem
 
 
+def test_a_pad_token_the_model_lacks_pads_with_another_and_a_probe_with_it_is_refused(tmp_path: Path,
+                                                                                      tiny_model_dir: Path) -> None:
+    """A pad token added to the tokenizer without resizing the model (id 512 of a 512-row embedding): the padding
+    looked it up and the job ended "failed" in an IndexError, and so did a probe holding an added token (audit,
+    proven). Any id pads (pads are masked): the job trains. A probe is the job's own text: refused by name."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path / "share"
+    shutil.copytree(tiny_model_dir, root / "models" / "padded")
+    write_dataset(root / "datasets" / "alpaca.jsonl", "alpaca", rows=24)
+    tokenizer = AutoTokenizer.from_pretrained(root / "models" / "padded")
+    tokenizer.add_special_tokens({"pad_token": "<added-pad>"})
+    assert tokenizer.pad_token_id == 512
+    tokenizer.save_pretrained(root / "models" / "padded")
+    job = make_job("padded", model="models/padded", max_steps=2, batch_size=4).model_copy(
+        update={"probes": ["Name a colour."]})
+    assert train(root, job).metrics.steps == 2
+    job = job.model_copy(update={"id": "probed", "probes": ["Name a colour.", "Say <added-pad> twice."]})
+    with pytest.raises(Rejected) as e:
+        train(root, job)
+    assert e.value.field == "probes.1" and "gives token id 512" in e.value.problem, e.value
+
+
 def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
         tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each size fits the weights (the config check passes), together they describe a model 30x bigger than the

@@ -531,10 +531,12 @@ def _notes(report: DataReport, bad: list[str], t: TrainingSpec) -> list[str]:
 
 
 # ── batching ─────────────────────────────────────────────────────────────────────────────────────────────
-def pad_id_of(tokenizer: Any) -> int:
-    """The id to pad with; any id works (pads are masked), the tokenizer's own pad is only the tidiest."""
+def pad_id_of(tokenizer: Any, rows: int | None = None) -> int:
+    """The id to pad with; any id the embedding has works (pads are masked), the tokenizer's own pad is only the
+    tidiest. ``rows``: the model's embedding rows. A pad token added to a tokenizer without resizing the model
+    is past them, and looking it up ended the job in an IndexError (audit, proven)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
+        if candidate is not None and (rows is None or 0 <= int(candidate) < rows):
             return int(candidate)
     return 0
 

@@ -38,7 +38,7 @@ from worker.loop import LAST_STEPS, CausalLMLoss, Dist, Loop, LoopSettings, unco
 from worker.modelguard import stored_weights
 from worker.outputs import MetricsLog, TrainLog, plot_loss, read_metrics
 from worker.packprobe import packing_problem
-from worker.probes import check_prompts, generate_answers, pair
+from worker.probes import check_prompts, generate_answers, pair, prompt_ids
 from worker.train import TrainRequest, every_second
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,11 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     t = req.job.training
     report(Progress(job=req.job.id or "job", phase="loading"))  # silent for minutes on a big base: no stall timer
     model = load_model(req.model_dir, plan)
-    _check_vocab(model, splits)
     packed = _packs(t, plan, model)
     if packed:
         packedattn.use_for_packed_rows(model)
-    batcher = Batcher(splits.train, t.batch_size, t.max_length, data.pad_id_of(tokenizer), t.seed, packed,
-                      dist.world, dist.rank)
+    pad = data.pad_id_of(tokenizer, model.get_input_embeddings().num_embeddings)
+    batcher = Batcher(splits.train, t.batch_size, t.max_length, pad, t.seed, packed, dist.world, dist.rank)
     row = t.max_length if packed else max(len(e.input_ids) for e in splits.train)
     micro = CPU_MICRO_TOKENS if plan.device == "cpu" else None
     tokens_per_forward = rows_per_piece(micro, row, t.batch_size) * row
@@ -291,9 +290,25 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
                               cache)
     splits.report.files = [str(p.relative_to(req.share_root)) if p.is_relative_to(req.share_root) else p.name
                            for p in req.datasets]
+    check_vocab(req.model_dir, tokenizer, req.job, splits)
     if note := check_lengths(req.model_dir, tokenizer, req.job, splits):
         splits.notes.append(note)
     return plan, tokenizer, splits
+
+
+def check_vocab(model_dir: Path, tokenizer: Any, job: JobSpec, splits: data.Splits) -> None:
+    """Every token id the job feeds the model must be a row of its embedding, checked before the load: a
+    tokenizer with added tokens the model was never resized for ends in an IndexError (a device-side assert on
+    CUDA). A probe is the job's own text, so it is named; the rows come from the dataset and the tokenizer."""
+    rows = meta_model(model_dir).get_input_embeddings().num_embeddings
+    top = max(max(e.input_ids) for e in splits.train + splits.eval)
+    if top >= rows:
+        raise Rejected("base_model", f"its tokenizer gives token id {top} but the model's embedding has {rows} "
+                                     "rows: the tokenizer does not belong to this model")
+    for i, prompt in enumerate(job.probes):
+        if (top := max(prompt_ids(tokenizer, prompt), default=0)) >= rows:
+            raise Rejected(f"probes.{i}", f"gives token id {top} (a token added to the tokenizer?) but the model's "
+                                          f"embedding has {rows} rows: take that token out of the probe")
 
 
 def cap_gpu_memory(plan: Plan, gib: float | None) -> int | None:
@@ -514,14 +529,6 @@ def load_model(model_dir: Path, plan: Plan) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
-
-
-def _check_vocab(model: torch.nn.Module, splits: data.Splits) -> None:
-    rows = model.get_input_embeddings().num_embeddings
-    top = max(max(e.input_ids) for e in splits.train + splits.eval)
-    if top >= rows:
-        raise Rejected("base_model", f"its tokenizer gives token id {top} but the model's embedding has {rows} "
-                                     "rows: the tokenizer does not belong to this model")
 
 
 def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
