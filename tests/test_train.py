@@ -1657,6 +1657,15 @@ def test_unknown_target_module_is_refused_with_the_valid_names(share_root: Path,
     assert "q_proj, up_proj, v_proj" in e.value.problem
     with pytest.raises(Rejected, match="'mlp' is a LlamaMLP, not a layer LoRA can adapt"):
         train(share_root, make_job("typo2", targets=["mlp"]))
+    # modules_to_save: a name nothing matched trained nothing extra without a word, and a list of layers ended the
+    # job failed inside peft (audit, proven).
+    for saved, says in ((["lm_head", "nope"], "unknown module 'nope'; this model's modules end in: "),
+                        (["layers"], "'layers' is a ModuleList, a list of modules")):
+        job = make_job("saved").model_copy(deep=True)
+        job.lora.modules_to_save = saved
+        with pytest.raises(Rejected) as e:
+            train(share_root, job)
+        assert e.value.field == "lora.modules_to_save" and e.value.problem.startswith(says), e.value
 
 
 def test_guard_and_outcome_modules_never_import_torch() -> None:

@@ -282,7 +282,7 @@ def prepare(req: TrainRequest, report: Callable[[Progress], None] = lambda p: No
     _seed_everything(t.seed)
     plan = plan_for(req.job.quantization, req.device, req.cpu_quantization)
     plan.memory_cap = cap_gpu_memory(plan, req.gpu_memory_gib)
-    check_targets(req.model_dir, req.job.lora.target_modules)  # first: it reads config.json, and names it
+    check_targets(req.model_dir, req.job.lora.target_modules, req.job.lora.modules_to_save)  # first: reads config
     tokenizer = load_tokenizer(req.model_dir)
     cache = tokencache.for_dataset(req.share_root, data.file_labels(req.datasets), tokenizer, req.file_mode,
                                    write=main)
@@ -499,12 +499,29 @@ def target_problem(model: torch.nn.Module, targets: list[str]) -> str | None:
     return None
 
 
-def check_targets(model_dir: Path, targets: list[str] | str) -> None:
-    """Refuse unknown ``lora.target_modules`` before any weights are read."""
-    if targets == "all-linear":
-        return
-    if problem := target_problem(meta_model(model_dir), list(targets)):
+def check_targets(model_dir: Path, targets: list[str] | str, saved: list[str] | None = None) -> None:
+    """Refuse unknown ``lora.target_modules`` and ``lora.modules_to_save`` before any weights are read."""
+    if targets != "all-linear" and (problem := target_problem(meta_model(model_dir), list(targets))):
         raise Rejected("lora.target_modules", problem)
+    if saved and (problem := saved_problem(meta_model(model_dir), saved)):
+        raise Rejected("lora.modules_to_save", problem)
+
+
+def saved_problem(model: torch.nn.Module, saved: list[str]) -> str | None:
+    """Why ``saved`` cannot be trained in full beside LoRA (peft wraps every module whose name ends with one), or
+    None. A name nothing matched trained nothing extra, silently; a container (a ModuleList of layers) ended the
+    job failed inside peft (audit, proven)."""
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if not any(m.children())})
+    for name in saved:
+        hits = [m for n, m in modules if n.endswith(name)]
+        if not hits:
+            return f"unknown module {name!r}; this model's modules end in: {', '.join(leaves)}"
+        if kind := next((type(m).__name__ for m in hits if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))),
+                        None):
+            return (f"{name!r} is a {kind}, a list of modules, which peft cannot train whole; name a module "
+                    f"such as lm_head or embed_tokens ({', '.join(leaves)})")
+    return None
 
 
 def _quantization_config(plan: Plan) -> Any:
