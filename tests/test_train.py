@@ -1382,6 +1382,14 @@ def _gpt2_names(folder: Path, outside: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "n_layer": 2000}))
 
 
+def _transposed_embedding(folder: Path, outside: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].T.contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def _bad_tokenizer(folder: Path, outside: Path) -> None:
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["model"]["type"] = "Nope"
@@ -1435,6 +1443,10 @@ def _refusal(tmp_path: Path, tiny_model_dir: Path, breakage: Any) -> Rejected:
     (_config_with(tie_word_embeddings="yes"), "(StrictDataclassFieldValidationError: "),
     (_config_with(pad_token_id=10**6), "(AssertionError: Padding_idx must be within num_embeddings"),
     (_bad_tokenizer, "its tokenizer does not load (Exception: data did not match any variant"),
+    # Failed at the load (audit, proven): weights of other shapes than config.json, a scheme no library here loads.
+    (_transposed_embedding, "its weights do not fit its config.json ("),
+    (_config_with(quantization_config={"quant_method": "gptq", "bits": 4}),
+     "config.json says it is pre-quantized (gptq), and it does not load here (ImportError"),
 ])
 def test_a_config_or_tokenizer_the_libraries_refuse_is_a_rejection(tmp_path: Path, tiny_model_dir: Path,
                                                                    breakage: Any, expected: str) -> None:

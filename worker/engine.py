@@ -543,9 +543,34 @@ def load_model(model_dir: Path, plan: Plan) -> torch.nn.Module:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     if plan.quantization is not Quantization.none:
         kwargs["quantization_config"] = _quantization_config(plan)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (ImportError, ValueError, RuntimeError, AssertionError) as e:
+        if (problem := _load_refusal(model_dir, e)) is None:
+            raise
+        raise Rejected("base_model", problem) from None
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
+
+
+def _load_refusal(model_dir: Path, e: BaseException) -> str | None:
+    """A load that fails for the folder's own sake, said as input to fix; None for the worker's own trouble (a
+    CUDA fault, no memory), which must stay a failure. Weights of other shapes than config.json gives, and a
+    pre-quantized model whose scheme needs a library this worker lacks (GPTQ wants optimum; a bitsandbytes
+    checkpoint wants CUDA), ended the job failed (audit, proven)."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) or "out of memory" in str(e):
+        return None
+    if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
+        return (f"its weights do not fit its config.json ({first}): copy the model's own config.json and "
+                "weights again")
+    quant = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    if isinstance(quant, dict):
+        method = str(quant.get("quant_method", "unknown"))[:40]
+        return (f"config.json says it is pre-quantized ({method}), and it does not load here "
+                f"({type(e).__name__}: {first}): point base_model at the model's full-precision weights, and set "
+                "quantization: 4bit in the job to train QLoRA")
+    return None
 
 
 def add_lora(model: torch.nn.Module, job: JobSpec, plan: Plan, recompute: bool,
