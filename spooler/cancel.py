@@ -81,7 +81,11 @@ def file_request(share: Share, job_id: str) -> None:
     too late stays a record that it was asked for. Never over an earlier request (two people, one job)."""
     src, folder = share.cancel_file(job_id), share.result_dir(job_id)
     with contextlib.suppress(OSError):
-        if not atomic.place_new(src, folder / "cancel-request.json"):
+        if atomic.place_new(src, folder / "cancel-request.json"):
+            return
+        if os.path.samefile(src, folder / "cancel-request.json"):  # another worker is filing this very request
+            os.unlink(src)
+        else:
             os.rename(src, folder / f"cancel-request.{uuid.uuid4().hex[:8]}.json")
 
 

@@ -216,11 +216,21 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
         # cancelled, a requeue of one concluding) can be told it won too on SMB, and the file ends in its folder.
         # Cannot tell (OSError): the pending file stays, and complete_pending settles it once job.json is seen.
         if not _confirmed(share, lambda: job_json.name in os.listdir(folder), folder):
+            if not _moved_on(share, result.id):  # a listing cached from before our rename: not knowing is no "no"
+                raise OSError(errno.ESTALE, f"cannot tell yet whether the commit of {src.name} took: the share "
+                                            "lists neither it nor where a racing rename would have put it")
             with contextlib.suppress(OSError):
                 os.unlink(pending)
             raise ClaimLost(f"{src.name} was moved on by a racing rename (claimed or requeued meanwhile)")
     atomic.fsync_dir(folder)
     _finalize(share, folder, pending)
+
+
+def _moved_on(share: Share, job_id: str) -> bool:
+    """Whether the job's file is in the queue or a running folder, where a racing claim or requeue puts it."""
+    running = share.running("_").parent
+    folders = [share.queue, *(e.path for e in os.scandir(running) if e.is_dir())]
+    return any((k := QueueKey.parse(n)) is not None and k.job_id == job_id for f in folders for n in os.listdir(f))
 
 
 def _committed(share: Share, folder: Path, job_json: str, pending: Path, ours: bytes) -> bool:

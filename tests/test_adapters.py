@@ -320,12 +320,14 @@ def test_a_merge_writes_nothing_through_a_planted_link(share: Share, trained: di
     assert list(outside.iterdir()) == []
 
 
-def test_a_merge_registers_the_weights_it_verified(share: Share, trained: dict,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("swapped", ["in tmp/", "where it was verified"])
+def test_a_merge_registers_the_weights_it_verified(share: Share, trained: dict, monkeypatch: pytest.MonkeyPatch,
+                                                   swapped: str) -> None:
     """A merge into an adapter was staged in the share's tmp/, which anyone can write: weights swapped there
     between their verification and their registration were registered as the merge, manifest hashes and all
     (last note: suspected; shown here). Simulated: someone swaps every staged merge in tmp/ for another adapter's
-    weights the moment its verification ends."""
+    weights the moment its verification ends. It now stages on the worker's own disk, and the copy into the
+    registry must match the hashes of what was verified: a change even there is refused."""
     import worker.adapter_verify as adapter_verify
     from worker.verify import file_entries
 
@@ -336,14 +338,21 @@ def test_a_merge_registers_the_weights_it_verified(share: Share, trained: dict,
         report = real_verify(target, device)
         if target.label.startswith("merge of"):
             seen.update({n: e.sha256 for n, e in file_entries(target.folder, skip=("manifest.json",)).items()})
-            for staged in share.tmp.glob(".merge-*"):
+            folders = list(share.tmp.glob(".merge-*")) if swapped == "in tmp/" else [target.folder]
+            for staged in folders:
                 shutil.copyfile(other, staged / "adapter_model.safetensors")
         return report
 
     monkeypatch.setattr(adapter_verify, "verify", swapped_after)
+    job = JobSpec(id=f"m-swap-{len(swapped)}", kind="merge", register_as="swap",
+                  merge={"adapters": ["billing/v1", "support/v1"], "into": "adapter"})
     try:
-        out = run(share, JobSpec(id="m-swap", kind="merge", register_as="swap",
-                                 merge={"adapters": ["billing/v1", "support/v1"], "into": "adapter"}))
+        if swapped == "where it was verified":
+            with pytest.raises(registry.RegistryError, match="does not match its hashes"):
+                run(share, job)
+            assert not (share.root / "adapters" / "swap" / "v1").exists()
+            return
+        out = run(share, job)
         registered = registry.read_manifest(share, registry.Ref("swap", 1))
         assert out.registered == "swap/v1" and registered is not None
         assert {n: e.sha256 for n, e in registered.files.items()} == seen, "registered what it did not verify"

@@ -406,7 +406,7 @@ def test_a_job_cancelled_while_queued_outranks_a_dead_attempts_leftover_result(s
     assert json.loads((share.result_dir("left") / "result.json").read_text())["status"] == "cancelled"
 
 
-@pytest.mark.parametrize("racer", ["claim", "requeue"])
+@pytest.mark.parametrize("racer", ["claim", "requeue", "cached-listing"])
 def test_a_commit_told_it_won_a_rename_race_it_lost_publishes_nothing(share: Share, monkeypatch: pytest.MonkeyPatch,
                                                                        racer: str) -> None:
     """On SMB both of two racing renames of one file can be told they won; the file ends in the later one's folder
@@ -425,13 +425,25 @@ def test_a_commit_told_it_won_a_rename_race_it_lost_publishes_nothing(share: Sha
     start.write_text('{"kind": "probe"}')
     later = (share.makedirs(share.running("w2")) / key.name if racer == "claim"
              else share.queue / key.with_attempt(2).name)
-    real_rename = states.os.rename
+    real_rename, real_listdir = states.os.rename, states.os.listdir
 
     def told_it_won(src: str | Path, dst: str | Path) -> None:
         real_rename(src, dst)
         if Path(dst).name == "job.json":
             real_rename(dst, later)  # the racer opened the file first; its rename lands after ours, and wins
 
+    def cached(path: str | Path) -> list[str]:  # the commit's folder, listed as it was before the rename
+        return [n for n in real_listdir(path) if n != "job.json"]
+
+    if racer == "cached-listing":  # review: a real commit judged lost left job.json with no result, for good
+        monkeypatch.setattr(states.os, "listdir", cached)
+        with pytest.raises(OSError, match="cannot tell yet"):
+            states.conclude(share, start, Result(id=racer, status=Terminal.succeeded, worker="w1", attempts=1),
+                            by="w1")
+        monkeypatch.undo()
+        assert states.complete_pending(share, racer)  # the worker's loop, once the listing shows job.json
+        assert result_of(share, racer).status.value == "succeeded"  # type: ignore[union-attr]
+        return
     monkeypatch.setattr(states.os, "rename", told_it_won)
     if racer == "claim":
         assert "just claimed by a worker" in request_cancel(share, racer, SystemClock())

@@ -1446,7 +1446,7 @@ def _refusal(tmp_path: Path, tiny_model_dir: Path, breakage: Any) -> Rejected:
     # Failed at the load (audit, proven): weights of other shapes than config.json, a scheme no library here loads.
     (_transposed_embedding, "its weights do not fit its config.json ("),
     (_config_with(quantization_config={"quant_method": "gptq", "bits": 4}),
-     "config.json says it is pre-quantized (gptq), and it does not load here (ImportError"),
+     "config.json says it is pre-quantized (gptq), and this worker has no library to load it ("),
 ])
 def test_a_config_or_tokenizer_the_libraries_refuse_is_a_rejection(tmp_path: Path, tiny_model_dir: Path,
                                                                    breakage: Any, expected: str) -> None:
@@ -1478,6 +1478,9 @@ def test_a_pad_token_the_model_lacks_pads_with_another_and_a_probe_with_it_is_re
     with pytest.raises(Rejected) as e:
         train(root, job)
     assert e.value.field == "probes.1" and "gives token id 512" in e.value.problem, e.value
+    # LoRA on the embedding wraps it in a layer with no num_embeddings: probes failed on it (review).
+    job = make_job("embedded", model="models/padded", targets=("embed_tokens", "q_proj"), max_steps=2, batch_size=4)
+    assert len(train(root, job.model_copy(update={"probes": ["Name a colour."]})).probes) == 1
 
 
 def test_a_config_bigger_than_its_weights_is_refused_before_any_weight_is_read(
@@ -1643,6 +1646,16 @@ def test_pre_quantized_weights_are_not_counted_against_the_config(tmp_path: Path
     _config_with(intermediate_size=140_000, quantization_config={"quant_method": "fp8"})(folder, tmp_path)
     with pytest.raises(Rejected, match="config.json describes a model of"):
         check_parameters(folder)
+
+
+def test_a_layer_setting_that_is_not_a_layer_count_is_not_bounded_by_the_tensors(tmp_path: Path,
+                                                                                 tiny_model_dir: Path) -> None:
+    """Qwen2 and Qwen3 configs keep max_window_layers at 28 in a two-layer model of ~25 tensors: a pattern over
+    layer names refused them (review). The layer counts are named one by one."""
+    root = tmp_path / "share"
+    shutil.copytree(tiny_model_dir, root / "models" / "qwenish")
+    _config_with(max_window_layers=28, dense_attention_every_n_layers=64)(root / "models" / "qwenish", tmp_path)
+    check_model_dir(root / "models" / "qwenish", root)
 
 
 def test_links_inside_the_share_are_fine(tmp_path: Path, tiny_model_dir: Path) -> None:

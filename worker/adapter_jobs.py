@@ -222,7 +222,7 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
     weights = spec.weights or [1.0] * len(inputs)
     # Staged on this machine's own disk, not in the share's tmp/: anyone can write there, and weights swapped
     # between their verification and their registration would be registered as this merge (last note).
-    with tempfile.TemporaryDirectory(prefix="loraspool-merge-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="loraspool-merge-", ignore_cleanup_errors=True) as scratch:
         staged = Path(scratch) / "adapter"
         combine(inputs, base_dir, base.path, weights, spec.combination, spec.density, staged, req.device)
         # Verified before it is registered: a bad merge must never become the newest version of a name.

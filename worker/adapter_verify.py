@@ -403,7 +403,7 @@ def eval_loss(model: Any, target: Target, settings: TrainingSpec, device: str) -
     same = m is not None and m.dataset is not None and m.dataset.sha256 == splits.report.sha256
     step = CausalLMLoss(model, chunked=False).eval()
     total, count = 0.0, 0
-    pad = data.pad_id_of(load_tokenizer(target.base_dir), model.get_input_embeddings().num_embeddings)
+    pad = data.pad_id_of(load_tokenizer(target.base_dir), data.embedding_rows(model))
     with torch.no_grad():
         for start in range(0, len(splits.eval), settings.batch_size):
             b = collate_eval(splits.eval[start:start + settings.batch_size], pad).to(device)

@@ -531,6 +531,12 @@ def _notes(report: DataReport, bad: list[str], t: TrainingSpec) -> list[str]:
 
 
 # ── batching ─────────────────────────────────────────────────────────────────────────────────────────────
+def embedding_rows(model: Any) -> int:
+    """The input embedding's rows, from its weight: LoRA on the embedding wraps it in a layer with no
+    ``num_embeddings`` (review: probes and verification then failed on such jobs)."""
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
 def pad_id_of(tokenizer: Any, rows: int | None = None) -> int:
     """The id to pad with; any id the embedding has works (pads are masked), the tokenizer's own pad is only the
     tidiest. ``rows``: the model's embedding rows. A pad token added to a tokenizer without resizing the model

@@ -128,7 +128,7 @@ def setup(req: TrainRequest, plan: Plan, tokenizer: Any, splits: data.Splits, re
     packed = _packs(t, plan, model)
     if packed:
         packedattn.use_for_packed_rows(model)
-    pad = data.pad_id_of(tokenizer, model.get_input_embeddings().num_embeddings)
+    pad = data.pad_id_of(tokenizer, data.embedding_rows(model))
     batcher = Batcher(splits.train, t.batch_size, t.max_length, pad, t.seed, packed, dist.world, dist.rank)
     row = t.max_length if packed else max(len(e.input_ids) for e in splits.train)
     micro = CPU_MICRO_TOKENS if plan.device == "cpu" else None
@@ -300,7 +300,7 @@ def check_vocab(model_dir: Path, tokenizer: Any, job: JobSpec, splits: data.Spli
     """Every token id the job feeds the model must be a row of its embedding, checked before the load: a
     tokenizer with added tokens the model was never resized for ends in an IndexError (a device-side assert on
     CUDA). A probe is the job's own text, so it is named; the rows come from the dataset and the tokenizer."""
-    rows = meta_model(model_dir).get_input_embeddings().num_embeddings
+    rows = data.embedding_rows(meta_model(model_dir))
     top = max(max(e.input_ids) for e in splits.train + splits.eval)
     if top >= rows:
         raise Rejected("base_model", f"its tokenizer gives token id {top} but the model's embedding has {rows} "
@@ -554,22 +554,20 @@ def load_model(model_dir: Path, plan: Plan) -> torch.nn.Module:
 
 
 def _load_refusal(model_dir: Path, e: BaseException) -> str | None:
-    """A load that fails for the folder's own sake, said as input to fix; None for the worker's own trouble (a
-    CUDA fault, no memory), which must stay a failure. Weights of other shapes than config.json gives, and a
-    pre-quantized model whose scheme needs a library this worker lacks (GPTQ wants optimum; a bitsandbytes
-    checkpoint wants CUDA), ended the job failed (audit, proven)."""
+    """A load that fails for the folder's own sake, said as input to fix; None for anything else, which stays a
+    failure (a worker fault must not use up a job's id). Weights of other shapes than config.json gives, and a
+    pre-quantized model whose scheme needs a library this worker lacks (GPTQ wants optimum), ended the job
+    failed (audit, proven)."""
     first = (str(e).strip().splitlines() or [""])[0][:300]
-    if isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) or "out of memory" in str(e):
-        return None
     if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
         return (f"its weights do not fit its config.json ({first}): copy the model's own config.json and "
                 "weights again")
     quant = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    if isinstance(quant, dict):
+    if isinstance(e, ImportError) and isinstance(quant, dict):
         method = str(quant.get("quant_method", "unknown"))[:40]
-        return (f"config.json says it is pre-quantized ({method}), and it does not load here "
-                f"({type(e).__name__}: {first}): point base_model at the model's full-precision weights, and set "
-                "quantization: 4bit in the job to train QLoRA")
+        return (f"config.json says it is pre-quantized ({method}), and this worker has no library to load it "
+                f"({first}): point base_model at the model's full-precision weights, and set quantization: 4bit "
+                "in the job to train QLoRA")
     return None
 
 

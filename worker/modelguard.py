@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,9 +287,11 @@ def _check_sizes(config: dict, stored: Stored) -> None:
                                          "copy the model's own config.json")
 
 
-# A layer count, by any of the names model types use: num_hidden_layers, n_layer (GPT-2), num_layers,
-# decoder_layers, num_decoder_layers (ProphetNet), ..., in sub-configs too (text_config, decoder, ...).
-LAYER_KEY = re.compile(r"(?:^|_)(?:n_)?layers?$")
+# A layer count, by the names model types use: num_hidden_layers, n_layer (GPT-2), num_layers, decoder_layers,
+# num_decoder_layers (ProphetNet), ..., in sub-configs too (text_config, decoder, ...). Named one by one: a pattern
+# also took max_window_layers, which Qwen2 and Qwen3 configs keep at 28 in a two-layer model (review).
+LAYER_KEYS = frozenset({"num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers",
+                        "num_decoder_layers", "num_encoder_layers"})
 
 
 def _layer_counts(config: dict, where: str = "", depth: int = 0) -> list[tuple[str, int]]:
@@ -301,7 +302,7 @@ def _layer_counts(config: dict, where: str = "", depth: int = 0) -> list[tuple[s
     for key, value in config.items() if depth < 8 else ():
         if isinstance(value, dict):
             found += _layer_counts(value, f"{where}{key}.", depth + 1)
-        elif isinstance(value, int) and not isinstance(value, bool) and LAYER_KEY.search(str(key)):
+        elif isinstance(value, int) and not isinstance(value, bool) and key in LAYER_KEYS:
             found.append((f"{where}{key}", value))
     return found
 

@@ -13,7 +13,7 @@ import torch
 
 from schemas.result import ProbeOutput
 from spooler.errors import Rejected
-from worker.data import ALPACA_PROMPT, pad_id_of
+from worker.data import ALPACA_PROMPT, embedding_rows, pad_id_of
 from worker.loop import evaluating
 
 ANSWER_TOKENS = 64  # each answer's length: enough to read what the adapter learned, short beside training
@@ -35,7 +35,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], device: str
 
 def _answer(model: Any, tokenizer: Any, prompt: str, device: str, max_new_tokens: int) -> str:
     ids = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)
-    pad = pad_id_of(tokenizer, model.get_input_embeddings().num_embeddings)
+    pad = pad_id_of(tokenizer, embedding_rows(model))
     # use_cache: training turns the KV cache off in the model config; generation without it is quadratic.
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad, use_cache=True)
