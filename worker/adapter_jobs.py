@@ -225,6 +225,7 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
     with tempfile.TemporaryDirectory(prefix="loraspool-merge-", ignore_cleanup_errors=True) as scratch:
         staged = Path(scratch) / "adapter"
         combine(inputs, base_dir, base.path, weights, spec.combination, spec.density, staged, req.device)
+        made = {n: e.sha256 for n, e in file_entries(staged, skip=(registry.MANIFEST,)).items()}  # what is verified
         # Verified before it is registered: a bad merge must never become the newest version of a name.
         staged_report = verify(folder_target(staged, f"merge of {name}", share, base=base_dir), req.device)
         if not staged_report.ok:
@@ -232,10 +233,9 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
                                      f"registered: {failures(staged_report)}", verify=staged_report)
         info = merge_info(spec.combination, weights, spec.density)
         _stop_if(should_stop)  # never register a version for a job that is ending or taken over
-        verified = {n: e.sha256 for n, e in file_entries(staged, skip=(registry.MANIFEST,)).items()}
         ref = registry.register_merged(share, name, staged, base, [i.label for i in inputs], info, req.job.id,
                                        [f"{spec.combination} of {', '.join(i.label for i in inputs)} with weights "
-                                        f"{weights}"], expected=verified)
+                                        f"{weights}"], expected=made)
     report = verify(registered_target(share, str(ref)), req.device)  # as registered: hashes and manifest too
     error = None if report.ok else f"the merged adapter {ref} fails verification: {failures(report)}"
     return AdapterJobOutcome("merge", report.ok, error, verify=report, registered=str(ref))
