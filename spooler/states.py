@@ -228,8 +228,7 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
 
 def _moved_on(share: Share, job_id: str) -> bool:
     """Whether the job's file is in the queue or a running folder, where a racing claim or requeue puts it."""
-    running = share.running("_").parent
-    folders = [share.queue, *(e.path for e in os.scandir(running) if e.is_dir())]
+    folders = [share.queue, *(e.path for e in os.scandir(share.root / "running") if e.is_dir())]
     return any((k := QueueKey.parse(n)) is not None and k.job_id == job_id for f in folders for n in os.listdir(f))
 
 

@@ -299,10 +299,11 @@ def _layer_counts(config: dict, where: str = "", depth: int = 0) -> list[tuple[s
     its own names, and one the check did not know (num_layers, read by some model types) built a million layers
     for hours before anything was refused (audit, proven)."""
     found: list[tuple[str, int]] = []
+    names = LAYER_KEYS | {_attribute_map(config.get("model_type")).get("num_hidden_layers")}  # the type's own name
     for key, value in config.items() if depth < 8 else ():
         if isinstance(value, dict):
             found += _layer_counts(value, f"{where}{key}.", depth + 1)
-        elif isinstance(value, int) and not isinstance(value, bool) and key in LAYER_KEYS:
+        elif isinstance(value, int) and not isinstance(value, bool) and key in names:
             found.append((f"{where}{key}", value))
     return found
 
