@@ -1390,6 +1390,21 @@ def _transposed_embedding(folder: Path, outside: Path) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _integer_weights(folder: Path, outside: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = (weights["lm_head.weight"] * 100).to(torch.int32)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _no_rotation(folder: Path, outside: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 0
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def _bad_tokenizer(folder: Path, outside: Path) -> None:
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["model"]["type"] = "Nope"
@@ -1447,6 +1462,9 @@ def _refusal(tmp_path: Path, tiny_model_dir: Path, breakage: Any) -> Rejected:
     (_transposed_embedding, "its weights do not fit its config.json ("),
     (_config_with(quantization_config={"quant_method": "gptq", "bits": 4}),
      "config.json says it is pre-quantized (gptq), and this worker has no library to load it ("),
+    # Loaded and trained on, cast to floats, with a loss in the thousands; or a NaN loss that ended "failed" (audit).
+    (_integer_weights, "weight lm_head.weight (I32) is stored as integers, and config.json has no quantization_"),
+    (_no_rotation, "the model's loss on the eval rows is nan before any training: its weights or config.json"),
 ])
 def test_a_config_or_tokenizer_the_libraries_refuse_is_a_rejection(tmp_path: Path, tiny_model_dir: Path,
                                                                    breakage: Any, expected: str) -> None:

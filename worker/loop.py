@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from schemas.checkpoint import CheckpointState
 from schemas.heartbeat import Progress
-from spooler.errors import Cancelled
+from spooler.errors import Cancelled, Rejected
 from spooler.paths import refuse_links
 from worker import checkpoint, headloss, packedattn
 from worker.batching import Batch, Batcher, collate_eval
@@ -319,6 +319,12 @@ class Loop:
         self.step_module.train()
         mean = loss_sum / max(count, 1)
         if not math.isfinite(mean):
+            if phase == "eval-before" and not self._fp16_hint():
+                # The untouched base, in bf16 or fp32: its files are at fault (a rope_theta of 0, NaN weights),
+                # and the person who put them there has to mend them (audit, proven: it ended "failed").
+                raise Rejected("base_model", f"the model's loss on the eval rows is {mean} before any training: its "
+                                             "weights or config.json give non-finite outputs (a rope_theta of 0? "
+                                             "NaN weights?); copy the model again as save_pretrained wrote it")
             raise RuntimeError(f"the {phase} loss is {mean}: the model gives non-finite outputs{self._fp16_hint()}; "
                                "check the model files")
         if record:

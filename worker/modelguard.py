@@ -40,7 +40,13 @@ def check_model_dir(path: Path, share_root: Path) -> None:
             raise Rejected("base_model", f"{name} has \"auto_map\", which asks to run Python code shipped with the "
                                          "model (trust_remote_code); this worker never runs such code: use a model "
                                          "whose architecture transformers supports natively")
-    _check_sizes(_read_json(path / "config.json"), stored_weights(path))
+    config, stored = _read_json(path / "config.json"), stored_weights(path)
+    if stored.integer_weight and "quantization_config" not in config:
+        # transformers casts them to floats and trains on (audit, proven): a loss in the thousands, no error.
+        raise Rejected("base_model", f"weight {stored.integer_weight} is stored as integers, and config.json has no "
+                                     "quantization_config to say how to read them; copy the model again as "
+                                     "save_pretrained wrote it")
+    _check_sizes(config, stored)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise Rejected("base_model", f"{path.name!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                                      "save the tokenizer into the model folder with tokenizer.save_pretrained")
@@ -196,10 +202,12 @@ class Stored:
     tensors: int
     parameters: int  # the most parameters they can fill: a packed integer tensor holds several 4-bit ones
     size_bytes: int = 0  # the files' sizes: a pre-quantized model holds at most one parameter per bit of them
+    integer_weight: str = ""  # the first "*weight" tensor stored in an integer dtype, with it: "name (I32)"
 
 
 # 4-bit weights packed into integers (bitsandbytes' U8, GPTQ's I32): how many one element can hold, at most.
 PACKED = {"U8": 2, "I8": 2, "U16": 4, "I16": 4, "U32": 8, "I32": 8, "U64": 16, "I64": 16}
+INTEGERS = frozenset({*PACKED, "BOOL"})
 
 
 def stored_weights(folder: Path) -> Stored:
@@ -232,6 +240,7 @@ def stored_weights(folder: Path) -> Stored:
                                      f"({', '.join(missing[:3])}); the copy is incomplete: copy them too")
     loaded = shards or ["model.safetensors"]
     numbers = tensors = parameters = size_bytes = 0
+    integer_weight = ""
     for name in loaded:  # the header only: a truncated copy or a hostile header fails here, not in a loader
         try:
             header = read_header(folder / name)
@@ -244,7 +253,9 @@ def stored_weights(folder: Path) -> Stored:
             count = math.prod(info["shape"])
             numbers, tensors = numbers + count, tensors + 1
             parameters += count * PACKED.get(info["dtype"], 1)
-    return Stored(numbers, tensors, parameters, size_bytes)
+        integer_weight = integer_weight or next((f"{key} ({info['dtype']})" for key, info in header.items()
+                                                 if key.endswith("weight") and info["dtype"] in INTEGERS), "")
+    return Stored(numbers, tensors, parameters, size_bytes, integer_weight)
 
 
 # Sizes that shape the model's tensors: each a positive whole number, or a list of them (per layer, in some models).
