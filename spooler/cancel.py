@@ -76,29 +76,45 @@ def _kind(share: Share, path: Path, job_id: str) -> str | None:
         return None
 
 
+FILING = ".filing."  # cancel/.filing.<hex>.<job id>: a request on its way to its result folder
+
+
 def file_request(share: Share, job_id: str) -> None:
     """Move a request whose job has ended next to its result, rather than delete it: a person's file. One that came
-    too late stays a record that it was asked for. Never over an earlier request (two people, one job)."""
-    src, folder = share.cancel_file(job_id), share.result_dir(job_id)
+    too late stays a record that it was asked for. Never over an earlier request (two people, one job).
+
+    The request first leaves the name people write to, by one rename, for a name only this call uses: filing it
+    from ``cancel/<id>.json`` itself ended with an unlink of that name, which removed a new request a person
+    wrote there in between (the last note). Two workers filing one request: one rename finds it gone."""
+    held = share.cancel / f"{FILING}{uuid.uuid4().hex[:8]}.{job_id}"
     with contextlib.suppress(OSError):
-        if atomic.place_new(src, folder / "cancel-request.json"):
-            return
-        if os.path.samefile(src, folder / "cancel-request.json"):  # another worker is filing this very request
-            os.unlink(src)
-        else:
-            os.rename(src, folder / f"cancel-request.{uuid.uuid4().hex[:8]}.json")
+        os.rename(share.cancel_file(job_id), held)
+        _file_held(held, share.result_dir(job_id))
+
+
+def _file_held(held: Path, folder: Path) -> None:
+    if not atomic.place_new(held, folder / "cancel-request.json"):
+        os.rename(held, folder / f"cancel-request.{uuid.uuid4().hex[:8]}.json")
 
 
 def file_finished(share: Share) -> None:
     """File the requests whose job ended before a worker saw them (it finished first, or was rejected): left in
-    ``cancel/``, each would be checked at every pass, for good."""
+    ``cancel/``, each would be checked at every pass, for good. And those a filer left on their way (the share
+    failed, or the worker died, between its two renames)."""
     try:
-        names = [e.name for e in os.scandir(share.cancel) if e.name.endswith(".json")]
+        names = [e.name for e in os.scandir(share.cancel)]
     except FileNotFoundError:
         return
-    for job_id in (n.removesuffix(".json") for n in names):
-        if SAFE_ID.match(job_id) and (share.result_dir(job_id) / "result.json").exists():
-            file_request(share, job_id)
+    for name in names:
+        if name.startswith(FILING):
+            job_id = name.split(".", 3)[-1]
+            if SAFE_ID.match(job_id):
+                with contextlib.suppress(OSError):
+                    _file_held(share.cancel / name, share.result_dir(job_id))
+        elif name.endswith(".json"):
+            job_id = name.removesuffix(".json")
+            if SAFE_ID.match(job_id) and (share.result_dir(job_id) / "result.json").exists():
+                file_request(share, job_id)
 
 
 def requested(share: Share, job_id: str) -> bool:

@@ -216,6 +216,40 @@ def test_a_cancel_request_that_comes_too_late_is_filed_with_the_result(share: Sh
         "a person", late
 
 
+def test_a_request_written_while_an_older_one_is_filed_stays(share: Share, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filing ended with an unlink of ``cancel/<id>.json``: a new request a person wrote there between the filing's
+    link and that unlink was removed (the last note). The old request now leaves that name by one rename before
+    it is filed; the new one stays for the next pass, which files it beside the first. A filing cut short
+    between its two renames is finished by that pass too."""
+    from spooler import atomic, cancel
+
+    share.makedirs(share.result_dir("done"))
+    share.write_json(share.result_dir("done") / "result.json", {"id": "done", "status": "succeeded"})
+    share.write_json(share.cancel_file("done"), {"id": "done", "by": "first"})
+    real = atomic.place_new
+
+    def a_person_writes_again(src: Path, dst: Path) -> bool:
+        share.write_json(share.cancel_file("done"), {"id": "done", "by": "second"})
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic, "place_new", a_person_writes_again)
+    cancel.file_request(share, "done")
+    monkeypatch.undo()
+    assert json.loads(share.cancel_file("done").read_text())["by"] == "second"
+
+    def cut_short(src: Path, dst: Path) -> bool:
+        raise OSError("the share went away")
+
+    monkeypatch.setattr(atomic, "place_new", cut_short)
+    cancel.file_finished(share)
+    monkeypatch.undo()
+    assert [p.name.split(".")[1] for p in share.cancel.iterdir()] == ["filing"]
+    cancel.file_finished(share)
+    assert not list(share.cancel.iterdir())
+    filed = sorted(json.loads(p.read_text())["by"] for p in share.result_dir("done").glob("cancel-request*.json"))
+    assert filed == ["first", "second"], filed
+
+
 def test_unfinished_conclude_is_completed_on_restart(share: Share, procs: Procs) -> None:
     """A worker that died between its commit rename and the result's rename leaves a pending file."""
     from schemas.result import Result, Terminal
