@@ -206,8 +206,14 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
         except OSError:
             raise e from None  # cannot tell now: the pending file stays, and complete_pending settles it later
         if not committed:
-            with contextlib.suppress(OSError):
-                os.unlink(pending)  # our own record of an outcome that is not committed
+            # Ours to remove only when the job file is seen: where it was (the rename did not happen), committed
+            # by another concluder, or moved on. A listing of results/<id> cached from before the rename that did
+            # happen also says "not committed", and removing the pending file then lost the result for good (audit:
+            # the job file in results/, no result, nothing left to run). Kept, complete_pending publishes it if the
+            # commit took; a pending file never outranks a later attempt's or its worker's own.
+            if _seen(share, src, folder, job_json.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(pending)
             if isinstance(e, FileNotFoundError):
                 raise ClaimLost(f"{src.name} was moved away (requeued by another worker?)") from None
             raise
@@ -216,7 +222,7 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
         # cancelled, a requeue of one concluding) can be told it won too on SMB, and the file ends in its folder.
         # Cannot tell (OSError): the pending file stays, and complete_pending settles it once job.json is seen.
         if not _confirmed(share, lambda: job_json.name in os.listdir(folder), folder):
-            if not _moved_on(share, result.id):  # a listing cached from before our rename: not knowing is no "no"
+            if not _moved_on(share, src):  # a listing cached from before our rename: not knowing is no "no"
                 raise OSError(errno.ESTALE, f"cannot tell yet whether the commit of {src.name} took: the share "
                                             "lists neither it nor where a racing rename would have put it")
             with contextlib.suppress(OSError):
@@ -226,10 +232,23 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
     _finalize(share, folder, pending)
 
 
-def _moved_on(share: Share, job_id: str) -> bool:
-    """Whether the job's file is in the queue or a running folder, where a racing claim or requeue puts it."""
-    folders = [share.queue, *(e.path for e in os.scandir(share.root / "running") if e.is_dir())]
-    return any((k := QueueKey.parse(n)) is not None and k.job_id == job_id for f in folders for n in os.listdir(f))
+def _moved_on(share: Share, src: Path) -> bool:
+    """Whether the job's file is in the queue or a running folder, where a racing claim or requeue puts it. Not
+    ``src`` itself: a listing of its folder cached from before our rename still shows it there (audit)."""
+    key = QueueKey.parse(src.name)
+    folders = [share.queue, *(Path(e.path) for e in os.scandir(share.root / "running") if e.is_dir())]
+    return key is not None and any(
+        (k := QueueKey.parse(n)) is not None and k.job_id == key.job_id and (f / n) != src
+        for f in folders for n in os.listdir(f))
+
+
+def _seen(share: Share, src: Path, folder: Path, job_json: str) -> bool:
+    """After a failed commit rename that did not take by the listings: is the job's file positively somewhere?
+    An error is a "cannot tell"."""
+    try:
+        return src.name in os.listdir(src.parent) or job_json in os.listdir(folder) or _moved_on(share, src)
+    except OSError:
+        return False
 
 
 def _committed(share: Share, folder: Path, job_json: str, pending: Path, ours: bytes) -> bool:

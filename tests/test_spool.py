@@ -287,14 +287,17 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
     from schemas.result import Result, Terminal
     from spooler.errors import ClaimLost
 
-    real_rename = os.rename
+    real_rename, real_listdir = os.rename, os.listdir
 
     def lost_reply(src: str | Path, dst: str | Path) -> None:
         real_rename(src, dst)
         if Path(dst).name == "job.json":
             raise FileNotFoundError(2, "No such file or directory", str(src))
 
-    for job_id in ("lost-reply", "moved-away", "finished-by-another"):
+    def lost_reply_cached(src: str | Path, dst: str | Path) -> None:  # and the results folder listed from before
+        lost_reply(src, dst)
+
+    for job_id in ("lost-reply", "lost-reply-cached", "moved-away", "finished-by-another"):
         share.makedirs(share.running("w1"))
         running = share.running("w1") / states.QueueKey(0, "20260101000000000", job_id, 1).name
         running.write_text('{"kind": "probe"}')
@@ -303,6 +306,14 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
             monkeypatch.setattr(states.os, "rename", lost_reply)
             states.conclude(share, running, result, by="w1")
             monkeypatch.setattr(states.os, "rename", real_rename)
+            assert json.loads((share.result_dir(job_id) / "result.json").read_text())["status"] == "succeeded"
+        elif job_id == "lost-reply-cached":  # audit: the pending result was removed, the job.json left without one
+            monkeypatch.setattr(states.os, "rename", lost_reply)
+            monkeypatch.setattr(states.os, "listdir", lambda p: [n for n in real_listdir(p) if n != "job.json"])
+            with pytest.raises(ClaimLost):
+                states.conclude(share, running, result, by="w1")
+            monkeypatch.undo()
+            assert states.complete_pending(share, job_id)  # a worker's start-up pass, or a waiting submitter
             assert json.loads((share.result_dir(job_id) / "result.json").read_text())["status"] == "succeeded"
         else:
             requeued = running.rename(share.queue / states.QueueKey(0, "20260101000000000", job_id, 2).name)
@@ -466,8 +477,11 @@ def test_a_commit_told_it_won_a_rename_race_it_lost_publishes_nothing(share: Sha
         if Path(dst).name == "job.json":
             real_rename(dst, later)  # the racer opened the file first; its rename lands after ours, and wins
 
-    def cached(path: str | Path) -> list[str]:  # the commit's folder, listed as it was before the rename
-        return [n for n in real_listdir(path) if n != "job.json"]
+    def cached(path: str | Path) -> list[str]:  # both folders of the commit, listed as before the rename
+        names = [n for n in real_listdir(path) if n != "job.json"]
+        # audit: the job's own running folder, still listing it, was taken for a racing rename's, and the pending
+        # result of a commit that took was removed
+        return [*names, start.name] if Path(path) == start.parent else names
 
     if racer == "cached-listing":  # review: a real commit judged lost left job.json with no result, for good
         monkeypatch.setattr(states.os, "listdir", cached)
