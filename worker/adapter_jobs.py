@@ -20,6 +20,7 @@ from schemas.result import Result, Terminal
 from schemas.verify import ChainReport, CheckStatus, VerifyReport
 from spooler.errors import Cancelled, Rejected
 from spooler.paths import outside_share
+from worker import scratch
 from worker.modelguard import check_adapter_dir, check_registered_adapter
 
 if TYPE_CHECKING:
@@ -222,8 +223,8 @@ def _combined(share: Share, req: TrainRequest, inputs: list[Input], base_dir: Pa
     weights = spec.weights or [1.0] * len(inputs)
     # Staged on this machine's own disk, not in the share's tmp/: anyone can write there, and weights swapped
     # between their verification and their registration would be registered as this merge (last note).
-    with tempfile.TemporaryDirectory(prefix="loraspool-merge-", ignore_cleanup_errors=True) as scratch:
-        staged = Path(scratch) / "adapter"
+    with tempfile.TemporaryDirectory(prefix=scratch.prefix("merge"), ignore_cleanup_errors=True) as folder:
+        staged = Path(folder) / "adapter"
         combine(inputs, base_dir, base.path, weights, spec.combination, spec.density, staged, req.device)
         made = {n: e.sha256 for n, e in file_entries(staged, skip=(registry.MANIFEST,)).items()}  # what is verified
         # Verified before it is registered: a bad merge must never become the newest version of a name.

@@ -34,7 +34,7 @@ from spooler.reaper import Reaper, finish_conclusions, release
 from spooler.share import Share, read_model
 from spooler.submit import find_result
 from spooler.watch import FolderWatcher
-from worker import childenv, horse
+from worker import childenv, horse, scratch
 from worker.adapter_jobs import AdapterJobOutcome
 from worker.outbox import Outbox
 from worker.sysinfo import SystemSampler
@@ -42,6 +42,7 @@ from worker.sysinfo import SystemSampler
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 1.0
+SWEEP_EVERY = 600.0  # seconds between looks for scratch folders a killed training child left (worker/scratch.py)
 TAKE_PER_LOOP = 4  # inbox files accepted between two claims: each costs up to 2 x confirm_seconds
 
 
@@ -78,6 +79,7 @@ class Worker:
         self._owns_watcher = watcher is None
         self.wake: threading.Event | None = None
         self.unfit = False  # its device failed under it: it stopped taking jobs
+        self._next_sweep = 0.0  # on the monotonic clock: the first pass sweeps
         self._interrupted: set[str] = set()  # running files whose start a share outage cut short
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -240,6 +242,9 @@ class Worker:
         with contextlib.suppress(OSError):  # the share is away: the next pass files them
             cancel.file_finished(self.share)
         self._finish_kept_commits()
+        if self.clock.monotonic() >= self._next_sweep:
+            self._next_sweep = self.clock.monotonic() + SWEEP_EVERY
+            scratch.sweep()
 
     def _finish_kept_commits(self) -> None:
         """Outcomes kept locally whose job file has left our running folder for ``results/<id>/job.json``: the

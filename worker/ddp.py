@@ -45,6 +45,7 @@ from typing import Any
 
 from schemas.heartbeat import Progress
 from spooler.errors import Cancelled, Rejected
+from worker import scratch
 from worker.train import TrainOutcome, TrainRequest
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def launch(req: TrainRequest, world: int, report: Callable[[Progress], None],
     started = time.monotonic()
     # Removed at the end, and its ticket and socket as soon as every rank has connected: a horse child killed
     # (kill -9) after that leaves only torchrun's small log folder behind.
-    tmp = Path(tempfile.mkdtemp(prefix="loraspool-ddp-"))
+    tmp = Path(tempfile.mkdtemp(prefix=scratch.prefix("ddp")))
     try:
         server = _listen(tmp / "sock")
         ticket = tmp / "ticket.pkl"
