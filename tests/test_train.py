@@ -1121,6 +1121,38 @@ def test_a_rerun_before_any_checkpoint_starts_its_history_afresh(share_root: Pat
     assert [m.phase for m in lines if m.kind == "eval"] == ["before", "after"]
 
 
+def test_a_run_with_changed_data_in_the_same_attempt_folder_keeps_its_own_checkpoints(share_root: Path) -> None:
+    """Stopped at step 6, then the dataset changed, then the same worker took the job again (the same attempt
+    folder): the new run starts at 0, and its checkpoints were ranked by step with the old run's. Step 2 was
+    removed as soon as it was written, the old steps 4 and 6 kept, so a kill left nothing to resume (audit,
+    proven). Now the old run's go once the new run has one, and the new one's are kept."""
+    from worker import checkpoint
+
+    shutil.copy(share_root / "datasets" / "alpaca.jsonl", share_root / "datasets" / "changing.jsonl")
+    job = make_job("changed-data", dataset="datasets/changing.jsonl", max_steps=12, checkpoint_every_steps=2)
+    reports: list[Progress] = []
+    with pytest.raises(Cancelled):
+        train(share_root, job, reports, lambda: any(p.step >= 6 for p in reports))
+    checkpoints = request(share_root, job).out_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-4", "step-6"]
+    old = checkpoint._read_state(checkpoints / "step-6")
+    with open(share_root / "datasets" / "changing.jsonl", "a") as f:
+        f.write(json.dumps({"instruction": "Name a new colour.", "input": "", "output": "Teal."}) + "\n")
+    reports.clear()
+
+    def killed() -> bool:
+        if any(p.step >= 3 for p in reports):
+            raise _Killed
+        return False
+
+    with pytest.raises(_Killed):
+        train(share_root, job, reports, killed)
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2"]
+    new = checkpoint._read_state(checkpoints / "step-2")
+    assert old is not None and new is not None and new.fingerprint != old.fingerprint
+    assert checkpoint.latest(checkpoints.parent.parent.parent, new.fingerprint) is not None
+
+
 def test_non_finite_loss_is_a_clear_error(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.loop import CausalLMLoss
 

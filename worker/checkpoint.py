@@ -11,7 +11,8 @@ A checkpoint is a folder ``<attempt>/checkpoints/step-<N>/`` holding:
 It is written Maildir-style: everything into ``checkpoints/.step-<N>.<random>.tmp/``, fsynced, then one rename to
 ``step-<N>``. A crash leaves at most a dot folder that no reader picks. Only the two newest checkpoints of an
 attempt are kept; older ones (the system's own scratch, never a person's file) are removed after the new one is in
-place. A requeued job looks through every attempt folder of its id and resumes from the newest checkpoint whose
+place, and so are those of another run (other data or settings) in the same attempt folder once this run has
+one. A requeued job looks through every attempt folder of its id and resumes from the newest checkpoint whose
 fingerprint matches, whichever worker wrote it.
 """
 
@@ -133,17 +134,29 @@ def save(checkpoints: Path, state: CheckpointState, weights: dict[str, torch.Ten
     write_bytes(tmp / STATE, state.model_dump_json(indent=2).encode(), file_mode)
     chmod_tree(tmp, file_mode)
     fsync_tree(tmp)
-    if final.exists():  # the same step again (a stop right after a periodic checkpoint): the older one stays
-        shutil.rmtree(tmp)
-        return final
+    if final.exists():
+        earlier = _read_state(final)
+        if earlier is not None and earlier.fingerprint == state.fingerprint:
+            shutil.rmtree(tmp)  # the same step again (a stop right after a periodic checkpoint): the older one stays
+            return final
+        # A run with other data or settings in this attempt folder (a person changed the dataset between a stop
+        # and a restart): its checkpoint can never continue this run, and keeping it dropped every new one of
+        # the same step (audit, proven).
+        aside = checkpoints / f".step-{state.step}.{secrets.token_hex(4)}.superseded"
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
     os.replace(tmp, final)
-    _prune(checkpoints)
+    _prune(checkpoints, state.fingerprint)
     return final
 
 
-def _prune(checkpoints: Path) -> None:
+def _prune(checkpoints: Path, fp: str) -> None:
+    """Keep the newest KEEP of this run. Another run's (other data or settings) go too: ranked by step with them,
+    its higher steps kept while every new checkpoint was removed as soon as it was written (audit, proven)."""
     done = sorted((p for p in checkpoints.glob("step-*") if (p / STATE).is_file()), key=_step_of)
-    for old in done[:-KEEP]:
+    states = {p: _read_state(p) for p in done}  # unreadable (a moment's EIO): left alone, neither kind
+    ours = [p for p in done if (st := states[p]) is not None and st.fingerprint == fp]
+    for old in [p for p in done if (st := states[p]) is not None and st.fingerprint != fp] + ours[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 
 
