@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.settings import ShareSettings
 from spooler import atomic
-from spooler.errors import validation_problems
+from spooler.errors import brief, validation_problems
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,18 @@ def init_share(root: Path | str, **overrides: float | int | str) -> Share:
     root = Path(root)
     path = root / SETTINGS_FILE
     current: dict = {}
-    if path.is_file():
-        with contextlib.suppress(ValueError, OSError):
+    if os.path.lexists(path):
+        # A person's settings: one that cannot be read or parsed is refused, never replaced by the defaults (audit,
+        # proven: a trailing comma reset max_attempts and stale_after, and dropped the team's own keys).
+        try:
             current = json.loads(path.read_bytes())
+        except (ValueError, OSError) as e:
+            raise ShareError(f"{path} cannot be read as JSON ({brief(e)}); it was left as it is: fix it by "
+                             "hand (or move it away to start from the defaults), then run this again") from None
+        if not isinstance(current, dict):
+            raise ShareError(f"{path} holds a JSON {type(current).__name__}, not an object of settings; it was left "
+                             "as it is: fix it by hand (or move it away to start from the defaults), then run this "
+                             "again")
     current.update({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = ShareSettings.model_validate(current)

@@ -39,6 +39,18 @@ def test_init_is_idempotent_and_keeps_settings(tmp_path: Path) -> None:
         == ("0660", 0o770)
 
 
+def test_init_leaves_settings_it_cannot_parse_as_they_are(tmp_path: Path) -> None:
+    """A trailing comma in loraspool.json was taken for an empty file, and init wrote the defaults over the
+    team's settings (audit, proven). It now refuses, says how to go on, and changes nothing."""
+    root = tmp_path / "s"
+    assert run("init", str(root), "--max-attempts", "7").returncode == 0
+    for text in ('{"max_attempts": 7, "team_note": "ours",}', '[1, 2]'):
+        (root / "loraspool.json").write_text(text)
+        out = run("init", str(root), "--stale-after", "120")
+        assert out.returncode == 2 and "it was left as it is: fix it by hand" in out.stderr, out.stderr
+        assert (root / "loraspool.json").read_text() == text
+
+
 def test_a_setting_from_a_newer_release_is_kept_and_does_not_stop_this_one(tmp_path: Path) -> None:
     """Every machine reads loraspool.json; one still on an older release must go on working after a newer one
     added a setting (it warns), and its init must not drop that setting when it rewrites the file."""
