@@ -74,8 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
 
     p = sub.add_parser("demo", help="a whole run on a temp share with a tiny model built on the spot")
-    p.add_argument("--keep", type=Path, help="use this folder as the share (a later demo reuses it); without it, "
-                                             "a new temp folder is made each time and left for you to look at")
+    p.add_argument("--keep", type=Path, help="use this new or empty folder as the share (a later demo reuses it); "
+                                             "without it, a new temp folder is made each time and left for you to "
+                                             "look at")
     p.add_argument("--steps", type=int, default=30, help="training steps of the demo job (default 30)")
 
     p = sub.add_parser("schema", help="write the JSON Schemas of every record on the share")

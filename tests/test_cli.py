@@ -252,6 +252,19 @@ def test_status_shows_a_running_jobs_speed_and_eta() -> None:
     assert "ETA" not in shown and "j1" in shown and "its worker is stale: the job goes back to the queue" in shown
 
 
+def test_the_demo_never_uses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    """``demo --keep`` pointed at a team's share set its stale_after to 10 s (their live workers looked dead),
+    replaced datasets/demo.jsonl and started a worker that took their queued jobs (audit, proven)."""
+    team = tmp_path / "team"
+    assert run("init", str(team), "--stale-after", "600").returncode == 0
+    (team / "datasets" / "demo.jsonl").write_text("ours\n")
+    settings = (team / "loraspool.json").read_text()
+    out = run("demo", "--keep", str(team), "--steps", "1")
+    assert out.returncode == 2 and "was not made by loraspool demo" in out.stderr, out.stderr
+    assert (team / "loraspool.json").read_text() == settings
+    assert (team / "datasets" / "demo.jsonl").read_text() == "ours\n" and not (team / "models" / "tiny").exists()
+
+
 def test_the_demo_runs_the_main_path_and_says_nothing_alarming(tmp_path: Path) -> None:
     """README's first command. A job submitted before the demo's worker wrote its first heartbeat made the
     waiter warn that no worker was live, which reads as a failure on a person's first run."""
@@ -262,3 +275,7 @@ def test_the_demo_runs_the_main_path_and_says_nothing_alarming(tmp_path: Path) -
     assert "demo-1 succeeded on cpu: eval loss" in out.stderr, out.stderr[-3000:]
     assert "WARNING" not in out.stderr and "no worker's heartbeat is fresh" not in out.stderr, out.stderr
     assert json.loads(out.stdout)["status"] == "succeeded"
+    again = subprocess.run([sys.executable, "-m", "spooler.cli", "demo", "--keep", str(tmp_path / "demo"), "--steps",
+                            "2"], capture_output=True, text=True, timeout=240,
+                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})  # its own share: reused
+    assert again.returncode == 0 and "demo-2 succeeded on cpu" in again.stderr, again.stderr[-3000:]

@@ -18,10 +18,18 @@ from spooler import submit
 from spooler.clock import SystemClock
 from spooler.share import Share, init_share
 
+# At the root of every share the demo makes: ``--keep`` reuses only a folder that has it, or a new or empty one.
+MARK = "made-by-loraspool-demo.txt"
+
 
 def run_demo(keep: Path | None, steps: int) -> int:
+    if keep is not None and (refusal := _not_a_demo_folder(keep)):
+        print(refusal, file=sys.stderr)
+        return 2
     root = keep or Path(tempfile.mkdtemp(prefix="loraspool-demo-"))
     share = init_share(root, heartbeat_interval=1.0, stale_after=10.0)
+    (share.root / MARK).write_text("A share made by `loraspool demo`, with its tiny model and dataset: safe to "
+                                   "delete.\n")
     print(f"share: {share.root}", file=sys.stderr)
 
     from worker.tinymodel import build_tiny_model, write_dataset
@@ -59,6 +67,18 @@ def run_demo(keep: Path | None, steps: int) -> int:
     if keep is None:
         print(f"the demo share stays in {share.root} for you to look at; delete it when done", file=sys.stderr)
     return submit.exit_code(result)
+
+
+def _not_a_demo_folder(folder: Path) -> str:
+    """Why ``--keep`` must not use ``folder``: the demo sets the share's heartbeat and stale_after to seconds,
+    writes its own dataset and starts a worker that claims every queued job. Pointed at a team's share, it made
+    their live workers look dead and replaced datasets/demo.jsonl (audit, proven)."""
+    if not folder.exists() or (folder / MARK).is_file():
+        return ""
+    if folder.is_dir() and not any(folder.iterdir()):
+        return ""
+    return (f"{folder} is not empty and was not made by loraspool demo: the demo writes its own settings, model, "
+            "dataset and worker there, so it never uses a folder that holds anything else; name a new folder")
 
 
 def _first_heartbeat(share: Share, worker: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> bool:
