@@ -229,7 +229,10 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
                 os.unlink(pending)
             raise ClaimLost(f"{src.name} was moved on by a racing rename (claimed or requeued meanwhile)")
     atomic.fsync_dir(folder)
-    _finalize(share, folder, pending)
+    if not _finalize(share, folder, pending) and _read_bytes(folder / "result.json") not in (ours, None):
+        # Another concluder's outcome was published first (a tie two renames were both told they won): the job's
+        # result is that one, and this concluder must not report its own as the job's (audit).
+        raise ClaimLost(f"{src.name}: another process's outcome was published as the job's result first")
 
 
 def _moved_on(share: Share, src: Path) -> bool:
@@ -335,8 +338,9 @@ def complete_pending(share: Share, job_id: str) -> bool:
     return final.exists()
 
 
-def _finalize(share: Share, folder: Path, pending: Path) -> None:
-    """Step (3) of ``conclude``: outputs into place, then the pending result. Never replaces a result."""
+def _finalize(share: Share, folder: Path, pending: Path) -> bool:
+    """Step (3) of ``conclude``: outputs into place, then the pending result. Never replaces a result. Whether
+    this pending result became result.json."""
     record = read_json_object(pending)
     if record.get("worker"):
         attempt = attempt_dir(share, folder.name, int(record.get("attempts") or 0), record["worker"])
@@ -353,9 +357,11 @@ def _finalize(share: Share, folder: Path, pending: Path) -> None:
                 # The job is committed: an odd output (a file where a folder was made) must not keep its result
                 # from ever being written, and every submitter waiting on it with it.
                 log.warning("job %s: %s not moved: %s: %s", folder.name, name, type(e).__name__, e)
+    placed = False
     with contextlib.suppress(FileNotFoundError):  # another process completed it first
-        atomic.place_new(pending, folder / "result.json")  # write-once: a later conclusion never replaces it
+        placed = atomic.place_new(pending, folder / "result.json")  # write-once: never replaced by a later one
     atomic.fsync_dir(folder)
+    return placed
 
 
 def _move_output(src: Path, dest: Path) -> None:

@@ -335,6 +335,33 @@ def test_a_commit_whose_reply_was_lost_is_still_a_commit(share: Share, monkeypat
                 assert json.loads((share.result_dir(job_id) / "result.json").read_text())["worker"] == "w2"
 
 
+def test_a_concluder_whose_result_another_published_first_is_told_so(share: Share,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_finalize`` ignored a lost ``place_new``: in a tie both concluders were told they won, and the one whose
+    outcome was not published went on to log and report its own as the job's (audit). Now it raises ClaimLost,
+    and result.json keeps the first outcome."""
+    from schemas.result import Result, Terminal
+    from spooler import atomic
+    from spooler.errors import ClaimLost
+
+    share.makedirs(share.running("w1"))
+    running = share.running("w1") / states.QueueKey(0, "20260101000000000", "tie", 1).name
+    running.write_text('{"kind": "probe"}')
+    real = atomic.place_new
+
+    def the_other_first(src: Path, dst: Path) -> bool:
+        if dst.name == "result.json":
+            share.write_json(dst, Result(id="tie", status=Terminal.failed, worker="w1", attempts=1,
+                                         error="failed by a reaper"))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic, "place_new", the_other_first)
+    with pytest.raises(ClaimLost, match="another process's outcome was published"):
+        states.conclude(share, running, Result(id="tie", status=Terminal.succeeded, worker="w1", attempts=1),
+                        by="w1")
+    assert result_of(share, "tie").error == "failed by a reaper"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("observer_meanwhile", [False, True])
 def test_a_reaper_that_loses_the_commit_to_the_slow_worker_publishes_nothing(
         share: Share, monkeypatch: pytest.MonkeyPatch, observer_meanwhile: bool) -> None:
