@@ -18,7 +18,7 @@ import pytest
 
 from schemas.heartbeat import Progress
 from spooler.share import Share, read_model
-from tests.conftest import Procs, drop, log_of, result_of, train_job, wait_for, wait_result
+from tests.conftest import Procs, drop, log_of, rejected_for, result_of, train_job, wait_for, wait_result
 
 LONG = 100_000  # steps: a job that only ends by kill, cancel or requeue
 
@@ -190,12 +190,21 @@ def test_cancel_running_job(train_share: Share, procs: Procs) -> None:
     w = procs.worker(share, "w1")
     drop(share, "endless.json", train_job("endless", steps=LONG, batch_size=2, max_length=32))
     wait_for(lambda: progress_step(share, "endless") >= 1, 120, "training to start")
+    # A job file with a typo, dropped while the worker trains, is answered now, not when the job in hand ends
+    # (walkthrough: a busy worker left it "incoming"); a good one is queued meanwhile.
+    drop(share, "typo.json", {**train_job("typo"), "lora": {"rr": 4}})
+    drop(share, "waiting.json", {"kind": "probe"})
+    typo = wait_for(lambda: rejected_for(share, "typo.json"), 30, "the typo's rejection", explain=procs.tails)
+    assert "lora.rr: unknown field" in (typo.error or ""), typo  # type: ignore[union-attr]
+    wait_for(lambda: any(share.queue.glob("*_waiting.a1.json")), 30, "the good job queued")
+    assert result_of(share, "endless") is None
     out = subprocess.run([sys.executable, "-m", "spooler.cli", "cancel", "endless", "--share", str(share.root)],
                          capture_output=True, text=True, timeout=60)
     assert "running" in out.stdout, out
     r = wait_result(share, "endless", 60)
     assert r.status.value == "cancelled" and r.worker == "w1"
     assert (share.result_dir("endless") / "cancel-request.json").exists()
+    assert wait_result(share, "waiting", 30).status.value == "succeeded"
     drop(share, "after.json", {"kind": "probe"})
     assert wait_result(share, "after", 30).status.value == "succeeded"
     assert w.poll() is None

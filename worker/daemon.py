@@ -80,6 +80,7 @@ class Worker:
         self.wake: threading.Event | None = None
         self.unfit = False  # its device failed under it: it stopped taking jobs
         self._next_sweep = 0.0  # on the monotonic clock: the first pass sweeps
+        self._next_busy_take = 0.0  # on the monotonic clock: when a job in hand next lets the inbox be looked at
         self._interrupted: set[str] = set()  # running files whose start a share outage cut short
 
     # ── lifecycle ───────────────────────────────────────────────────────────────────────────────────
@@ -431,6 +432,7 @@ class Worker:
 
     def _should_stop(self, running_file: Path, job_id: str) -> str | None:
         self.maintenance()
+        self._take_while_busy()
         if self.stopping.is_set():
             return "shutdown"
         try:
@@ -441,6 +443,19 @@ class Worker:
         except OSError:  # EIO, ENOTCONN...: a share hiccup is no reason to stop hours of training
             pass
         return None
+
+    def _take_while_busy(self) -> None:
+        """Inbox files are checked while a job trains, every rescan_interval: a job file with a typo waited for
+        its "rejected" until the job in hand ended, hours on a GPU, and a good one showed "incoming" that long
+        (walkthrough). Taking only queues or rejects; claims wait for the loop."""
+        now = self.clock.monotonic()
+        if now < self._next_busy_take:
+            return
+        self._next_busy_take = now + self.share.settings.rescan_interval
+        try:
+            self.intake.scan(limit=TAKE_PER_LOOP)
+        except Exception as e:  # the job in hand goes on whatever the inbox holds
+            self._trouble(e)
 
     def _claim_gone(self, running_file: Path) -> bool:
         """True once our running file has been missing for two heartbeat intervals while the share is reachable.
