@@ -50,8 +50,13 @@ def drop(share: Share, job_file: Path, check_inputs: bool = True) -> str:
     spec = parse_spec(data, job_file.name, share.settings.max_job_bytes)
     assert spec.id is not None
     if check_inputs and (problems := input_problems(share, spec)):
-        raise SubmitError(f"{'; '.join(problems)}. Nothing was submitted, so the id {spec.id!r} is still free; fix the "
-                          "path, or pass --no-check if it is still being copied to the share or a queued job makes it")
+        # --no-check is for inputs on their way (a copy, a queued job that makes them), not for refused ones: the
+        # worker rejects those all the same, and the id is used up (walkthrough).
+        missing = any(p.startswith(MISSING) for p in problems)
+        raise SubmitError(f"{'; '.join(p.removeprefix(MISSING) for p in problems)}. Nothing was submitted, so the id "
+                          f"{spec.id!r} is still free; fix the job or its inputs" +
+                          (", or pass --no-check if an input is still being copied to the share or a queued job "
+                           "makes it" if missing else ""))
     if share.result_dir(spec.id).exists() and not states.unfinished_reservation(share.result_dir(spec.id)):
         raise SubmitError(f"id {spec.id!r} is already used (results/{spec.id}/ exists); ids are never reused, "
                           "so set a new \"id\" in the job file")
@@ -76,9 +81,15 @@ def drop(share: Share, job_file: Path, check_inputs: bool = True) -> str:
     return spec.id
 
 
+MISSING = "missing: "  # a problem that a copy still under way would explain
+
+
 def input_problems(share: Share, spec: JobSpec) -> list[str]:
-    """The worker would reject the job, burning its id, if its base model or dataset is not on the share: say so
-    now. Judged as this machine sees the share, with the worker's own path rules."""
+    """The worker would reject the job, burning its id, if its base model or dataset is not on the share, or is
+    one the worker refuses (pickle weights, an empty dataset): say so now. Judged as this machine sees the share,
+    with the worker's own path rules and its own pure-Python checks (``worker.modelguard`` imports no torch)."""
+    from worker.modelguard import check_dataset_file, check_model_dir
+
     wanted = [("base_model", spec.base_model, "config.json")] if spec.base_model else []
     wanted += [("dataset", d, None) for d in spec.dataset_files()]
     problems = []
@@ -86,12 +97,19 @@ def input_problems(share: Share, spec: JobSpec) -> list[str]:
         try:
             path = resolve_in_share(share.root, value, field)
         except Rejected as e:
-            problems.append(str(e))
+            gone = not os.path.lexists(share.root / value)  # on its way, perhaps; a path out of the share is not
+            problems.append(f"{MISSING if gone else ''}{e}")
             continue
         if inside and not (path / inside).is_file():
-            problems.append(f"{field}: {value!r} has no {inside}; point it at the model folder save_pretrained wrote")
+            problems.append(f"{MISSING}{field}: {value!r} has no {inside}; point it at the model folder "
+                            "save_pretrained wrote")
         elif not inside and not path.is_file():
-            problems.append(f"{field}: {value!r} is not a file; name a JSONL file")
+            problems.append(f"{MISSING}{field}: {value!r} is not a file; name a JSONL file")
+        else:
+            try:
+                check_model_dir(path, share.root) if inside else check_dataset_file(path)
+            except Rejected as e:
+                problems.append(f"{field}: {value!r}: {e.problem}")
     problems += _unregistered(share, [("parent", spec.parent)] + [
         ("merge.adapters", ref) for ref in (spec.merge.adapters if spec.merge else [])])
     return problems

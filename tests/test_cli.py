@@ -231,6 +231,22 @@ def test_submit_checks_the_inputs_are_on_the_share_before_it_uses_the_id(share: 
         assert words in out.stderr, out.stderr
     out = run("submit", str(job), "--share", str(share.root), "--fallback", "never", "--no-check")
     assert out.returncode == 0 and (share.inbox / "early.json").exists(), out.stderr
+    # Inputs there, and refused by the worker's own checks: a pickle-only model, an empty dataset, a link out of
+    # the share. Each was submitted and then rejected, its id used up, and --no-check was offered (walkthrough).
+    (share.root / "models" / "m" / "config.json").write_text("{}")
+    (share.root / "models" / "m" / "tokenizer.json").write_text("{}")
+    (share.root / "models" / "m" / "pytorch_model.bin").write_bytes(b"\x80")
+    (share.root / "datasets" / "empty.jsonl").write_text("")
+    (share.root / "datasets" / "out.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    (tmp_path / "elsewhere.jsonl").write_text('{"text": "hi"}\n')
+    job.write_text(json.dumps({"id": "refused", "kind": "train", "base_model": "models/m",
+                               "dataset": ["datasets/empty.jsonl", "datasets/out.jsonl"]}))
+    out = run("submit", str(job), "--share", str(share.root), "--fallback", "never")
+    assert out.returncode == 2 and not (share.inbox / "refused.json").exists(), out.stderr
+    for words in ("base_model: 'models/m': 'm' has only pickle weights", "dataset: 'datasets/empty.jsonl': "
+                  "'empty.jsonl' is empty", "dataset: ", "outside the share", "the id 'refused' is still free"):
+        assert words in out.stderr, out.stderr
+    assert "--no-check" not in out.stderr, out.stderr
 
 
 def test_json_schemas_are_up_to_date() -> None:
