@@ -1100,17 +1100,20 @@ class _Killed(Exception):
     """Stands for kill -9: leaves the loop without the checkpoint a cancel would write."""
 
 
+def _killed_at(step: int, reports: list[Progress]) -> Any:
+    """A ``should_stop`` that "kills" the training once it has reported ``step``."""
+    def killed() -> bool:
+        if any(p.step >= step for p in reports):
+            raise _Killed
+        return False
+    return killed
+
+
 def test_a_rerun_before_any_checkpoint_starts_its_history_afresh(share_root: Path) -> None:
     job = make_job("rerun", max_steps=12, checkpoint_every_steps=100)
     reports: list[Progress] = []
-
-    def killed() -> bool:
-        if any(p.step >= 5 for p in reports):
-            raise _Killed
-        return False
-
     with pytest.raises(_Killed):
-        train(share_root, job, reports, killed)
+        train(share_root, job, reports, _killed_at(5, reports))
     out_dir = request(share_root, job).out_dir
     assert [m.step for m in read_metrics(out_dir / "metrics.jsonl") if m.kind == "train"] == [1, 2, 3, 4, 5]
     assert not (out_dir / "checkpoints").exists() or not any((out_dir / "checkpoints").iterdir())
@@ -1139,14 +1142,8 @@ def test_a_run_with_changed_data_in_the_same_attempt_folder_keeps_its_own_checkp
     with open(share_root / "datasets" / "changing.jsonl", "a") as f:
         f.write(json.dumps({"instruction": "Name a new colour.", "input": "", "output": "Teal."}) + "\n")
     reports.clear()
-
-    def killed() -> bool:
-        if any(p.step >= 3 for p in reports):
-            raise _Killed
-        return False
-
     with pytest.raises(_Killed):
-        train(share_root, job, reports, killed)
+        train(share_root, job, reports, _killed_at(3, reports))
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2"]
     new = checkpoint._read_state(checkpoints / "step-2")
     assert old is not None and new is not None and new.fingerprint != old.fingerprint
