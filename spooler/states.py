@@ -206,11 +206,11 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
         except OSError:
             raise e from None  # cannot tell now: the pending file stays, and complete_pending settles it later
         if not committed:
-            # Ours to remove only when the job file is seen: where it was (the rename did not happen), committed
-            # by another concluder, or moved on. A listing of results/<id> cached from before the rename that did
-            # happen also says "not committed", and removing the pending file then lost the result for good (audit:
-            # the job file in results/, no result, nothing left to run). Kept, complete_pending publishes it if the
-            # commit took; a pending file never outranks a later attempt's or its worker's own.
+            # Ours to remove only when the job file is seen elsewhere: committed by another concluder, or moved
+            # on. A listing cached from before the rename that did happen also says "not committed", and removing
+            # the pending file then lost the result for good (audit: the job file in results/, no result, nothing
+            # left to run). Kept, it is harmless: complete_pending acts only once job.json is there, and a pending
+            # file never outranks a later attempt's, nor its worker's own conclusion, which publishes its own.
             if _seen(share, src, folder, job_json.name):
                 with contextlib.suppress(OSError):
                     os.unlink(pending)
@@ -237,19 +237,22 @@ def conclude(share: Share, src: Path, result: Result, *, by: str) -> None:
 
 def _moved_on(share: Share, src: Path) -> bool:
     """Whether the job's file is in the queue or a running folder, where a racing claim or requeue puts it. Not
-    ``src`` itself: a listing of its folder cached from before our rename still shows it there (audit)."""
+    under a name a cached listing may still show: ``src`` itself (audit), and for a running job its name in the
+    queue before its claim (review); a racing requeue gives it a new attempt, so a new name."""
     key = QueueKey.parse(src.name)
+    running = src.parent != share.queue
     folders = [share.queue, *(Path(e.path) for e in os.scandir(share.root / "running") if e.is_dir())]
     return key is not None and any(
         (k := QueueKey.parse(n)) is not None and k.job_id == key.job_id and (f / n) != src
-        for f in folders for n in os.listdir(f))
+        and not (running and n == src.name and f == share.queue) for f in folders for n in os.listdir(f))
 
 
 def _seen(share: Share, src: Path, folder: Path, job_json: str) -> bool:
-    """After a failed commit rename that did not take by the listings: is the job's file positively somewhere?
-    An error is a "cannot tell"."""
+    """After a failed commit rename that did not take by the listings: is the job's file positively elsewhere,
+    committed by another concluder or moved on? Not "still where it was": a cached listing says that of a rename
+    that took as well (review, proven). An error is a "cannot tell"."""
     try:
-        return src.name in os.listdir(src.parent) or job_json in os.listdir(folder) or _moved_on(share, src)
+        return job_json in os.listdir(folder) or _moved_on(share, src)
     except OSError:
         return False
 

@@ -46,9 +46,11 @@ def test_a_killed_processes_scratch_folders_are_removed_by_the_next_worker_pass(
     alive = Path(tempfile.mkdtemp(prefix=scratch.prefix("ddp"), dir=tmp))  # this test's own: its maker lives
     other = tmp / "loraspool-merge-notapid-x"
     other.mkdir()
-    for folder in (merge, alive, other):
+    huge = tmp / "loraspool-merge-99999999999-x"  # psutil.pid_exists raised OverflowError: the worker died (review)
+    huge.mkdir()
+    for folder in (merge, alive, other, huge):
         _age(folder, 2 * scratch.MIN_AGE)
     worker = procs.worker(share, "w1", env={"TMPDIR": str(tmp)})
     wait_for(lambda: not merge.exists(), 60, "the killed merge's scratch folder removed", explain=procs.tails)
     wait_for(lambda: "removed 1 scratch folder(s)" in log_of(worker), 10, "the removal logged", explain=procs.tails)
-    assert young.exists() and alive.exists() and other.exists()
+    assert young.exists() and alive.exists() and other.exists() and huge.exists() and worker.poll() is None

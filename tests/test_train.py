@@ -1128,7 +1128,7 @@ def test_a_run_with_changed_data_in_the_same_attempt_folder_keeps_its_own_checkp
     """Stopped at step 6, then the dataset changed, then the same worker took the job again (the same attempt
     folder): the new run starts at 0, and its checkpoints were ranked by step with the old run's. Step 2 was
     removed as soon as it was written, the old steps 4 and 6 kept, so a kill left nothing to resume (audit,
-    proven). Now the old run's go once the new run has one, and the new one's are kept."""
+    proven). Now each run keeps its own; the old step 4, in the new one's way, is renamed, still resumable."""
     from worker import checkpoint
 
     shutil.copy(share_root / "datasets" / "alpaca.jsonl", share_root / "datasets" / "changing.jsonl")
@@ -1143,11 +1143,15 @@ def test_a_run_with_changed_data_in_the_same_attempt_folder_keeps_its_own_checkp
         f.write(json.dumps({"instruction": "Name a new colour.", "input": "", "output": "Teal."}) + "\n")
     reports.clear()
     with pytest.raises(_Killed):
-        train(share_root, job, reports, _killed_at(3, reports))
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2"]
-    new = checkpoint._read_state(checkpoints / "step-2")
-    assert old is not None and new is not None and new.fingerprint != old.fingerprint
-    assert checkpoint.latest(checkpoints.parent.parent.parent, new.fingerprint) is not None
+        train(share_root, job, reports, _killed_at(5, reports))
+    runs = {p.name: checkpoint._read_state(p) for p in checkpoints.glob("step-*")}
+    assert old is not None and all(st is not None for st in runs.values()), runs
+    new = sorted(n for n, st in runs.items() if st and st.fingerprint != old.fingerprint)
+    kept = sorted(n for n, st in runs.items() if st and st.fingerprint == old.fingerprint)
+    assert new == ["step-2", "step-4"] and kept[-1] == "step-6" and kept[0].startswith("step-4."), runs
+    result_dir = checkpoints.parent.parent.parent
+    assert checkpoint.latest(result_dir, runs["step-4"].fingerprint).folder.name == "step-4"  # type: ignore[union-attr]
+    assert checkpoint.latest(result_dir, old.fingerprint).folder.name == "step-6"  # type: ignore[union-attr]
 
 
 def test_non_finite_loss_is_a_clear_error(share_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,9 @@ A checkpoint is a folder ``<attempt>/checkpoints/step-<N>/`` holding:
 It is written Maildir-style: everything into ``checkpoints/.step-<N>.<random>.tmp/``, fsynced, then one rename to
 ``step-<N>``. A crash leaves at most a dot folder that no reader picks. Only the two newest checkpoints of an
 attempt are kept; older ones (the system's own scratch, never a person's file) are removed after the new one is in
-place, and so are those of another run (other data or settings) in the same attempt folder once this run has
-one. A requeued job looks through every attempt folder of its id and resumes from the newest checkpoint whose
-fingerprint matches, whichever worker wrote it.
+place; those of another run (other data or settings) in the same attempt folder are left to it. A requeued job
+looks through every attempt folder of its id and resumes from the newest checkpoint whose fingerprint matches,
+whichever worker wrote it.
 """
 
 from __future__ import annotations
@@ -136,27 +136,25 @@ def save(checkpoints: Path, state: CheckpointState, weights: dict[str, torch.Ten
     fsync_tree(tmp)
     if final.exists():
         earlier = _read_state(final)
-        if earlier is not None and earlier.fingerprint == state.fingerprint:
+        if earlier is None or earlier.fingerprint == state.fingerprint:
             shutil.rmtree(tmp)  # the same step again (a stop right after a periodic checkpoint): the older one stays
             return final
-        # A run with other data or settings in this attempt folder (a person changed the dataset between a stop
-        # and a restart): its checkpoint can never continue this run, and keeping it dropped every new one of
-        # the same step (audit, proven).
-        aside = checkpoints / f".step-{state.step}.{secrets.token_hex(4)}.superseded"
-        os.rename(final, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        # Another run's, in this attempt folder (other data, or the same job on fewer GPUs after a requeue): in
+        # its place it dropped every new checkpoint of this step (audit, proven). Renamed, not removed: that run
+        # may still resume from it (``latest`` reads its state, whatever the name after "step-").
+        os.rename(final, checkpoints / f"step-{state.step}.{secrets.token_hex(4)}")
     os.replace(tmp, final)
     _prune(checkpoints, state.fingerprint)
     return final
 
 
 def _prune(checkpoints: Path, fp: str) -> None:
-    """Keep the newest KEEP of this run. Another run's (other data or settings) go too: ranked by step with them,
-    its higher steps kept while every new checkpoint was removed as soon as it was written (audit, proven)."""
+    """Keep the newest KEEP of this run. Another run's are not this run's to judge (a requeue onto fewer GPUs
+    changes the fingerprint, and hours of training may resume from them later): ranked by step with them, its
+    higher steps were kept while every new checkpoint was removed as soon as it was written (audit, proven)."""
     done = sorted((p for p in checkpoints.glob("step-*") if (p / STATE).is_file()), key=_step_of)
-    states = {p: _read_state(p) for p in done}  # unreadable (a moment's EIO): left alone, neither kind
-    ours = [p for p in done if (st := states[p]) is not None and st.fingerprint == fp]
-    for old in [p for p in done if (st := states[p]) is not None and st.fingerprint != fp] + ours[:-KEEP]:
+    ours = [p for p in done if (st := _read_state(p)) is not None and st.fingerprint == fp]
+    for old in ours[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -245,7 +245,11 @@ class Worker:
         self._finish_kept_commits()
         if self.clock.monotonic() >= self._next_sweep:
             self._next_sweep = self.clock.monotonic() + SWEEP_EVERY
-            scratch.sweep()
+            try:
+                scratch.sweep()
+            except Exception as e:  # housekeeping: it must never stop this worker
+                log.warning("could not look for leftover scratch folders: %s: %s [worker %s]", type(e).__name__, e,
+                            self.id)
 
     def _finish_kept_commits(self) -> None:
         """Outcomes kept locally whose job file has left our running folder for ``results/<id>/job.json``: the
@@ -432,7 +436,6 @@ class Worker:
 
     def _should_stop(self, running_file: Path, job_id: str) -> str | None:
         self.maintenance()
-        self._take_while_busy()
         if self.stopping.is_set():
             return "shutdown"
         try:
@@ -442,6 +445,7 @@ class Worker:
                 return "cancel"
         except OSError:  # EIO, ENOTCONN...: a share hiccup is no reason to stop hours of training
             pass
+        self._take_while_busy()  # last: a stop or cancel is never held up by the inbox (review)
         return None
 
     def _take_while_busy(self) -> None:

@@ -73,12 +73,13 @@ def _not_a_demo_folder(folder: Path) -> str:
     """Why ``--keep`` must not use ``folder``: the demo sets the share's heartbeat and stale_after to seconds,
     writes its own dataset and starts a worker that claims every queued job. Pointed at a team's share, it made
     their live workers look dead and replaced datasets/demo.jsonl (audit, proven)."""
-    if not folder.exists() or (folder / MARK).is_file() or (folder / "tmp" / "demo-worker.log").is_file():
-        return ""  # the log: a demo share made before the mark (walkthrough)
+    if not folder.exists() or (folder / MARK).is_file():
+        return ""
     if folder.is_dir() and not any(folder.iterdir()):
         return ""
     return (f"{folder} is not empty and was not made by loraspool demo: the demo writes its own settings, model, "
-            "dataset and worker there, so it never uses a folder that holds anything else; name a new folder")
+            "dataset and worker there, so it never uses a folder that holds anything else; name a new folder (a "
+            f"demo share made before {MARK} existed has none: delete it, or run the demo on a new folder)")
 
 
 def _first_heartbeat(share: Share, worker: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> bool:

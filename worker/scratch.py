@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 KINDS = ("merge", "ddp")
 # A dead pid is the sign; the age guards a process of another pid namespace (a container) sharing this temp folder.
 MIN_AGE = 600.0
-_NAME = re.compile(rf"loraspool-({'|'.join(KINDS)})-(\d+)-.+")
+_NAME = re.compile(rf"loraspool-({'|'.join(KINDS)})-(\d{{1,9}})-.+")  # a pid; more digits: not ours
 
 
 def prefix(kind: str) -> str:
@@ -55,5 +55,5 @@ def _left_over(entry: os.DirEntry, pid: int, min_age: float) -> bool:
         mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()  # another account's is not ours to judge
         return (entry.is_dir(follow_symlinks=False) and mine and time.time() - info.st_mtime >= min_age
                 and not psutil.pid_exists(pid))
-    except OSError:
+    except (OSError, OverflowError, ValueError):  # an odd folder is left alone, never a crash of the worker
         return False
