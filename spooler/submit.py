@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas.heartbeat import Progress, WorkerState
 from schemas.job import JobSpec
@@ -52,11 +52,10 @@ def drop(share: Share, job_file: Path, check_inputs: bool = True) -> str:
     if check_inputs and (problems := input_problems(share, spec)):
         # --no-check is for inputs on their way (a copy, a queued job that makes them), not for refused ones: the
         # worker rejects those all the same, and the id is used up (walkthrough).
-        missing = any(p.startswith(MISSING) for p in problems)
-        raise SubmitError(f"{'; '.join(p.removeprefix(MISSING) for p in problems)}. Nothing was submitted, so the id "
-                          f"{spec.id!r} is still free; fix the job or its inputs" +
+        raise SubmitError(f"{'; '.join(p.text for p in problems)}. Nothing was submitted, so the id {spec.id!r} is "
+                          "still free; fix the job or its inputs" +
                           (", or pass --no-check if an input is still being copied to the share or a queued job "
-                           "makes it" if missing else ""))
+                           "makes it" if any(p.missing for p in problems) else ""))
     if share.result_dir(spec.id).exists() and not states.unfinished_reservation(share.result_dir(spec.id)):
         raise SubmitError(f"id {spec.id!r} is already used (results/{spec.id}/ exists); ids are never reused, "
                           "so set a new \"id\" in the job file")
@@ -81,10 +80,12 @@ def drop(share: Share, job_file: Path, check_inputs: bool = True) -> str:
     return spec.id
 
 
-MISSING = "missing: "  # a problem that a copy still under way would explain
+class InputProblem(NamedTuple):
+    text: str
+    missing: bool  # a copy still under way, or a queued job that makes it, would explain it
 
 
-def input_problems(share: Share, spec: JobSpec) -> list[str]:
+def input_problems(share: Share, spec: JobSpec) -> list[InputProblem]:
     """The worker would reject the job, burning its id, if its base model or dataset is not on the share, or is
     one the worker refuses (pickle weights, an empty dataset): say so now. Judged as this machine sees the share,
     with the worker's own path rules and its own pure-Python checks (``worker.modelguard`` imports no torch)."""
@@ -97,21 +98,21 @@ def input_problems(share: Share, spec: JobSpec) -> list[str]:
         try:
             path = resolve_in_share(share.root, value, field)
         except Rejected as e:
-            gone = not os.path.lexists(share.root / value)  # on its way, perhaps; a path out of the share is not
-            problems.append(f"{MISSING if gone else ''}{e}")
+            # on its way, perhaps; a path out of the share is not
+            problems.append(InputProblem(str(e), missing=not os.path.lexists(share.root / value)))
             continue
         if inside and not (path / inside).is_file():
-            problems.append(f"{MISSING}{field}: {value!r} has no {inside}; point it at the model folder "
-                            "save_pretrained wrote")
+            problems.append(InputProblem(f"{field}: {value!r} has no {inside}; point it at the model folder "
+                                         "save_pretrained wrote", missing=True))
         elif not inside and not path.is_file():
-            problems.append(f"{MISSING}{field}: {value!r} is not a file; name a JSONL file")
+            problems.append(InputProblem(f"{field}: {value!r} is not a file; name a JSONL file", missing=True))
         else:
             try:
                 check_model_dir(path, share.root) if inside else check_dataset_file(path)
             except Rejected as e:
-                problems.append(f"{field}: {value!r}: {e.problem}")
-    problems += _unregistered(share, [("parent", spec.parent)] + [
-        ("merge.adapters", ref) for ref in (spec.merge.adapters if spec.merge else [])])
+                problems.append(InputProblem(f"{field}: {value!r}: {e.problem}", missing=False))
+    problems += [InputProblem(text, missing=True) for text in _unregistered(share, [("parent", spec.parent)] + [
+        ("merge.adapters", ref) for ref in (spec.merge.adapters if spec.merge else [])])]
     return problems
 
 

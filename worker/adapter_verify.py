@@ -304,7 +304,7 @@ SHOW_FILES = 4
 # ── 3 (peft's view), 5 and 6: load it the way its users will ──────────────────────────────────────────────
 def _load_checks(target: Target, tensors: dict[str, torch.Tensor], device: str, bases: Bases) -> list[Check]:
     assert target.base_dir is not None
-    config = adapter_config(target.folder)
+    config = read_lora_config(target.folder)
     if isinstance(config, str):
         return [Check(name="keys", status=CheckStatus.failed, reason=config),
                 Check(name="load", status=CheckStatus.failed, reason=config), _skip("eval", config)]
@@ -437,13 +437,8 @@ def find_base(folder: Path, manifest: Manifest | None, given: Path | None, share
     return candidate, label, ""
 
 
-def adapter_config(folder: Path) -> dict[str, Any] | str:
-    """adapter_config.json as a dict, or why it cannot be used (``worker.modelguard.read_lora_config``)."""
-    return read_lora_config(folder)
-
-
 def _config_base(folder: Path) -> str | None:
-    config = adapter_config(folder)
+    config = read_lora_config(folder)
     value = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     return value if isinstance(value, str) and value else None
 

@@ -31,7 +31,8 @@ import torch
 
 from schemas.adapter import Manifest
 from schemas.verify import Check, CheckStatus, CompatReport
-from worker.adapter_verify import LORA_KEY, PEFT_PREFIX, adapter_config
+from worker.adapter_verify import LORA_KEY, PEFT_PREFIX
+from worker.modelguard import read_lora_config
 
 SAME_RANK = ("linear", "ties", "dare_linear")
 
@@ -46,7 +47,7 @@ class Side:
 
 def compat(a: Side, b: Side, combination: str = "cat") -> CompatReport:
     """The rules and the risk score for combining ``a`` and ``b`` with ``combination``."""
-    ca, cb = adapter_config(a.folder), adapter_config(b.folder)
+    ca, cb = read_lora_config(a.folder), read_lora_config(b.folder)
     if isinstance(ca, str) or isinstance(cb, str):
         why = ca if isinstance(ca, str) else cb
         return CompatReport(a=a.label, b=b.label, combination=combination, compatible=False, risk=100,
